@@ -1,0 +1,113 @@
+"""Measurement and reporting shared by every benchmark.
+
+Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, warm-up, median and 20/80
+quantiles); on the CPU, wall-clock medians over repeats. Peak memory: the CUDA allocator's
+high-water mark above what was allocated before the call (CPU: not measured, None).
+Results go to ``benchmarks/results/<device>.json``, one section per benchmark, with the
+environment (device, torch/triton/torchvision versions, git sha).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def device_slug(device: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+
+
+def environment(device: str) -> dict:
+    import torchvision
+    import triton
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {"device": device_name(device), "torch": torch.__version__,
+            "triton": triton.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "git_sha": sha,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+
+
+def time_ms(fn: Callable[[], object], device: str, *, reps: int | None = None,
+            warmup: int = 1) -> dict:
+    """Median (and 20/80 quantiles) of ``fn``'s run time in milliseconds."""
+    if device == "cuda":
+        import triton.testing
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "ms_p20": p20, "ms_p80": p80}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps or 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Extra memory ``fn`` allocates at its peak (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def write_results(section: str, rows: list[dict], config: dict, device: str,
+                  path: Path | None = None) -> Path:
+    """Merge ``rows`` under ``section`` into the device's results JSON; return its path."""
+    path = path or RESULTS_DIR / f"{device_slug(device)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["environment"] = environment(device)
+    data.setdefault("benchmarks", {})[section] = {"config": config, "rows": rows}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of ``columns`` (floats with 3 significant digits)."""
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""RoI Align: ours vs torchvision.ops.roi_align at Mask R-CNN training shapes.
+
+2 images, 256 channels, the four FPN maps of an 800x1216 image (strides 4..32), 512 RoIs
+per image pooled from each map; 7x7 (box head) and 14x14 (mask head), sampling ratio 2.
+Modes: forward, and forward+backward. On CUDA both run their CUDA kernels; on the CPU ours
+is the PyTorch reference path and torchvision its CPU kernel (which has no bfloat16).
+
+    python -m benchmarks.bench_roi_align [--quick] [--dtype float32,bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torchvision
+
+import kernels
+from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
+                                time_ms, write_results)
+
+IMAGE = (800, 1216)
+LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
+HEADS = {"box 7x7": 7, "mask 14x14": 14}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_inputs(level_stride: int, dtype: torch.dtype, device: str, rois_per_image=512,
+                images=2, channels=256, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = IMAGE[0] // level_stride, IMAGE[1] // level_stride
+    x = torch.randn(images, channels, h, w, generator=g).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    k = rois_per_image * images
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([IMAGE[1], IMAGE[0]]) * 0.9
+    wh = (torch.rand(k, 2, generator=g) * 0.25 + 0.02) * torch.tensor([IMAGE[1], IMAGE[0]])
+    batch = torch.arange(images).repeat_interleave(rois_per_image)[:, None].float()
+    rois = torch.cat([batch, xy, xy + wh], 1).to(device=device, dtype=torch.float32)
+    return x, rois
+
+
+def moved_bytes(x: torch.Tensor, k: int, out_size: int, mode: str) -> int:
+    """Bytes that must move at least once: outputs written, the sampled input read."""
+    out = k * x.shape[1] * out_size * out_size * x.element_size()
+    if mode == "forward":
+        return out + min(x.numel() * x.element_size(), 4 * out)
+    # backward also reads grad_out and writes the whole input gradient
+    return 2 * out + x.numel() * x.element_size() + 2 * min(x.numel() * x.element_size(), 4 * out)
+
+
+def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None = None,
+        channels_last: bool = False, write: bool = True) -> list[dict]:
+    device = device or default_device()
+    levels = {"P2": 4, "P4": 16} if quick else LEVELS
+    rois_per_image = 128 if quick and device == "cpu" else 512
+    reps = 3 if device == "cpu" else None
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for lname, stride in levels.items():
+            x, rois = make_inputs(stride, dtype, device, rois_per_image,
+                                  channels_last=channels_last)
+            for hname, size in HEADS.items():
+                args = (size, 1.0 / stride, 2, False)
+                # torchvision's CPU kernel has no bfloat16
+                tv_ok = not (device == "cpu" and dtype == torch.bfloat16)
+                ours = kernels.roi_align(x, rois, *args)
+                if tv_ok:
+                    ref = torchvision.ops.roi_align(x, rois, *args)
+                    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
+                for mode in ("forward", "forward+backward"):
+                    row = {"dtype": dname, "level": lname, "head": hname, "mode": mode,
+                           "rois": rois.shape[0], "map": f"{x.shape[2]}x{x.shape[3]}"}
+                    for provider, fn in (("ours", kernels.roi_align),
+                                         ("torchvision", torchvision.ops.roi_align)):
+                        if provider == "torchvision" and not tv_ok:
+                            continue
+                        xin = x.detach().requires_grad_(mode != "forward")
+                        grad = torch.randn(rois.shape[0], x.shape[1], size, size,
+                                           device=device, dtype=dtype)
+
+                        def step(fn=fn, xin=xin, grad=grad, mode=mode):
+                            out = fn(xin, rois, *args)
+                            if mode != "forward":
+                                out.backward(grad)
+                                xin.grad = None
+                        t = time_ms(step, device, reps=reps)
+                        row[f"{provider}_ms"] = t["ms"]
+                        row[f"{provider}_ms_p20"] = t["ms_p20"]
+                        row[f"{provider}_ms_p80"] = t["ms_p80"]
+                        row[f"{provider}_peak_bytes"] = peak_memory_bytes(step, device)
+                        row[f"{provider}_GBps"] = gbps(moved_bytes(x, rois.shape[0], size, mode),
+                                                       t["ms"])
+                    if "torchvision_ms" in row:
+                        row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
+                    rows.append(row)
+    if write:
+        path = write_results("roi_align", rows, {"image": IMAGE, "channels": 256,
+                                                 "images": 2, "rois_per_image": rois_per_image,
+                                                 "sampling_ratio": 2, "aligned": False,
+                                                 "channels_last": channels_last}, device)
+        print(f"results: {path}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    p.add_argument("--dtype", default="float32,bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--channels-last", action="store_true")
+    a = p.parse_args(argv)
+    rows = run(a.quick, a.dtype.split(","), a.device, a.channels_last)
+    print(format_table(rows, ["dtype", "level", "head", "mode", "ours_ms", "torchvision_ms",
+                              "speedup", "ours_GBps", "torchvision_GBps"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Helpers shared by every op: dispatch, input checks, launch recording.
+
+Dispatch rule (DESIGN.md): CUDA tensors run the Triton kernels; CPU tensors run the
+PyTorch reference, except under ``TRITON_INTERPRET=1`` where they run the same Triton
+kernels on Triton's interpreter. ``reference_path()`` forces the reference (tests use it
+to check both paths in one process).
+
+Every kernel launch goes through :func:`launch`, which records the specialization it
+compiles to (argument types, constexpr values, num_warps). The GPU compile check
+(``kernels._aot``) compiles exactly those recorded specializations for sm_80/sm_90, each
+expanded over the kernel's tuning table, so it cannot drift from what the ops launch.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# dtypes the Triton kernels take; float64 always runs the reference (it is the gradcheck
+# dtype, and the kernels accumulate in float32).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+_force_reference = False
+
+
+@contextlib.contextmanager
+def reference_path():
+    """Run every op on its PyTorch reference implementation inside the block."""
+    global _force_reference
+    previous, _force_reference = _force_reference, True
+    try:
+        yield
+    finally:
+        _force_reference = previous
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` should go through the Triton kernels (see module docstring)."""
+    if _force_reference or t.dtype not in KERNEL_DTYPES:
+        return False
+    return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks: every message names the argument and says what was expected.
+
+def check_tensor(name: str, t: Any, *, ndim: int | Sequence[int] | None = None,
+                 dtypes: Iterable[torch.dtype] | None = None, what: str = "") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            shape = what or " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    return t
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on the same device")
+
+
+def pair(name: str, value: Any) -> tuple[int, int]:
+    """An int or a pair of ints >= 1, as torchvision's ``output_size``."""
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if value[0] < 1 or value[1] < 1:
+        raise ValueError(f"{name} must be >= 1, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def is_tracing() -> bool:
+    """True under torch.compile / fake tensors, where data-dependent checks cannot run."""
+    return torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------
+# Launch recording for the ahead-of-time GPU compile check.
+
+_TRITON_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+    torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
+    torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """One compiled variant of a kernel: what `triton.compile` needs, and nothing else."""
+    kernel: str                            # "module:function"
+    signature: tuple[tuple[str, str], ...]  # (arg name, triton type) of runtime args
+    constexprs: tuple[tuple[str, Any], ...]  # non-tunable constexpr values
+    tunables: tuple[tuple[str, Any], ...]    # the tuning-table row used (incl. num_warps)
+
+    def as_json(self) -> dict:
+        return {"kernel": self.kernel, "signature": [list(s) for s in self.signature],
+                "constexprs": [list(c) for c in self.constexprs],
+                "tunables": [list(t) for t in self.tunables]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Specialization":
+        return cls(d["kernel"], tuple(tuple(s) for s in d["signature"]),
+                   tuple(tuple(c) for c in d["constexprs"]),
+                   tuple(tuple(t) for t in d["tunables"]))
+
+
+LAUNCHES: set[Specialization] = set()
+# kernel id -> the tuning table its launcher chooses from (list of dicts; "num_warps" in each)
+TUNING_TABLES: dict[str, list[dict]] = {}
+
+
+def kernel_id(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return f"{fn.__module__}:{fn.__name__}"
+
+
+def _triton_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {value!r}")
+
+
+def register_tuning(kernel, table: list[dict]) -> list[dict]:
+    """Declare the rows a launcher may pick for ``kernel``; the compile check builds all."""
+    for row in table:
+        if "num_warps" not in row:
+            raise ValueError("every tuning row needs num_warps")
+    TUNING_TABLES[kernel_id(kernel)] = table
+    return table
+
+
+def launch(kernel, grid, *args, tuning: dict, **constexprs) -> None:
+    """Launch ``kernel[grid](*args, **tuning, **constexprs)`` and record its specialization.
+
+    ``tuning`` is a row of the kernel's registered tuning table (block sizes, num_warps);
+    ``constexprs`` are the mode switches and shape constants the call fixes.
+    """
+    kid = kernel_id(kernel)
+    if kid in TUNING_TABLES and tuning not in TUNING_TABLES[kid]:
+        raise RuntimeError(f"{kid}: tuning row {tuning} is not in its registered table")
+    names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    signature = tuple((n, _triton_type(a)) for n, a in zip(names, args))
+    LAUNCHES.add(Specialization(
+        kid, signature, tuple(sorted(constexprs.items())), tuple(sorted(tuning.items()))))
+    kernel[grid](*args, **tuning, **constexprs)

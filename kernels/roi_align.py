@@ -1,0 +1,352 @@
+"""RoI Align (torchvision semantics) as Triton kernels.
+
+One program per (RoI, block of channels, block of output bins): the box is decoded once,
+sample coordinates and bilinear weights are vectors over the bins, and each corner load is
+a [BLOCK_P, BLOCK_C] gather reused across the channel block (contiguous along channels for
+channels_last input). Any input strides work (NCHW, channels_last, or a strided view).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from . import reference
+from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_tensor,
+                     is_tracing, launch, pair, register_tuning, use_triton)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels and the @triton.jit helpers other ops reuse (multi-level pooling, mask targets).
+
+@triton.jit
+def _roi_box(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
+             r, spatial_scale, PH, PW, sampling_ratio, ALIGNED: tl.constexpr):
+    """Decode RoI r: batch index, start (y, x), bin size (y, x), samples per bin (y, x)."""
+    base = rois_ptr + r * 5
+    b = tl.load(base).to(tl.int64)
+    offset = 0.5 if ALIGNED else 0.0
+    start_w = tl.load(base + 1) * spatial_scale - offset
+    start_h = tl.load(base + 2) * spatial_scale - offset
+    roi_w = (tl.load(base + 3) * spatial_scale - offset) - start_w
+    roi_h = (tl.load(base + 4) * spatial_scale - offset) - start_h
+    if not ALIGNED:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    if sampling_ratio > 0:
+        grid_h = sampling_ratio
+        grid_w = sampling_ratio
+    else:
+        grid_h = tl.ceil(roi_h / PH).to(tl.int32)
+        grid_w = tl.ceil(roi_w / PW).to(tl.int32)
+    return b, start_h, start_w, bin_h, bin_w, grid_h, grid_w
+
+
+@triton.jit
+def _bilinear_axis(pos, size):
+    """torchvision's bilinear rule along one axis for sample positions ``pos``.
+
+    Returns (low, high, w_low, w_high, valid); a position outside [-1, size] (or NaN) is
+    invalid and must contribute nothing.
+    """
+    valid = (pos >= -1.0) & (pos <= size)
+    pos = tl.where(valid, tl.maximum(pos, 0.0), 0.0)
+    low = pos.to(tl.int32)
+    at_edge = low >= size - 1
+    low = tl.where(at_edge, size - 1, low)
+    high = tl.where(at_edge, low, low + 1)
+    pos = tl.where(at_edge, low.to(tl.float32), pos)
+    frac = pos - low.to(tl.float32)
+    return low, high, 1.0 - frac, frac, valid
+
+
+@triton.jit
+def _roi_align_fwd_kernel(
+    input_ptr,  # (N, C, H, W) float, any strides
+    rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
+    out_ptr,  # (K, C, PH, PW) contiguous, input dtype
+    C, H, W, stride_n, stride_c, stride_h, stride_w,
+    spatial_scale, sampling_ratio, PH, PW,
+    ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_c = offs_c < C
+    mask_p = offs_p < PH * PW
+    ph = (offs_p // PW).to(tl.float32)
+    pw = (offs_p % PW).to(tl.float32)
+    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
+        rois_ptr, r, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
+    base = input_ptr + b * stride_n + offs_c.to(tl.int64)[None, :] * stride_c
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for iy in range(0, grid_h):
+        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
+        row_lo = y_lo.to(tl.int64)[:, None] * stride_h
+        row_hi = y_hi.to(tl.int64)[:, None] * stride_h
+        for ix in range(0, grid_w):
+            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
+            m = ((valid_y & valid_x & mask_p)[:, None]) & mask_c[None, :]
+            col_lo = x_lo.to(tl.int64)[:, None] * stride_w
+            col_hi = x_hi.to(tl.int64)[:, None] * stride_w
+            v1 = tl.load(base + row_lo + col_lo, mask=m, other=0.0).to(tl.float32)
+            v2 = tl.load(base + row_lo + col_hi, mask=m, other=0.0).to(tl.float32)
+            v3 = tl.load(base + row_hi + col_lo, mask=m, other=0.0).to(tl.float32)
+            v4 = tl.load(base + row_hi + col_hi, mask=m, other=0.0).to(tl.float32)
+            acc += ((wy_lo * wx_lo)[:, None] * v1 + (wy_lo * wx_hi)[:, None] * v2
+                    + (wy_hi * wx_lo)[:, None] * v3 + (wy_hi * wx_hi)[:, None] * v4)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    out = acc / count
+    P = PH * PW
+    dst = out_ptr + r * C * P + offs_c.to(tl.int64)[None, :] * P + offs_p[:, None]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _roi_align_bwd_kernel(
+    grad_ptr,  # (K, C, PH, PW) float, any strides: gradient of the output
+    rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
+    grad_input_ptr,  # (N, C, H, W) float32 accumulator, strides as given
+    C, H, W, stride_n, stride_c, stride_h, stride_w,
+    g_stride_k, g_stride_c, g_stride_h, g_stride_w,
+    spatial_scale, sampling_ratio, PH, PW,
+    ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_c = offs_c < C
+    mask_p = offs_p < PH * PW
+    ph_i = offs_p // PW
+    pw_i = offs_p % PW
+    ph = ph_i.to(tl.float32)
+    pw = pw_i.to(tl.float32)
+    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
+        rois_ptr, r, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    g_src = (grad_ptr + r * g_stride_k + offs_c.to(tl.int64)[None, :] * g_stride_c
+             + (ph_i * g_stride_h + pw_i * g_stride_w)[:, None])
+    in_tile = mask_p[:, None] & mask_c[None, :]
+    g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
+    base = grad_input_ptr + b * stride_n + offs_c.to(tl.int64)[None, :] * stride_c
+    for iy in range(0, grid_h):
+        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
+        row_lo = y_lo.to(tl.int64)[:, None] * stride_h
+        row_hi = y_hi.to(tl.int64)[:, None] * stride_h
+        for ix in range(0, grid_w):
+            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
+            m = ((valid_y & valid_x)[:, None]) & in_tile
+            col_lo = x_lo.to(tl.int64)[:, None] * stride_w
+            col_hi = x_hi.to(tl.int64)[:, None] * stride_w
+            # Atomics: RoIs overlap, so several programs add into the same pixels.
+            tl.atomic_add(base + row_lo + col_lo, g * (wy_lo * wx_lo)[:, None], mask=m)
+            tl.atomic_add(base + row_lo + col_hi, g * (wy_lo * wx_hi)[:, None], mask=m)
+            tl.atomic_add(base + row_hi + col_lo, g * (wy_hi * wx_lo)[:, None], mask=m)
+            tl.atomic_add(base + row_hi + col_hi, g * (wy_hi * wx_hi)[:, None], mask=m)
+
+
+# One table per kernel: the launcher picks a row, the GPU compile check builds every row.
+_TUNING = [
+    {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 2},   # outputs of <= 16 bins, few channels
+    {"BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 4},
+    {"BLOCK_P": 64, "BLOCK_C": 64, "num_warps": 4},
+]
+register_tuning(_roi_align_fwd_kernel, _TUNING)
+register_tuning(_roi_align_bwd_kernel, _TUNING)
+
+
+def _pick_tuning(channels: int, bins: int) -> dict:
+    if bins <= 16:
+        return _TUNING[0]
+    return _TUNING[2] if channels >= 64 else _TUNING[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Host launchers
+
+def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                      pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """Launch the forward kernel; inputs already validated (see :func:`roi_align`)."""
+    n, c, h, w = input.shape
+    k = rois.shape[0]
+    rois = rois.to(torch.float32).contiguous()
+    out = torch.empty(k, c, pooled_h, pooled_w, dtype=input.dtype, device=input.device)
+    if k == 0 or c == 0:
+        return out
+    tuning = _pick_tuning(c, pooled_h * pooled_w)
+    grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
+    launch(_roi_align_fwd_kernel, grid, input, rois, out, c, h, w, *input.stride(),
+           float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
+           tuning=tuning, ALIGNED=bool(aligned))
+    return out
+
+
+def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                       pooled_w: int, sampling_ratio: int, aligned: bool,
+                       input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
+    """Launch the backward kernel into a float32 buffer, then cast once to grad's dtype."""
+    n, c, h, w = input_shape
+    k = rois.shape[0]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    rois = rois.to(torch.float32).contiguous()
+    acc = torch.zeros(n, c, h, w, dtype=torch.float32, device=grad.device).to(
+        memory_format=fmt)
+    if k and c and n:
+        tuning = _pick_tuning(c, pooled_h * pooled_w)
+        grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
+        launch(_roi_align_bwd_kernel, grid, grad, rois, acc, c, h, w, *acc.stride(),
+               *grad.stride(), float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
+               tuning=tuning, ALIGNED=bool(aligned))
+    return acc.to(grad.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration and autograd
+
+def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
+    """Data checks that need the values: one host sync, skipped while tracing."""
+    if rois.numel() == 0 or is_tracing():
+        return
+    batch = rois[:, 0]
+    finite = torch.isfinite(rois).all()
+    lo, hi, ok = torch.stack([batch.min().double(), batch.max().double(),
+                              finite.double()]).tolist()
+    if not ok:
+        raise ValueError(f"{name} must be finite, got NaN or infinite coordinates")
+    if lo < 0 or hi >= batch_size or not bool((batch == batch.floor()).all()):
+        raise ValueError(f"{name} batch indices must be integers in [0, {batch_size}), "
+                         f"got values in [{lo:g}, {hi:g}]")
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("maskrcnn_triton::roi_align", mutates_args=())
+def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                  pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    check_rois_data(rois, input.shape[0])
+    impl = roi_align_forward if use_triton(input) else reference.roi_align_forward
+    return impl(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+
+
+@_roi_align_op.register_fake
+def _(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
+    return input.new_empty(rois.shape[0], input.shape[1], pooled_h, pooled_w)
+
+
+@torch.library.custom_op("maskrcnn_triton::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                           pooled_w: int, sampling_ratio: int, aligned: bool, batch: int,
+                           channels: int, height: int, width: int,
+                           channels_last: bool) -> Tensor:
+    shape = (batch, channels, height, width)
+    if use_triton(grad):
+        return roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w,
+                                  sampling_ratio, aligned, shape, channels_last)
+    out = reference.roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w,
+                                       sampling_ratio, aligned, shape)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@_roi_align_backward_op.register_fake
+def _(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, batch, channels,
+      height, width, channels_last):
+    out = grad.new_empty(batch, channels, height, width)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+    ctx.shape = tuple(input.shape)
+    ctx.channels_last = _is_channels_last(input)
+
+
+def _backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    grad_input = _roi_align_backward_op(grad, rois, *ctx.args, *ctx.shape, ctx.channels_last)
+    return grad_input, None, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> Tensor:
+    """Validate ``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` and return the (K, 5) form."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
+                             f"got shape {tuple(boxes.shape)}")
+        check_float(name, boxes)
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
+                        f"got {type(boxes).__name__}")
+    if batch_size is not None and len(boxes) != batch_size:
+        raise ValueError(f"{name} has {len(boxes)} entries but input has batch size "
+                         f"{batch_size}; pass one Tensor[L, 4] per image")
+    if not boxes:
+        raise ValueError(f"{name} must not be an empty list")
+    for i, b in enumerate(boxes):
+        check_tensor(f"{name}[{i}]", b, ndim=2)
+        if b.shape[1] != 4:
+            raise ValueError(f"{name}[{i}] must be Tensor[L, 4], got shape {tuple(b.shape)}")
+        check_float(f"{name}[{i}]", b)
+        check_same_device(**{f"{name}[0]": boxes[0], f"{name}[{i}]": b})
+    dtype = boxes[0].dtype
+    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], 1)
+                      for i, b in enumerate(boxes)], 0)
+    return rois
+
+
+def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """Drop-in for ``torchvision.ops.roi_align``.
+
+    input: (N, C, H, W) float32/float16/bfloat16 (float64 runs the reference path), NCHW or
+    channels_last. boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or list[Tensor[L, 4]].
+    Returns (K, C, PH, PW) in input's dtype. With Tensor[K, 5] boxes the batch indices are
+    checked on the host (one sync); list boxes need no check.
+    """
+    check_tensor("input", input, ndim=4, what="a 4-D (N, C, H, W) tensor")
+    if not input.is_floating_point() or input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"input must be float32, float16, bfloat16 or float64, got {input.dtype}")
+    pooled_h, pooled_w = pair("output_size", output_size)
+    rois = boxes_to_rois(boxes, input.shape[0])
+    check_same_device(input=input, boxes=rois)
+    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    return _roi_align_op(input, rois, float(spatial_scale), pooled_h, pooled_w,
+                         int(sampling_ratio), bool(aligned))
+
+
+class RoIAlign(nn.Module):
+    """Drop-in for ``torchvision.ops.RoIAlign``."""
+
+    def __init__(self, output_size, spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale,
+                         self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")

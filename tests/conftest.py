@@ -1,0 +1,106 @@
+"""Shared test fixtures: seeding, backends, the tolerance table, poisoning."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels._utils import INTERPRET, reference_path
+
+# One seed per session (printed in the header; set TEST_SEED to replay a run); each test
+# mixes in its own node id, so every case gets fresh inputs and a failure can be replayed.
+SESSION_SEED = int(os.environ.get("TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+# The one table of tolerances, by dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def tol(dtype: torch.dtype, scale: float = 1.0) -> dict:
+    """Tolerances for dtype, multiplied by ``scale`` where a reduction is long."""
+    return {k: v * scale for k, v in TOL[dtype].items()}
+
+
+def pytest_report_header(config):
+    return (f"TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={int(INTERPRET)}  "
+            f"cuda={torch.cuda.is_available()}")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The GPU compile check compiles what the other tests launched: run it last.
+    items.sort(key=lambda item: item.get_closest_marker("compile_check") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    seed = (SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode())) & 0x7FFFFFFF
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where an op runs: the device of its tensors and whether the reference is forced."""
+    name: str
+    device: str
+    reference: bool
+
+    def __call__(self):
+        return reference_path() if self.reference else contextlib.nullcontext()
+
+    @property
+    def triton(self) -> bool:
+        return not self.reference
+
+
+_BACKENDS = [
+    pytest.param(Backend("reference", "cpu", True), id="reference"),
+    pytest.param(Backend("interpreter", "cpu", False), id="interpreter",
+                 marks=pytest.mark.skipif(not INTERPRET,
+                                          reason="Triton kernels on CPU need TRITON_INTERPRET=1")),
+    pytest.param(Backend("cuda", "cuda", False), id="cuda",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                          reason="no CUDA device")),
+]
+
+
+@pytest.fixture(params=_BACKENDS)
+def backend(request) -> Backend:
+    """Each op test runs on the reference path, on the Triton interpreter and on CUDA."""
+    with request.param():
+        yield request.param
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make freshly allocated outputs NaN so an element a kernel forgets to write fails.
+
+    Patches torch.empty/empty_like/new_empty for the duration of the test.
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_new_empty = torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        else:
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **k: fill(real_new_empty(self, *a, **k)))
+    yield
