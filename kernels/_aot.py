@@ -1,0 +1,222 @@
+"""Ahead-of-time GPU compile of the kernels the ops launch, on a machine without a GPU.
+
+Two steps, in two processes (the interpreter replaces @triton.jit functions, so recording
+and compiling cannot share one):
+
+    TRITON_INTERPRET=1 python -m kernels._aot record specs.json   # run each op's examples
+    python -m kernels._aot compile specs.json report.json          # sm_80 + sm_90 cubins
+
+``record`` calls every op module's ``_compile_examples()`` and writes the specializations
+that :func:`kernels._utils.launch` saw (plus any passed in). ``compile`` expands each over
+its kernel's registered tuning table, compiles with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`` and reads registers, spills (local memory) and shared
+memory from the cubin with the ``cuobjdump`` that ships in the triton wheel.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ARCHS = (80, 90)
+_CONTROL = ("num_warps", "num_stages")
+
+# H100 (sm_90) per-SM limits for theoretical occupancy
+SM90 = {"regs": 65536, "threads": 2048, "warps": 64, "blocks": 32,
+        "smem": 228 * 1024, "smem_per_block_reserved": 1024, "reg_alloc_unit": 256}
+
+
+def op_modules() -> list[str]:
+    import kernels
+    return [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)
+            if not m.name.startswith("_") and m.name != "reference"]
+
+
+def launched_kernels() -> set[str]:
+    """Every top-level ``*_kernel`` jit function in the op modules (helpers excluded)."""
+    found = set()
+    for name in op_modules():
+        mod = importlib.import_module(name)
+        for attr, obj in vars(mod).items():
+            fn = getattr(obj, "fn", None)
+            if attr.endswith("_kernel") and fn is not None and fn.__module__ == name:
+                found.add(f"{name}:{attr}")
+    return found
+
+
+def record(extra: list[dict] | None = None) -> list[dict]:
+    """Run every op module's ``_compile_examples()``; return the recorded specializations."""
+    from kernels import _utils
+    if not _utils.INTERPRET:
+        raise RuntimeError("recording runs the ops on CPU tensors: set TRITON_INTERPRET=1")
+    for name in op_modules():
+        examples = getattr(importlib.import_module(name), "_compile_examples", None)
+        if examples is not None:
+            examples()
+    specs = {s.as_json()["kernel"] + json.dumps(s.as_json(), sort_keys=True): s.as_json()
+             for s in _utils.LAUNCHES}
+    for d in extra or []:
+        specs[d["kernel"] + json.dumps(d, sort_keys=True)] = d
+    tables = _utils.TUNING_TABLES
+    out, seen = [], set()
+    for d in specs.values():
+        # every row of the kernel's tuning table, not only the one these calls picked
+        for row in tables.get(d["kernel"], [dict(d["tunables"])]):
+            e = dict(d, tunables=sorted([list(kv) for kv in row.items()]))
+            key = json.dumps(e, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(e)
+    return out
+
+
+def record_in_subprocess(extra: list[dict] | None = None) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "extra.json"), Path(tmp, "specs.json")
+        src.write_text(json.dumps(extra or []))
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        subprocess.run([sys.executable, "-m", "kernels._aot", "record", str(dst),
+                        "--extra", str(src)], env=env, check=True)
+        return json.loads(dst.read_text())
+
+
+def _cuobjdump() -> Path:
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not m:
+        raise RuntimeError(f"cannot read cuobjdump output:\n{text}")
+    reg, stack, shared, local = map(int, m.groups())
+    return {"registers": reg, "stack": stack, "static_shared": shared, "spill_bytes": local}
+
+
+def occupancy_sm90(registers: int, num_warps: int, shared_bytes: int) -> float:
+    """Theoretical occupancy (resident warps / 64) of one kernel on an H100 SM."""
+    unit = SM90["reg_alloc_unit"]
+    regs_per_warp = -(-max(registers, 1) * 32 // unit) * unit
+    blocks_by_regs = (SM90["regs"] // regs_per_warp) // num_warps
+    blocks_by_threads = SM90["threads"] // (num_warps * 32)
+    per_block_smem = shared_bytes + SM90["smem_per_block_reserved"]
+    blocks_by_smem = SM90["smem"] // per_block_smem
+    blocks = min(blocks_by_regs, blocks_by_threads, blocks_by_smem, SM90["blocks"])
+    return blocks * num_warps / SM90["warps"]
+
+
+def compile_one(job: tuple[dict, int]) -> dict:
+    """Compile one specialization for one arch; never raises (errors are reported)."""
+    spec, arch = job
+    result = {"spec": spec, "arch": arch}
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        module, name = spec["kernel"].split(":")
+        fn = getattr(importlib.import_module(module), name)
+        tunables = dict(spec["tunables"])
+        options = {k: tunables.pop(k) for k in _CONTROL if k in tunables}
+        constexprs = dict(spec["constexprs"], **tunables)
+        signature = dict(spec["signature"])
+        signature.update({k: "constexpr" for k in constexprs})
+        ordered = {a: signature[a] for a in fn.arg_names if a in signature}
+        compiled = triton.compile(ASTSource(fn, ordered, constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        usage = resource_usage(compiled.asm["cubin"])
+        shared = max(int(compiled.metadata.shared), usage["static_shared"])
+        result.update(usage, ok=True, num_warps=compiled.metadata.num_warps,
+                      shared_bytes=shared,
+                      occupancy_sm90=occupancy_sm90(usage["registers"],
+                                                    compiled.metadata.num_warps, shared))
+    except Exception as e:  # reported per specialization, so one failure names itself
+        result.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000])
+    return result
+
+
+def compile_all(specs: list[dict], archs=ARCHS, jobs: int | None = None) -> list[dict]:
+    work = [(s, a) for s in specs for a in archs]
+    jobs = jobs or min(len(work), os.cpu_count() or 1) or 1
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(compile_one, work))
+
+
+def compile_in_subprocess(specs: list[dict], archs=ARCHS) -> list[dict]:
+    """Compile in a fresh process without TRITON_INTERPRET (real JIT functions)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "specs.json"), Path(tmp, "report.json")
+        src.write_text(json.dumps(specs))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, "-m", "kernels._aot", "compile", str(src), str(dst),
+                        "--arch", *map(str, archs)], env=env, check=True)
+        return json.loads(dst.read_text())
+
+
+def can_compile_without_gpu() -> str | None:
+    """None when this Triton can compile for sm_90 here; otherwise the reason it cannot."""
+    code = ("import triton, triton.language as tl\n"
+            "from triton.compiler import ASTSource\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "@triton.jit\n"
+            "def k(x, B: tl.constexpr):\n"
+            "    tl.store(x + tl.arange(0, B), tl.arange(0, B).to(tl.float32))\n"
+            "c = triton.compile(ASTSource(k, {'x': '*fp32', 'B': 'constexpr'}, {'B': 32}),"
+            " target=GPUTarget('cuda', 90, 32))\n"
+            "assert c.asm['cubin']\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(code)
+    try:
+        p = subprocess.run([sys.executable, f.name], env=env, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if p.returncode:
+        return "this Triton cannot compile for sm_90 without a device: " + p.stderr[-500:]
+    if not _cuobjdump().exists():
+        return f"cuobjdump not shipped with this Triton (looked at {_cuobjdump()})"
+    return None
+
+
+def describe(spec: dict) -> str:
+    """A short, readable name of a specialization: dtypes of pointers, constexprs, tuning."""
+    ptrs = [t for _, t in spec["signature"] if t.startswith("*")]
+    parts = [f"{k}={v}" for k, v in spec["constexprs"]] + [f"{k}={v}" for k, v in
+                                                          spec["tunables"]]
+    return f"{'/'.join(dict.fromkeys(p[1:] for p in ptrs))} " + " ".join(parts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("out")
+    r.add_argument("--extra", help="JSON list of specializations to add")
+    c = sub.add_parser("compile")
+    c.add_argument("specs")
+    c.add_argument("out")
+    c.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
+    c.add_argument("--jobs", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.cmd == "record":
+        extra = json.loads(Path(a.extra).read_text()) if a.extra else []
+        Path(a.out).write_text(json.dumps(record(extra)))
+    else:
+        results = compile_all(json.loads(Path(a.specs).read_text()), a.arch, a.jobs)
+        Path(a.out).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
