@@ -1,0 +1,89 @@
+"""Every op the model takes from outside, chosen in one place.
+
+``KERNELS`` is what the model uses by default: each op from ``kernels`` where that package
+provides it, otherwise torchvision's (the fallbacks go once every kernel has landed).
+``TORCHVISION`` is torchvision's own ops, the reference; ``resolve_ops("torchvision")``
+swaps the whole model over with one argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision.ops
+from torch import Tensor
+from torchvision.models.detection import roi_heads as _tv_roi_heads
+
+import kernels
+
+
+def mask_predictor_loss_reference(features: Tensor, weight: Tensor, bias: Tensor,
+                                  targets: Tensor, labels: Tensor) -> Tensor:
+    """torchvision's computation: the full (N, K, M, M) 1x1-conv logits, gather, BCE."""
+    if labels.numel() == 0:
+        return features.sum() * 0 + weight.sum() * 0 + bias.sum() * 0
+    logits = F.conv2d(features, weight, bias)
+    picked = logits[torch.arange(labels.shape[0], device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(picked, targets)
+
+
+def mask_predictor_loss_gathered(features: Tensor, weight: Tensor, bias: Tensor,
+                                 targets: Tensor, labels: Tensor) -> Tensor:
+    """The same loss from each instance's own class row only (no N x K x M x M logits).
+
+    Stand-in for ``kernels.fused_mask_predictor_loss`` until it exists.
+    """
+    if labels.numel() == 0:
+        return features.sum() * 0 + weight.sum() * 0 + bias.sum() * 0
+    w = weight.flatten(1)[labels]                                   # (N, C)
+    picked = torch.einsum("nchw,nc->nhw", features, w) + bias[labels][:, None, None]
+    return F.binary_cross_entropy_with_logits(picked, targets)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op set a model is built with (see ``resolve_ops``)."""
+    name: str
+    roi_align: Callable[..., Tensor]
+    # a class with torchvision.ops.MultiScaleRoIAlign's constructor and forward
+    multiscale_roi_align: Callable[..., torch.nn.Module]
+    batched_nms: Callable[[Tensor, Tensor, Tensor, float], Tensor]
+    paste_masks_in_image: Callable[..., Tensor]
+    # (features (N,C,M,M), weight (K,C,1,1), bias (K,), targets (N,M,M), labels (N,)) -> loss
+    mask_predictor_loss: Callable[..., Tensor]
+
+
+def _pick(name: str, fallback):
+    return getattr(kernels, name) if hasattr(kernels, name) else fallback
+
+
+KERNELS = Ops(
+    name="kernels",
+    roi_align=_pick("roi_align", torchvision.ops.roi_align),
+    multiscale_roi_align=_pick("MultiScaleRoIAlign", torchvision.ops.MultiScaleRoIAlign),
+    batched_nms=_pick("batched_nms", torchvision.ops.batched_nms),
+    paste_masks_in_image=_pick("paste_masks_in_image", _tv_roi_heads.paste_masks_in_image),
+    mask_predictor_loss=_pick("fused_mask_predictor_loss", mask_predictor_loss_gathered),
+)
+
+TORCHVISION = Ops(
+    name="torchvision",
+    roi_align=torchvision.ops.roi_align,
+    multiscale_roi_align=torchvision.ops.MultiScaleRoIAlign,
+    batched_nms=torchvision.ops.batched_nms,
+    paste_masks_in_image=_tv_roi_heads.paste_masks_in_image,
+    mask_predictor_loss=mask_predictor_loss_reference,
+)
+
+_BY_NAME = {"kernels": KERNELS, "torchvision": TORCHVISION}
+
+
+def resolve_ops(ops: "str | Ops") -> Ops:
+    """``"kernels"`` (default everywhere), ``"torchvision"``, or an ``Ops`` instance."""
+    if isinstance(ops, Ops):
+        return ops
+    if ops not in _BY_NAME:
+        raise ValueError(f"ops must be one of {sorted(_BY_NAME)} or an Ops, got {ops!r}")
+    return _BY_NAME[ops]

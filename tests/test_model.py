@@ -1,0 +1,182 @@
+"""The model: torchvision weight compatibility and parity, training, fine-tuning recipe.
+
+Speed (the suite runs on a 2-core CPU, under TRITON_INTERPRET=1 in the project's test
+command, where every kernel op on CPU tensors goes through Triton's interpreter): images are
+small (<= 160 px) and proposal counts are cut. The parity test runs the default op set (our
+kernels, through the interpreter when it is on) since that is what it checks; the training
+tests run under ``reference_path()`` because they test the model's training logic, not the
+kernels (tests/test_<op>.py do that).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import maskrcnn
+from kernels._utils import reference_path
+from maskrcnn.data import SyntheticShapes, collate
+
+
+def _box_iou_diag(a, b):
+    return torchvision.ops.box_iou(a, b).diagonal()
+
+
+@pytest.fixture(scope="module")
+def r50_pair():
+    small = dict(min_size=128, max_size=160, rpn_pre_nms_top_n_test=200,
+                 rpn_post_nms_top_n_test=40, box_score_thresh=0.0, box_detections_per_img=20)
+    torch.manual_seed(1234)
+    tv = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, **small).eval()
+    ours = maskrcnn.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **small).eval()
+    return tv, ours
+
+
+def test_resnet50_state_dict_is_torchvisions(r50_pair):
+    tv, ours = r50_pair
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    result = ours.load_state_dict(tv.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    # and the other way round
+    tv.load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_resnet50_eval_parity_with_torchvision(r50_pair):
+    tv, ours = r50_pair
+    # fresh random weights for every parameter, shared by both models
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.uniform_(-0.1, 0.1)
+        # BatchNorm running stats too, so the backbone is not near-identity
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    images = [torch.rand(3, 120, 150), torch.rand(3, 100, 128)]
+    with torch.no_grad():
+        expected = tv(images)
+        got = ours(images)
+    assert len(got) == len(expected) == 2
+    for g, e in zip(got, expected):
+        assert len(e["boxes"]) > 0
+        assert torch.equal(g["labels"], e["labels"])
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=1e-4, atol=1e-5)
+        assert g["masks"].shape == e["masks"].shape
+        gm, em = g["masks"][:, 0] > 0.5, e["masks"][:, 0] > 0.5
+        inter = (gm & em).flatten(1).sum(1).float()
+        union = (gm | em).flatten(1).sum(1).float()
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        assert iou.min() > 0.99, iou.min()
+        torch.testing.assert_close(g["masks"], e["masks"], rtol=1e-3, atol=1e-3)
+
+
+def test_ops_argument_swaps_every_op():
+    model = maskrcnn.maskrcnn_resnet18_fpn(num_classes=3, ops="torchvision", fpn_channels=32,
+                                           representation_size=64)
+    ref = maskrcnn.TORCHVISION
+    assert model.rpn.nms is ref.batched_nms
+    assert model.roi_heads.nms is ref.batched_nms
+    assert model.roi_heads.mask_loss is ref.mask_predictor_loss
+    assert model.transform.paste_masks is ref.paste_masks_in_image
+    assert type(model.roi_heads.box_roi_pool) is ref.multiscale_roi_align
+    with pytest.raises(ValueError, match="ops"):
+        maskrcnn.maskrcnn_resnet18_fpn(num_classes=3, ops="nope")
+    with pytest.raises(TypeError, match="box_scor_thresh"):
+        maskrcnn.maskrcnn_resnet18_fpn(num_classes=3, box_scor_thresh=0.1)
+
+
+def test_fused_mask_loss_matches_torchvision_formula():
+    # the op the training path uses vs conv2d + gather + BCE (torchvision's maskrcnn_loss)
+    n, c, k, m = 7, 8, 5, 14
+    feats = torch.randn(n, c, m, m, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(k, c, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(k, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(n, m, m, dtype=torch.float64)
+    labels = torch.randint(0, k, (n,))
+    ours = maskrcnn.KERNELS.mask_predictor_loss(feats, w, b, targets, labels)
+    g1 = torch.autograd.grad(ours, (feats, w, b))
+    logits = torch.nn.functional.conv2d(feats, w, b)[torch.arange(n), labels]
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    g2 = torch.autograd.grad(ref, (feats, w, b))
+    torch.testing.assert_close(ours, ref)
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e)
+
+
+def _tiny_model(num_classes=4, **kw):
+    # a narrow ResNet-18-FPN with few proposals: fast enough for a few CPU steps
+    args = dict(num_classes=num_classes, fpn_channels=32, representation_size=64,
+                mask_layers=(32, 32, 32, 32), mask_dim_reduced=32, min_size=96, max_size=96,
+                rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=50,
+                rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30,
+                box_batch_size_per_image=32, rpn_batch_size_per_image=64,
+                rpn_anchor_generator=maskrcnn.data.small_anchor_generator(),
+                box_detections_per_img=10)
+    args.update(kw)
+    return maskrcnn.maskrcnn_resnet18_fpn(**args)
+
+
+def test_training_steps_lower_the_loss():
+    data = SyntheticShapes(num_images=4, image_size=96, seed=3)
+    images, targets = collate([data[i] for i in range(4)])
+    model = _tiny_model()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    with reference_path():
+        for _ in range(8):
+            loss_dict = model(images, targets)
+            assert set(loss_dict) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
+                                      "loss_box_reg", "loss_mask"}
+            loss = sum(loss_dict.values())
+            assert torch.isfinite(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert min(losses[-3:]) < losses[0] * 0.8, losses
+    # every parameter that trains got a gradient (the fused mask loss reaches the predictor)
+    pred = model.roi_heads.mask_predictor.mask_fcn_logits
+    assert pred.weight.grad is not None and pred.weight.grad.abs().sum() > 0
+
+
+def test_eval_output_format_and_bool_masks():
+    model = _tiny_model(box_score_thresh=0.0, mask_threshold=0.5).eval()
+    images = [torch.rand(3, 80, 100), torch.rand(3, 96, 96)]
+    with reference_path(), torch.no_grad():
+        out = model(images)
+    for o, img in zip(out, images):
+        n = len(o["boxes"])
+        assert o["boxes"].shape == (n, 4) and o["labels"].dtype == torch.int64
+        assert o["scores"].shape == (n,)
+        assert o["masks"].dtype == torch.bool
+        assert o["masks"].shape == (n, 1, *img.shape[-2:])
+
+
+def test_fine_tuning_recipe():
+    torch.manual_seed(0)
+    model = _tiny_model(num_classes=91)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maskrcnn.replace_predictors(model, num_classes=3)
+    heads = model.roi_heads
+    assert heads.box_predictor.cls_score.out_features == 3
+    assert heads.box_predictor.bbox_pred.out_features == 12
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    # everything but the two predictors is kept
+    for k, v in model.state_dict().items():
+        if "box_predictor" not in k and "mask_predictor" not in k:
+            assert torch.equal(v, before[k]), k
+    data = SyntheticShapes(num_images=2, image_size=96, seed=5, num_classes=2)
+    images, targets = collate([data[0], data[1]])
+    model.train()
+    with reference_path():
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+    assert heads.mask_predictor.mask_fcn_logits.weight.grad is not None
+    model.eval()
+    with reference_path(), torch.no_grad():
+        out = model(images)
+    assert all(bool((o["labels"] < 3).all()) for o in out)
