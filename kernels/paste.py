@@ -1,0 +1,350 @@
+"""Mask pasting (torchvision's ``roi_heads.paste_masks_in_image``) as one Triton kernel.
+
+torchvision pads each M x M mask, grows its box by the same factor, truncates the box to
+integers, resizes the mask to the box with ``F.interpolate(bilinear, align_corners=False)``
+and copies it into a zero image — a Python loop with several launches and host syncs per
+mask. Here one program per (mask, tile of output pixels) does all of it: it expands and
+truncates its box (torchvision's float32 arithmetic, rounding step by step), maps each
+output pixel back into the padded mask's coordinates and interpolates as ``F.interpolate``
+does, reading the unpadded mask (the padding is a bounds test, never a copy). Tiles that
+miss the box only store zeros. With ``threshold`` the comparison happens before the store,
+so the (N, H, W) float image is never materialized: the output is 1 byte per pixel.
+
+Inference only: the op has no autograd formula (calling backward through it raises).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, is_tracing, launch,
+                     pair, register_tuning, use_triton)
+
+# Expanded box coordinates are clamped to this magnitude before the cast to int64 (a no-op
+# for any input that passes the host check); keeps every index finite for unchecked input.
+_COORD_LIMIT = 2.0**31
+_COORD_LIMIT_K = tl.constexpr(_COORD_LIMIT)
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel
+
+@triton.jit
+def _source_axis(pos, lo, hi, MP):
+    """F.interpolate(align_corners=False)'s rule along one axis for output pixels ``pos``.
+
+    The box covers output pixels lo..hi (resized length max(hi - lo + 1, 1)); the padded
+    mask has MP pixels. Returns (inside, i0, i1, l0, l1): neighbours in padded coordinates
+    and their weights. Indices are clamped to [0, MP - 1] for every pixel, inside or not.
+    """
+    length = tl.maximum(hi - lo + 1, 1)
+    inside = (pos >= lo) & (pos <= hi)
+    scale = MP.to(tl.float32) / length.to(tl.float32)
+    src = scale * ((pos - lo).to(tl.float32) + 0.5) - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src, (MP - 1).to(tl.float32)).to(tl.int32)
+    i1 = tl.minimum(i0 + 1, MP - 1)
+    l1 = src - i0.to(tl.float32)
+    return inside, i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def _expand_coord(c, half, scale):
+    """(c - half * scale, c + half * scale) truncated to int64, as torchvision's
+    ``expand_boxes(...).to(torch.int64)`` in float32.
+
+    The product is formed in float64 (exact for two float32 factors) and rounded once to
+    float32, so no fused multiply-add can skip the rounding torchvision does between the
+    multiply and the add: the integer boxes match bit for bit.
+    """
+    p = (half.to(tl.float64) * scale).to(tl.float32)  # scale: a float32 value
+    lo = c - p
+    hi = c + p
+    lo = tl.where(lo == lo, lo, 0.0)  # NaN (unchecked input): 0, as the host path
+    hi = tl.where(hi == hi, hi, 0.0)
+    lo = tl.minimum(tl.maximum(lo, -_COORD_LIMIT_K), _COORD_LIMIT_K)
+    hi = tl.minimum(tl.maximum(hi, -_COORD_LIMIT_K), _COORD_LIMIT_K)
+    return lo.to(tl.int64), hi.to(tl.int64)
+
+
+@triton.jit
+def _store_row(dst, val, mask, threshold, in_dtype, THRESHOLD: tl.constexpr):
+    if THRESHOLD:
+        # compare the value as the masks' dtype holds it, as (paste(...) > t) would
+        val = val.to(in_dtype).to(tl.float32)
+        tl.store(dst, (val > threshold).to(tl.uint8), mask=mask)
+    else:
+        tl.store(dst, val.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paste_masks_kernel(
+    masks_ptr,  # (N, 1, MH, MW) float, any strides: unpadded masks
+    boxes_ptr,  # (N, 4): float32 x1, y1, x2, y2 (EXPAND) or int64 expanded boxes
+    out_ptr,  # (N, 1, H, W) contiguous: output dtype, or uint8 0/1 when THRESHOLD
+    H, W, MH, MW, stride_n, stride_h, stride_w, padding, scale, threshold,
+    EXPAND: tl.constexpr, THRESHOLD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # A tile is BLOCK_H rows of BLOCK_W pixels. Everything that depends on x (source
+    # columns, weights, bounds) is computed once per tile as vectors; each row adds only
+    # scalars, four gathers from the (cached) mask and one contiguous store.
+    n = tl.program_id(0).to(tl.int64)
+    y_first = tl.program_id(1) * BLOCK_H
+    x_first = tl.program_id(2) * BLOCK_W
+    x = x_first + tl.arange(0, BLOCK_W)
+    if EXPAND:
+        x1 = tl.load(boxes_ptr + n * 4)
+        y1 = tl.load(boxes_ptr + n * 4 + 1)
+        x2 = tl.load(boxes_ptr + n * 4 + 2)
+        y2 = tl.load(boxes_ptr + n * 4 + 3)
+        bx0, bx1 = _expand_coord((x2 + x1) * 0.5, (x2 - x1) * 0.5, scale)
+        by0, by1 = _expand_coord((y2 + y1) * 0.5, (y2 - y1) * 0.5, scale)
+    else:
+        bx0 = tl.load(boxes_ptr + n * 4)
+        by0 = tl.load(boxes_ptr + n * 4 + 1)
+        bx1 = tl.load(boxes_ptr + n * 4 + 2)
+        by1 = tl.load(boxes_ptr + n * 4 + 3)
+    in_w = x < W
+    out_rows = out_ptr + n * H * W + x  # (row y at + y * W)
+    rows = tl.minimum(H - y_first, BLOCK_H)
+    in_dtype = masks_ptr.dtype.element_ty
+    hit = ((y_first <= by1) & (y_first + BLOCK_H > by0)
+           & (x_first <= bx1) & (x_first + BLOCK_W > bx0))
+    if hit:  # only tiles that meet the box read the mask
+        MPH = MH + 2 * padding
+        in_x, ix0, ix1, lx0, lx1 = _source_axis(x, bx0, bx1, MW + 2 * padding)
+        # padded index i is mask index i - padding; the padding reads as 0
+        rx0 = ix0 - padding
+        rx1 = ix1 - padding
+        ok_x0 = in_x & (rx0 >= 0) & (rx0 < MW)
+        ok_x1 = in_x & (rx1 >= 0) & (rx1 < MW)
+        col0 = rx0 * stride_w
+        col1 = rx1 * stride_w
+        base = masks_ptr + n * stride_n
+        for r in range(0, rows):
+            y = y_first + r
+            in_y, iy0, iy1, ly0, ly1 = _source_axis(y, by0, by1, MPH)
+            ry0 = iy0 - padding
+            ry1 = iy1 - padding
+            ok_y0 = in_y & (ry0 >= 0) & (ry0 < MH)
+            ok_y1 = in_y & (ry1 >= 0) & (ry1 < MH)
+            row0 = base + ry0 * stride_h
+            row1 = base + ry1 * stride_h
+            v00 = tl.load(row0 + col0, mask=ok_x0 & ok_y0, other=0.0).to(tl.float32)
+            v01 = tl.load(row0 + col1, mask=ok_x1 & ok_y0, other=0.0).to(tl.float32)
+            v10 = tl.load(row1 + col0, mask=ok_x0 & ok_y1, other=0.0).to(tl.float32)
+            v11 = tl.load(row1 + col1, mask=ok_x1 & ok_y1, other=0.0).to(tl.float32)
+            # F.interpolate's order: weight along x within each row, then blend along y
+            val = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+            val = tl.where(in_x & in_y, val, 0.0)
+            _store_row(out_rows + y.to(tl.int64) * W, val, in_w, threshold, in_dtype,
+                       THRESHOLD)
+    else:
+        zero = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for r in range(0, rows):
+            y = y_first + r
+            _store_row(out_rows + y.to(tl.int64) * W, zero, in_w, threshold, in_dtype,
+                       THRESHOLD)
+
+
+# 4 pixels per thread per row (16 B float32 / 4 B uint8 stores, each warp's store one
+# contiguous run); sm_90: about 64 registers, no spills, half occupancy.
+_TUNING = [
+    {"BLOCK_H": 16, "BLOCK_W": 256, "num_warps": 2},   # float output
+    {"BLOCK_H": 16, "BLOCK_W": 512, "num_warps": 4},   # uint8/bool output
+]
+register_tuning(_paste_masks_kernel, _TUNING)
+
+
+# ---------------------------------------------------------------------------------------
+# Host launcher and the PyTorch reference
+
+def expand_scale(mask_width: int, padding: int) -> float:
+    """torchvision's ``expand_masks`` factor (from the mask width, for both axes)."""
+    return float(mask_width + 2 * padding) / mask_width
+
+
+def expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """torchvision's ``expand_boxes(boxes, scale).to(torch.int64)``: the same elementwise
+    operations in the boxes' dtype, so the same rounding, batched over both axes."""
+    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5
+    center = (boxes[:, 2:] + boxes[:, :2]) * 0.5
+    half = half * scale
+    out = torch.cat([center - half, center + half], 1)
+    out = out.to(torch.float64).nan_to_num(0.0)  # exact; float16 cannot hold the limit
+    return out.clamp(-_COORD_LIMIT, _COORD_LIMIT).to(torch.int64)
+
+
+def paste_masks_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
+                        threshold: float | None, out_dtype: torch.dtype) -> Tensor:
+    """Launch the paste kernel; inputs already validated (see :func:`paste_masks_in_image`)."""
+    n, _, mh, mw = masks.shape
+    thresholding = threshold is not None
+    out = torch.empty(n, 1, img_h, img_w, device=masks.device,
+                      dtype=torch.uint8 if thresholding else out_dtype)
+    if n:
+        scale = expand_scale(mw, padding)
+        expand = boxes.dtype == torch.float32
+        box_arg = boxes.contiguous() if expand else expanded_int_boxes(boxes, scale)
+        thr = _threshold_in(masks.dtype, threshold) if thresholding else 0.0
+        tuning = _TUNING[1] if thresholding else _TUNING[0]
+        grid = (n, cdiv(img_h, tuning["BLOCK_H"]), cdiv(img_w, tuning["BLOCK_W"]))
+        scale32 = float(torch.tensor(scale, dtype=torch.float32))  # as torch's scalar mul
+        launch(_paste_masks_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,
+               masks.stride(0), masks.stride(2), masks.stride(3), padding, scale32, thr,
+               tuning=tuning, EXPAND=expand, THRESHOLD=thresholding)
+    return out.view(out_dtype) if thresholding and out_dtype == torch.bool else out
+
+
+def _threshold_in(dtype: torch.dtype, threshold: float) -> float:
+    """The threshold as ``tensor_of_dtype > threshold`` compares: rounded to ``dtype``
+    (the comparison happens in the tensor's dtype), then held exactly in float32."""
+    if dtype == torch.float64:
+        return float(threshold)
+    return float(torch.tensor(threshold, dtype=dtype).float())
+
+
+def _axis_matrix(lo: Tensor, hi: Tensor, size: int, mp: int, dtype: torch.dtype) -> Tensor:
+    """(N, size, mp) interpolation matrices along one axis: row p holds the two weights
+    F.interpolate(align_corners=False) gives output pixel p of the box lo..hi (resized to
+    max(hi - lo + 1, 1) pixels) over the mp padded-mask pixels; rows outside the box are 0."""
+    pos = torch.arange(size, device=lo.device)
+    length = (hi - lo + 1).clamp(min=1).to(dtype)
+    scale = torch.full_like(length, float(mp)) / length
+    d = pos[None, :] - lo[:, None]
+    inside = ((d >= 0) & (pos[None, :] <= hi[:, None])).to(dtype)
+    src = (scale[:, None] * (d.to(dtype) + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().clamp(max=mp - 1).long()
+    i1 = (i0 + 1).clamp(max=mp - 1)
+    l1 = src - i0.to(dtype)
+    mat = torch.zeros(lo.shape[0], size, mp, dtype=dtype, device=lo.device)
+    mat.scatter_add_(2, i0[..., None], ((1 - l1) * inside)[..., None])
+    mat.scatter_add_(2, i1[..., None], (l1 * inside)[..., None])
+    return mat
+
+
+def paste_masks_reference(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
+                          threshold: float | None, out_dtype: torch.dtype) -> Tensor:
+    """Vectorized PyTorch paste: the CPU path. Bilinear resizing is separable, so each mask's
+    image is ``Ay @ padded_mask @ Ax^T`` with sparse-in-effect interpolation matrices Ay
+    (H x MPH) and Ax (W x MPW); masks are processed in chunks so the float image of all N
+    masks never exists when thresholding."""
+    n, _, mh, mw = masks.shape
+    out = torch.empty(n, 1, img_h, img_w, dtype=out_dtype, device=masks.device)
+    if n == 0:
+        return out
+    compute = torch.float64 if masks.dtype == torch.float64 else torch.float32
+    ib = expanded_int_boxes(boxes, expand_scale(mw, padding))
+    thr = None if threshold is None else _threshold_in(masks.dtype, threshold)
+    chunk = max(1, (1 << 24) // (img_h * img_w))  # about 64 MiB of float32 per step
+    for s in range(0, n, chunk):
+        b = ib[s:s + chunk]
+        padded = F.pad(masks[s:s + chunk, 0].to(compute), (padding,) * 4)
+        ay = _axis_matrix(b[:, 1], b[:, 3], img_h, mh + 2 * padding, compute)
+        ax = _axis_matrix(b[:, 0], b[:, 2], img_w, mw + 2 * padding, compute)
+        img = torch.bmm(torch.bmm(ay, padded), ax.transpose(1, 2))
+        if thr is None:
+            out[s:s + chunk, 0] = img
+        else:
+            out[s:s + chunk, 0] = img.to(masks.dtype).to(compute) > thr
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration (no autograd: an inference op)
+
+def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
+    """Finite, not absurdly large coordinates: one host sync, skipped while tracing."""
+    if boxes.numel() == 0 or is_tracing():
+        return
+    biggest = float(boxes.detach().abs().max())  # NaN propagates through max
+    if not biggest < _COORD_LIMIT:
+        raise ValueError(f"{name} must be finite with |coordinates| < 2**31, "
+                         f"got max |coordinate| {biggest:g}")
+
+
+@torch.library.custom_op("maskrcnn_triton::paste_masks_in_image", mutates_args=())
+def _paste_masks_op(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
+                    threshold: float | None, out_dtype: torch.dtype) -> Tensor:
+    check_boxes_data(boxes)
+    impl = paste_masks_forward if use_triton(masks) else paste_masks_reference
+    return impl(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
+
+
+@_paste_masks_op.register_fake
+def _(masks, boxes, img_h, img_w, padding, threshold, out_dtype):
+    return masks.new_empty(masks.shape[0], 1, img_h, img_w, dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+_THRESHOLD_DTYPES = (torch.bool, torch.uint8)
+
+
+def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int = 1, *,
+                         threshold: float | None = None,
+                         out_dtype: torch.dtype | None = None) -> Tensor:
+    """Drop-in for ``torchvision.models.detection.roi_heads.paste_masks_in_image``.
+
+    masks: (N, 1, M, M) float32/float16/bfloat16 (float64 runs the reference path), any
+    strides. boxes: (N, 4) float (x1, y1, x2, y2) in image pixels, on masks' device; they
+    may reach outside the image. img_shape: (H, W). Returns (N, 1, H, W): each mask, padded
+    by ``padding`` and resized bilinearly to its expanded integer box exactly as torchvision
+    does, pasted into a zero image and clipped to it.
+
+    threshold: when given, return ``paste(...) > threshold`` (compared in masks' dtype)
+    computed in the same pass, as ``out_dtype`` torch.bool (default) or torch.uint8 (0/1);
+    no float image is allocated. Without it, ``out_dtype`` (default masks' dtype) is the
+    float dtype of the result. Inference only: no gradient is defined.
+    """
+    check_tensor("masks", masks, ndim=4, what="a 4-D (N, 1, M, M) tensor")
+    if masks.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"masks must be float32, float16, bfloat16 or float64, "
+                        f"got {masks.dtype}")
+    if masks.shape[1] != 1 or masks.shape[2] < 1 or masks.shape[3] < 1:
+        raise ValueError(f"masks must be (N, 1, M, M) with M >= 1, got shape "
+                         f"{tuple(masks.shape)}")
+    check_tensor("boxes", boxes, ndim=2, what="(N, 4)")
+    if boxes.shape != (masks.shape[0], 4):
+        raise ValueError(f"boxes must be (N, 4) with N = masks.shape[0] = {masks.shape[0]}, "
+                         f"got shape {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"boxes must be a floating-point tensor, got {boxes.dtype}")
+    check_same_device(masks=masks, boxes=boxes)
+    img_h, img_w = pair("img_shape", img_shape)
+    if not isinstance(padding, int) or isinstance(padding, bool):
+        raise TypeError(f"padding must be an int, got {padding!r}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if threshold is None:
+        out_dtype = masks.dtype if out_dtype is None else out_dtype
+        if out_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"out_dtype must be a float dtype when threshold is None, "
+                            f"got {out_dtype}")
+    else:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float or None, got {threshold!r}")
+        out_dtype = torch.bool if out_dtype is None else out_dtype
+        if out_dtype not in _THRESHOLD_DTYPES:
+            raise TypeError(f"out_dtype must be torch.bool or torch.uint8 with a threshold, "
+                            f"got {out_dtype}")
+        threshold = float(threshold)
+    return _paste_masks_op(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
+
+
+def _compile_examples() -> None:
+    """Launch every specialization the launcher can pick (run under TRITON_INTERPRET=1)."""
+    boxes = torch.tensor([[1.0, 2.0, 9.0, 7.0], [-3.0, 4.0, 5.5, 12.0]])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        masks = torch.rand(2, 1, 5, 5).to(dtype)
+        paste_masks_in_image(masks, boxes, (10, 12))                       # EXPAND, float
+        paste_masks_in_image(masks, boxes, (10, 12), threshold=0.5)        # EXPAND, bool
+        paste_masks_in_image(masks, boxes.double(), (10, 12))              # host int boxes
+        paste_masks_in_image(masks, boxes.double(), (10, 12), threshold=0.5)
+    paste_masks_in_image(torch.rand(2, 1, 5, 5), boxes, (10, 12), out_dtype=torch.float16)
+    paste_masks_in_image(torch.rand(2, 1, 5, 5), boxes, (10, 12), out_dtype=torch.bfloat16)
