@@ -246,10 +246,13 @@ def paste_masks_reference(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, 
         padded = F.pad(masks[s:s + chunk, 0].to(compute), (padding,) * 4)
         ay = _axis_matrix(b[:, 1], b[:, 3], img_h, mh + 2 * padding, compute)
         ax = _axis_matrix(b[:, 0], b[:, 2], img_w, mw + 2 * padding, compute)
-        img = torch.bmm(torch.bmm(ay, padded), ax.transpose(1, 2))
-        if thr is None:
-            out[s:s + chunk, 0] = img
+        rows = torch.bmm(ay, padded)
+        if thr is None and out_dtype == compute:
+            torch.bmm(rows, ax.transpose(1, 2), out=out[s:s + chunk, 0])
+        elif thr is None:
+            out[s:s + chunk, 0] = torch.bmm(rows, ax.transpose(1, 2))
         else:
+            img = torch.bmm(rows, ax.transpose(1, 2))
             out[s:s + chunk, 0] = img.to(masks.dtype).to(compute) > thr
     return out
 

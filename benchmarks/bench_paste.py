@@ -1,0 +1,124 @@
+"""Mask pasting: ours vs torchvision's roi_heads.paste_masks_in_image (Mask R-CNN inference).
+
+100 masks of 28x28 (sigmoid probabilities) pasted with padding 1 into an 800x1216 image,
+boxes of detection-like sizes (20 to 400 px), some reaching past the image border.
+Modes: "float" returns the (N, 1, H, W) probabilities; "threshold" returns the binary masks
+(ours: ``threshold=0.5`` in the same pass, bool out; torchvision: paste, then ``> 0.5``).
+On CUDA ours is the Triton kernel; on the CPU it is the PyTorch reference path (--quick on
+the CPU uses a 200x304 image).
+
+    python -m benchmarks.bench_paste [--quick] [--dtype float32,bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
+
+import kernels
+from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
+                                time_ms, write_results)
+
+IMAGE = (800, 1216)
+MASKS = 100
+MASK_SIZE = 28
+THRESHOLD = 0.5
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_inputs(n: int, image: tuple[int, int], dtype: torch.dtype, device: str, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, w = image
+    masks = torch.randn(n, 1, MASK_SIZE, MASK_SIZE, generator=g).mul(3).sigmoid()
+    size = torch.rand(n, 2, generator=g) * 380 + 20
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - size * 0.2
+    boxes = torch.cat([xy, xy + size], 1)
+    return masks.to(device=device, dtype=dtype), boxes.to(device)
+
+
+def moved_bytes(masks: torch.Tensor, image: tuple[int, int], out_itemsize: int) -> int:
+    """Bytes that must move at least once: the output written, the masks read."""
+    return masks.shape[0] * image[0] * image[1] * out_itemsize + masks.numel() * masks.element_size()
+
+
+def check_equal(ours: torch.Tensor, ref: torch.Tensor, mode: str, dtype: torch.dtype,
+                masks: torch.Tensor, boxes: torch.Tensor, image: tuple[int, int]):
+    """Results must match the baseline before anything is timed."""
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    if mode == "float":
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=atol, atol=atol)
+        return
+    # thresholded: equal to torchvision's except where its float32 probability lies within
+    # rounding of the threshold (there low-precision rounding may go either way)
+    if ours.shape != ref.shape or ours.dtype != ref.dtype:
+        raise AssertionError(f"got {ours.dtype}{tuple(ours.shape)}, "
+                             f"torchvision {ref.dtype}{tuple(ref.shape)}")
+    prob = tv_paste(masks.float(), boxes, image, 1)
+    sure = (prob - THRESHOLD).abs() > 2 * atol
+    differ = int((ours != ref)[sure].sum())
+    if differ:
+        raise AssertionError(f"{differ} thresholded pixels differ from torchvision's")
+
+
+def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None = None,
+        write: bool = True) -> list[dict]:
+    device = device or default_device()
+    image = (200, 304) if quick and device == "cpu" else IMAGE
+    reps = 3 if device == "cpu" else None
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        masks, boxes = make_inputs(MASKS, image, dtype, device)
+        providers = {
+            "float": {
+                "ours": lambda: kernels.paste_masks_in_image(masks, boxes, image, 1),
+                "torchvision": lambda: tv_paste(masks, boxes, image, 1),
+            },
+            "threshold": {
+                "ours": lambda: kernels.paste_masks_in_image(masks, boxes, image, 1,
+                                                             threshold=THRESHOLD),
+                "torchvision": lambda: tv_paste(masks, boxes, image, 1) > THRESHOLD,
+            },
+        }
+        for mode, fns in providers.items():
+            ours, ref = fns["ours"](), fns["torchvision"]()
+            check_equal(ours, ref, mode, dtype, masks, boxes, image)
+            row = {"dtype": dname, "mode": mode, "masks": MASKS,
+                   "image": f"{image[0]}x{image[1]}", "out_dtype": str(ours.dtype)[6:]}
+            nbytes = moved_bytes(masks, image, ours.element_size())
+            del ours, ref
+            for provider, fn in fns.items():
+                t = time_ms(fn, device, reps=reps)
+                row[f"{provider}_ms"] = t["ms"]
+                row[f"{provider}_ms_p20"] = t["ms_p20"]
+                row[f"{provider}_ms_p80"] = t["ms_p80"]
+                row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
+                row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+            row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
+            rows.append(row)
+    if write:
+        path = write_results("paste_masks", rows, {"image": image, "masks": MASKS,
+                                                   "mask_size": MASK_SIZE, "padding": 1,
+                                                   "threshold": THRESHOLD}, device)
+        print(f"results: {path}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller image on the CPU, fewer repeats")
+    p.add_argument("--dtype", default="float32,bfloat16")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    rows = run(a.quick, a.dtype.split(","), a.device)
+    for r in rows:
+        for k in ("ours_peak_bytes", "torchvision_peak_bytes"):
+            r[k.replace("_bytes", "_MiB")] = None if r[k] is None else r[k] / 2**20
+    print(format_table(rows, ["dtype", "mode", "image", "out_dtype", "ours_ms",
+                              "torchvision_ms", "speedup", "ours_GBps", "ours_peak_MiB",
+                              "torchvision_peak_MiB"]))
+
+
+if __name__ == "__main__":
+    main()
