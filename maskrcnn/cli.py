@@ -1,0 +1,209 @@
+"""``python -m maskrcnn {train,evaluate,predict}``.
+
+Bad input (missing file, malformed annotation JSON, corrupt image or checkpoint) prints
+``error: ...`` on stderr and exits with code 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import data, engine, evaluation
+
+
+def _add_data_args(p: argparse.ArgumentParser, split_seed: int, num: int) -> None:
+    g = p.add_argument_group("data (default: the synthetic shapes set)")
+    g.add_argument("--images", help="COCO-format image folder")
+    g.add_argument("--annotations", help="COCO instances JSON for --images")
+    g.add_argument("--num-images", type=int, default=num, help="synthetic: number of images")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="synthetic: image side in pixels; model: input size "
+                        "(default 128 for synthetic data, 800 otherwise)")
+    g.add_argument("--data-seed", type=int, default=split_seed,
+                   help="synthetic: seed of the split (train and evaluate default to disjoint "
+                        "seeds)")
+
+
+def _dataset(args, *, train: bool):
+    if bool(args.images) != bool(args.annotations):
+        raise data.DataError("--images and --annotations go together")
+    if args.images:
+        transforms = data.train_transforms() if train else None
+        return data.CocoDetection(args.images, args.annotations, transforms=transforms)
+    size = args.image_size or 128
+    transforms = data.Compose([data.RandomHorizontalFlip(0.5)]) if train else None
+    return data.SyntheticShapes(args.num_images, image_size=size, seed=args.data_seed,
+                                transforms=transforms)
+
+
+def _write_atomic(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: str, obj) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+# ---------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    rank, world, device = engine.distributed_setup(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_set = _dataset(args, train=True)
+    if args.resume:
+        config = engine.load_checkpoint(args.resume)["config"]
+    else:
+        image_size = args.image_size or (128 if not args.images else 800)
+        config = engine.model_config(args.arch, train_set.num_classes + 1, image_size,
+                                     train_set.categories)
+    torch.manual_seed(args.seed)
+    model = engine.build_model(config, ops=args.ops)
+    if rank == 0:
+        print(f"training {config['arch']} on {len(train_set)} images, {world} process(es), "
+              f"device {device}", flush=True)
+    t0 = time.time()
+    engine.train(model=model, config=config, train_set=train_set, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, device=device, output=args.output,
+                 resume=args.resume, amp=not args.no_amp, workers=args.workers,
+                 seed=args.seed, max_steps=args.max_steps, time_budget=args.time_budget)
+    if rank == 0:
+        print(f"training took {time.time() - t0:.0f} s; checkpoint: {args.output}", flush=True)
+        if args.val_images > 0 and not args.images:
+            val = data.SyntheticShapes(args.val_images, image_size=config["image_size"],
+                                       seed=args.data_seed + 1000)
+            metrics, table = evaluation.evaluate(model.eval(), val, device)
+            print(table)
+            print(f"held-out synthetic split ({len(val)} images): "
+                  f"mask AP50 = {metrics['segm']['AP50']:.3f}, "
+                  f"box AP50 = {metrics['bbox']['AP50']:.3f}")
+            metrics_path = os.path.splitext(args.output)[0] + "_eval.json"
+            _write_json(metrics_path, {"split": "synthetic held-out", "images": len(val),
+                                       "seed": args.data_seed + 1000, **metrics,
+                                       "train_seconds": time.time() - t0})
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    _, _, device = engine.distributed_setup(args.device)
+    model, ckpt = engine.model_from_checkpoint(args.checkpoint, device)
+    if args.image_size is None:
+        args.image_size = ckpt["config"]["image_size"]
+    dataset = _dataset(args, train=False)
+    metrics, table = evaluation.evaluate(model, dataset, device, progress=True)
+    print(table)
+    _write_json(args.output, {"checkpoint": args.checkpoint, "images": len(dataset), **metrics})
+    print(f"box AP {metrics['bbox']['AP']:.3f}  mask AP {metrics['segm']['AP']:.3f}  "
+          f"mask AP50 {metrics['segm']['AP50']:.3f} -> {args.output}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import torchvision
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    # read every input first: a bad one fails the run before anything is written
+    images = [(path, data.read_image(path)) for path in args.inputs]
+    _, _, device = engine.distributed_setup(args.device)
+    model, ckpt = engine.model_from_checkpoint(args.checkpoint, device)
+    names = {c["id"]: c["name"] for c in ckpt["config"].get("categories", [])}
+    os.makedirs(args.output_dir, exist_ok=True)
+    summary = []
+    with torch.no_grad():
+        for path, image in images:
+            out = model([image.to(device)])[0]
+            keep = out["scores"] >= args.score_thresh
+            out = {k: v[keep].cpu() for k, v in out.items()}
+            masks = out["masks"][:, 0] > 0.5 if out["masks"].dtype != torch.bool \
+                else out["masks"][:, 0]
+            labels = [f"{names.get(int(l), str(int(l)))} {s:.2f}"
+                      for l, s in zip(out["labels"], out["scores"].tolist())]
+            canvas = (image * 255).round().to(torch.uint8)
+            if len(labels):
+                canvas = draw_segmentation_masks(canvas, masks, alpha=0.45)
+                canvas = draw_bounding_boxes(canvas, out["boxes"], labels=labels, width=2)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            png = os.path.join(args.output_dir, f"{stem}.png")
+            _write_atomic(png, lambda f: f.write(
+                torchvision.io.encode_png(canvas).numpy().tobytes()))
+            detections = [{"label": int(l), "name": names.get(int(l), str(int(l))),
+                           "score": float(s), "box_xyxy": [float(v) for v in b],
+                           "segmentation": evaluation.encode_mask(m.numpy())}
+                          for l, s, b, m in zip(out["labels"], out["scores"], out["boxes"],
+                                                masks)]
+            _write_json(os.path.join(args.output_dir, f"{stem}.json"),
+                        {"image": path, "height": image.shape[-2], "width": image.shape[-1],
+                         "detections": detections})
+            summary.append((path, png, len(detections)))
+    for path, png, n in summary:
+        print(f"{path}: {n} detection(s) -> {png}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m maskrcnn", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (default: synthetic shapes, ResNet-18-FPN)")
+    _add_data_args(t, split_seed=0, num=1200)
+    t.add_argument("--arch", default="resnet18_fpn", choices=["resnet18_fpn", "resnet50_fpn"])
+    t.add_argument("--ops", default="kernels", choices=["kernels", "torchvision"],
+                   help="op set the model is built with (see maskrcnn.ops)")
+    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--batch-size", type=int, default=8, help="per process")
+    t.add_argument("--lr", type=float, default=0.04)
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    t.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training; the schedule ends when steps or time run out")
+    t.add_argument("--workers", type=int, default=0, help="data loader processes")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--output", default="runs/maskrcnn.pt", help="checkpoint path")
+    t.add_argument("--resume", help="checkpoint to resume from")
+    t.add_argument("--val-images", type=int, default=200,
+                   help="synthetic: held-out images evaluated after training (0: skip)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="COCO box and mask AP of a checkpoint on a data set")
+    e.add_argument("--checkpoint", required=True)
+    _add_data_args(e, split_seed=1000, num=200)
+    e.add_argument("--output", default="runs/eval.json", help="metrics JSON")
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_evaluate)
+
+    q = sub.add_parser("predict", help="draw detections on images; PNG + JSON per image")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("inputs", nargs="+", help="image files")
+    q.add_argument("--output-dir", default="runs/predictions")
+    q.add_argument("--score-thresh", type=float, default=0.5)
+    q.add_argument("--device")
+    q.set_defaults(func=cmd_predict)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

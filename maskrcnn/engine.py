@@ -1,0 +1,226 @@
+"""Training (single process or torchrun/DDP), checkpoints, model configs."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import builders, data
+
+# The CPU-trainable default: what `python -m maskrcnn train` builds (see README).
+SMALL_CONFIG = dict(
+    fpn_channels=32, representation_size=128, mask_layers=[32, 32, 32, 32],
+    mask_dim_reduced=32, rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+    rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, rpn_batch_size_per_image=128,
+    box_batch_size_per_image=64, box_detections_per_img=20,
+)
+
+
+def model_config(arch: str, num_classes: int, image_size: int, categories: list[dict],
+                 **overrides) -> dict:
+    """A JSON-able description of a model, stored in checkpoints to rebuild it."""
+    if arch == "resnet18_fpn":
+        kwargs = dict(SMALL_CONFIG, min_size=image_size, max_size=image_size)
+    elif arch == "resnet50_fpn":
+        kwargs = dict(min_size=image_size, max_size=max(image_size, round(image_size * 1333 / 800)))
+    else:
+        raise ValueError(f"arch must be resnet18_fpn or resnet50_fpn, got {arch!r}")
+    kwargs.update(overrides)
+    return {"arch": arch, "num_classes": num_classes, "kwargs": kwargs,
+            "categories": categories, "image_size": image_size}
+
+
+def build_model(config: dict, ops="kernels"):
+    kwargs = dict(config["kwargs"])
+    if config["arch"] == "resnet18_fpn":
+        if "rpn_anchor_generator" not in kwargs:
+            kwargs["rpn_anchor_generator"] = data.small_anchor_generator()
+        return builders.maskrcnn_resnet18_fpn(num_classes=config["num_classes"], ops=ops, **kwargs)
+    return builders.maskrcnn_resnet50_fpn(num_classes=config["num_classes"], ops=ops, **kwargs)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise data.DataError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types on a truncated/foreign file
+        raise data.DataError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise data.DataError(f"{path} is not a maskrcnn checkpoint (no model/config)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str, device, ops="kernels"):
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt["config"], ops=ops)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+# ---------------------------------------------------------------------------------------
+
+def distributed_setup(device_arg: Optional[str]):
+    """(rank, world_size, device); init the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg:
+        device = torch.device(device_arg)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def lr_at(progress: float, base: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` of training, then cosine decay to 0."""
+    if progress < warmup:
+        return base * (0.001 + 0.999 * progress / warmup)
+    t = (progress - warmup) / max(1e-9, 1 - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class Progress:
+    """Training progress in [0, 1]: steps done over the step budget, or time spent over the
+    time budget, whichever is further (so a time budget always ends training on time, with
+    the learning-rate schedule completed). Under DDP the ranks agree through rank 0."""
+
+    def __init__(self, total_steps: int, time_budget: Optional[float], start_step: int,
+                 spent: float, device) -> None:
+        self.total, self.budget = total_steps, time_budget
+        self.t0 = time.time() - spent
+        self.device = device
+        self.value = self.at(start_step)
+
+    def spent(self) -> float:
+        return time.time() - self.t0
+
+    def at(self, step: int) -> float:
+        p = step / max(1, self.total)
+        if self.budget:
+            p = max(p, self.spent() / self.budget)
+        if dist.is_initialized():
+            t = torch.tensor([p], dtype=torch.float64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(t, 0)
+            p = float(t)
+        self.value = min(1.0, p)
+        return self.value
+
+
+def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: float,
+          device, output: str, resume: Optional[str] = None, amp: bool = True,
+          workers: int = 0, seed: int = 0, max_steps: Optional[int] = None,
+          weight_decay: float = 1e-4, clip_grad: float = 10.0,
+          time_budget: Optional[float] = None, log=print) -> dict:
+    """Train; checkpoint ``output`` after every epoch (and at the end). Returns the last
+    losses (averaged over the last epoch)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    torch.manual_seed(seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start_epoch, step, spent = 0, 0, 0.0
+    if resume:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        start_epoch, step, spent = ckpt["epoch"], ckpt["step"], ckpt.get("spent", 0.0)
+        torch.set_rng_state(ckpt["rng"])
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                        else None) if world > 1 else model
+
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=data.collate, drop_last=True, persistent_workers=workers > 0)
+    steps_per_epoch = len(loader)
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
+                                                                   epochs * steps_per_epoch)
+    progress = Progress(total, time_budget, step, spent, device)
+    warmup = 0.1
+    from tqdm import tqdm
+    averages: dict[str, float] = {}
+    for epoch in range(start_epoch, epochs):
+        if progress.value >= 1:
+            break
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0,
+                   dynamic_ncols=True, leave=True)
+        for images, targets in bar:
+            if progress.at(step) >= 1:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(progress.value, lr, warmup)
+            images = [img.to(device, non_blocking=True) for img in images]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()}
+                       for t in targets]
+            with torch.autocast(device.type, enabled=use_amp):
+                loss_dict = ddp_model(images, targets)
+                loss = sum(loss_dict.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: "
+                                         f"{ {k: v.item() for k, v in loss_dict.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            # from-scratch training spikes early on; clipping keeps it from diverging
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            count += 1
+            for k, v in loss_dict.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", mask=f"{loss_dict['loss_mask'].item():.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+        averages = {k: v / max(1, count) for k, v in sums.items()}
+        if rank == 0:
+            save_checkpoint(output, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
+                "config": config, "rng": torch.get_rng_state(), "losses": averages,
+                "spent": progress.spent(),
+                "time": time.time()})
+            log(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in averages.items())
+                + f" -> {output}")
+    if world > 1:
+        dist.barrier()
+    return averages

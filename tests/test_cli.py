@@ -1,0 +1,161 @@
+"""``python -m maskrcnn {train,evaluate,predict}``: checkpoints, resume, evaluation, prediction
+PNGs, torchrun/gloo DDP, and bad input (exit code 2, nothing written).
+
+In-process runs are wrapped in ``reference_path()``: these tests check the CLI and the
+training loop, not the kernels (under the project's TRITON_INTERPRET=1 the kernels would run
+in Triton's interpreter, far too slowly for a training loop). Subprocess runs get
+TRITON_INTERPRET=0 for the same reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kernels._utils import reference_path
+from maskrcnn import cli, engine
+
+TINY = ["--num-images", "8", "--image-size", "64", "--batch-size", "2", "--val-images", "0",
+        "--device", "cpu"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(argv):
+    with reference_path():
+        return cli.main(argv)
+
+
+def _env():
+    return dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
+    assert _run(["train", *TINY, "--epochs", "1", "--output", path]) == 0
+    return path
+
+
+def test_train_writes_checkpoint_and_resumes(checkpoint, tmp_path):
+    ckpt = engine.load_checkpoint(checkpoint)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4
+    assert set(ckpt) >= {"model", "optimizer", "config", "losses"}
+    # round trip: the rebuilt model holds exactly the saved weights
+    model, _ = engine.model_from_checkpoint(checkpoint, "cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    # resume continues from epoch 1 / step 4 to epoch 2 / step 8, from the saved weights
+    resumed = str(tmp_path / "resumed.pt")
+    assert _run(["train", *TINY, "--epochs", "2", "--resume", checkpoint,
+                 "--output", resumed]) == 0
+    after = engine.load_checkpoint(resumed)
+    assert after["epoch"] == 2 and after["step"] == 8
+    assert any(not torch.equal(after["model"][k], ckpt["model"][k])
+               for k in ckpt["model"] if ckpt["model"][k].is_floating_point())
+    # no temp files left behind by the atomic writes
+    assert sorted(os.listdir(tmp_path)) == ["resumed.pt"]
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    engine.save_checkpoint(str(path), {"model": {"w": torch.ones(2)}, "config": {}})
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        engine.save_checkpoint(str(path), {"model": {"w": torch.zeros(2)}, "config": {}})
+    # the old checkpoint is intact and no temp file is left
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_evaluate_on_tiny_synthetic_set(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert _run(["evaluate", "--checkpoint", checkpoint, "--num-images", "3",
+                 "--output", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads(out.read_text())
+    for kind in ("bbox", "segm"):
+        assert set(metrics[kind]) >= {"AP", "AP50", "AP75"}
+        assert all(-1 <= v <= 1 for v in metrics[kind].values())
+    assert "IoU metric: segm" in capsys.readouterr().out
+
+
+def test_predict_writes_png_and_json(checkpoint, tmp_path):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)) \
+        .save(src)
+    out_dir = tmp_path / "pred"
+    assert _run(["predict", "--checkpoint", checkpoint, str(src), "--output-dir", str(out_dir),
+                 "--score-thresh", "0.0", "--device", "cpu"]) == 0
+    with Image.open(out_dir / "in.png") as im:
+        im.load()
+        assert im.size == (70, 50) and im.mode == "RGB"
+    result = json.loads((out_dir / "in.json").read_text())
+    assert result["width"] == 70 and result["height"] == 50
+    for det in result["detections"]:
+        assert len(det["box_xyxy"]) == 4 and 0 <= det["score"] <= 1
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: exit code 2, a message naming the problem, nothing written
+
+def test_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert _run(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"),
+                 "--output", str(out)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_malformed_annotation_json(checkpoint, tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    ann = tmp_path / "bad.json"
+    ann.write_text('{"images": [{"id": 1, "file_name"')
+    out = tmp_path / "e.json"
+    assert _run(["evaluate", "--checkpoint", checkpoint, "--images", str(tmp_path / "imgs"),
+                 "--annotations", str(ann), "--output", str(out)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_corrupt_image_in_predict_writes_nothing(checkpoint, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    out_dir = tmp_path / "pred"
+    assert _run(["predict", "--checkpoint", checkpoint, str(good), str(bad),
+                 "--output-dir", str(out_dir)]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+def test_exit_code_2_from_the_real_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "maskrcnn", "predict", "--checkpoint",
+                           str(tmp_path / "missing.pt"), str(tmp_path / "missing.png")],
+                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "error: image not found" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", "-m", "maskrcnn", "train", *TINY, "--epochs", "1",
+           "--max-steps", "2", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ckpt = engine.load_checkpoint(str(out))
+    # 8 images / (2 processes x batch 2) = 2 steps, each over 4 images
+    assert ckpt["step"] == 2
