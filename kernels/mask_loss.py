@@ -292,15 +292,66 @@ def mask_loss_backward_reference(grad: Tensor, grad_sel: Tensor, labels: Tensor,
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+def _axis_weights(lo: Tensor, length: Tensor, size_out: int, size_in: int, g_max: int,
+                  grid: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Bilinear neighbours and weights of every sample along one axis of each box.
+
+    torchvision's roi_align with spatial scale 1, aligned=False: the box length is at least
+    1, bin p's sample i sits at lo + p*bin + (i + 0.5)*bin/grid, and a sample outside
+    [-1, size_in] weighs 0. Returns (index, weight), each (k, size_out, g_max, 2).
+    """
+    bin_size = length / size_out
+    i = torch.arange(g_max, dtype=dtype, device=lo.device)
+    p = torch.arange(size_out, dtype=dtype, device=lo.device)
+    pos = (lo[:, None, None] + p[:, None] * bin_size[:, None, None]
+           + (i + 0.5) * bin_size[:, None, None] / grid.clamp(min=1).to(dtype)[:, None, None])
+    weight_ok = (i < grid[:, None, None]) & (pos >= -1) & (pos <= size_in)
+    pos = pos.clamp(min=0, max=size_in - 1)        # past the last pixel: all weight on it
+    low = pos.floor().clamp(max=size_in - 1)
+    frac = pos - low
+    index = torch.stack([low, (low + 1).clamp(max=size_in - 1)], -1).long()
+    weight = torch.stack([1 - frac, frac], -1) * weight_ok[..., None]
+    return index, weight
+
+
+def _project_masks(masks: Tensor, rois: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """Targets of one image, (R, M, M): a gather of each sample's 2x2 neighbours, weighted.
+
+    RoIs are sorted by sample count and processed in chunks of bounded memory.
+    """
+    r = rois.to(dtype)
+    length_w = (r[:, 3] - r[:, 1]).clamp(min=1)
+    length_h = (r[:, 4] - r[:, 2]).clamp(min=1)
+    grid_h = torch.ceil(length_h / size).long()
+    grid_w = torch.ceil(length_w / size).long()
+    count = (grid_h * grid_w).clamp(min=1).to(dtype)
+    order = torch.argsort(grid_h * grid_w).tolist()
+    out = torch.empty(len(order), size, size, dtype=dtype, device=rois.device)
+    h, w = masks.shape[1:]
+    start = 0
+    while start < len(order):
+        gh, gw = int(grid_h[order[start]].clamp(min=1)), int(grid_w[order[start]].clamp(min=1))
+        per_roi = size * size * 4 * gh * gw
+        idx = order[start:start + max(1, (1 << 22) // per_roi)]
+        gh = max(int(grid_h[idx].max()), 1)       # sorted: the chunk's last is its largest
+        gw = max(int(grid_w[idx].max()), 1)
+        iy, wy = _axis_weights(r[idx, 2], length_h[idx], size, h, gh, grid_h[idx], dtype)
+        ix, wx = _axis_weights(r[idx, 1], length_w[idx], size, w, gw, grid_w[idx], dtype)
+        b = r[idx, 0].long()
+        vals = masks[b[:, None, None, None, None, None, None],
+                     iy[:, :, :, :, None, None, None], ix[:, None, None, None]].to(dtype)
+        out[idx] = torch.einsum("kpab,kpabqcd,kqcd->kpq", wy, vals, wx) / count[idx, None, None]
+        start += len(idx)
+    return out
+
+
 def project_masks_reference(gt_masks: list[Tensor], rois: Tensor, rows: list[int],
                             size: int, dtype: torch.dtype) -> Tensor:
     """torchvision's project_masks_on_boxes for every image: (N, M, M) targets."""
     out, start = [], 0
     for masks, r in zip(gt_masks, rows):
         if r:
-            out.append(reference.roi_align_forward(
-                masks[:, None].to(dtype), rois[start:start + r].to(dtype), 1.0, size, size,
-                -1, False)[:, 0])
+            out.append(_project_masks(masks, rois[start:start + r], size, dtype))
         start += r
     return torch.cat(out) if out else rois.new_zeros(0, size, size, dtype=dtype)
 
