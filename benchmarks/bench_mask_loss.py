@@ -8,8 +8,10 @@ K in {2, 91} classes, M = 28:
   ``roi_heads.maskrcnn_loss`` (roi_align of the gt masks, then the loss), 2 images of
   800x1216 with 16 uint8 gt masks each and N/2 proposals per image.
 * ``fused_mask_predictor_loss``: ours vs ``F.conv2d`` (1x1, 256 channels) + gather + BCE.
-  Besides the step's peak memory, ``*_held_bytes`` is what the forward keeps alive for the
-  backward (the activation memory a training step pays for).
+  Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what existed
+  before; ``*_scratch_bytes``, that peak less the parameter gradients every provider must
+  return (the features' gradient alone is N x 256 x M x M); ``*_held_bytes``, what the
+  forward keeps alive for the backward.
 
 On CUDA every provider runs its CUDA kernels; on the CPU ours is the PyTorch reference path
 (or the Triton interpreter under TRITON_INTERPRET=1, very slow) and peak memory is not
@@ -98,7 +100,11 @@ def _time_providers(row, providers, mode, device, reps, nbytes):
         row[f"{name}_ms"] = t["ms"]
         row[f"{name}_ms_p20"] = t["ms_p20"]
         row[f"{name}_ms_p80"] = t["ms_p80"]
-        row[f"{name}_peak_bytes"] = peak_memory_bytes(step, device)
+        row[f"{name}_peak_bytes"] = peak = peak_memory_bytes(step, device)
+        # beyond the gradients both providers must return: the op's own scratch memory
+        grads = sum(p.numel() * p.element_size() for p in params)
+        row[f"{name}_scratch_bytes"] = (peak - grads if peak is not None and mode != "forward"
+                                        else peak)
         row[f"{name}_held_bytes"] = held_bytes(forward, device) if mode != "forward" else None
         row[f"{name}_GBps"] = gbps(nbytes, t["ms"])
     base = [p for p in providers if p != "ours"][0]
@@ -106,6 +112,8 @@ def _time_providers(row, providers, mode, device, reps, nbytes):
     row["speedup"] = row[f"{base}_ms"] / row["ours_ms"]
     if row["ours_peak_bytes"]:
         row["memory_ratio"] = row[f"{base}_peak_bytes"] / row["ours_peak_bytes"]
+    if row["ours_scratch_bytes"]:
+        row["scratch_ratio"] = row[f"{base}_scratch_bytes"] / row["ours_scratch_bytes"]
     if row.get("ours_held_bytes"):
         row["held_ratio"] = row[f"{base}_held_bytes"] / row["ours_held_bytes"]
 
@@ -217,7 +225,7 @@ def main(argv=None):
     rows = run(a.quick, a.dtype.split(",") if a.dtype else None, a.device)
     print(format_table(rows, ["op", "dtype", "N", "K", "mode", "baseline", "ours_ms",
                               "torch_ms", "torchvision_ms", "speedup", "ours_peak_bytes",
-                              "memory_ratio", "held_ratio", "ours_GBps"]))
+                              "memory_ratio", "scratch_ratio", "held_ratio", "ours_GBps"]))
 
 
 if __name__ == "__main__":

@@ -275,20 +275,21 @@ def _bce_reference(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 def mask_loss_reference(logits: Tensor, targets: Tensor, labels: Tensor,
                         compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """(loss in logits.dtype, d loss / d selected logits (N, M, M) in the compute dtype)."""
+    """(loss, d loss / d selected logits (N, M, M)), both in the compute dtype."""
     n, _, m, _ = logits.shape
     cdt = _compute_dtype(logits.dtype)
     x = logits[torch.arange(n, device=logits.device), labels].to(cdt)
     loss, dx = _bce_reference(x, targets.to(cdt))
     grad = dx / x.numel() if compute_grad else x.new_empty(0, m, m)
-    return loss.mean().to(logits.dtype), grad
+    return loss.mean(), grad
 
 
 def mask_loss_backward_reference(grad: Tensor, grad_sel: Tensor, labels: Tensor,
-                                 classes: int, channels_last: bool) -> Tensor:
+                                 classes: int, channels_last: bool,
+                                 dtype: torch.dtype) -> Tensor:
     n, m, _ = grad_sel.shape
-    out = torch.zeros(n, classes, m, m, dtype=grad.dtype, device=grad.device)
-    out[torch.arange(n, device=labels.device), labels] = (grad_sel * grad).to(grad.dtype)
+    out = torch.zeros(n, classes, m, m, dtype=dtype, device=grad.device)
+    out[torch.arange(n, device=labels.device), labels] = (grad_sel * grad).to(dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -365,9 +366,9 @@ def mask_predictor_loss_reference(features: Tensor, weight: Tensor, bias: Tensor
     x = torch.einsum("ncp,nc->np", f, weight[labels].to(cdt)) + bias[labels].to(cdt)[:, None]
     loss, dx = _bce_reference(x, targets.to(cdt).reshape(n, m * m))
     if not compute_grad:
-        return loss.mean().to(features.dtype), x.new_empty(0, m * m), x.new_empty(0)
+        return loss.mean(), x.new_empty(0, m * m), x.new_empty(0)
     dx = dx / x.numel()
-    return loss.mean().to(features.dtype), dx, dx.sum(1)
+    return loss.mean(), dx, dx.sum(1)
 
 
 def mask_predictor_loss_backward_reference(grad, features, weight, labels, grad_sel, dsum):
@@ -418,7 +419,7 @@ def mask_loss_forward(logits: Tensor, targets: Tensor, labels: Tensor,
     launch(_mask_loss_fwd_kernel, (n, blocks), logits, targets, labels, partial, grad, m,
            *logits.stride(), *targets.stride(), inv_count,
            tuning=tuning, WRITE_GRAD=bool(compute_grad))
-    return (partial.sum() * inv_count).to(logits.dtype), grad
+    return partial.sum() * inv_count, grad
 
 
 def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
@@ -444,14 +445,14 @@ def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
                    masks.shape[2], *logits.stride(), *masks.stride(), inv_count,
                    tuning=tuning, WRITE_GRAD=bool(compute_grad))
         start += r
-    return (partial.sum() * inv_count).to(logits.dtype), grad
+    return partial.sum() * inv_count, grad
 
 
 def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: int,
-                       channels_last: bool) -> Tensor:
+                       channels_last: bool, dtype: torch.dtype) -> Tensor:
     n, m, _ = grad_sel.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(n, classes, m, m, dtype=grad.dtype, device=grad.device,
+    out = torch.empty(n, classes, m, m, dtype=dtype, device=grad.device,
                       memory_format=fmt)
     tuning = _TUNING_DENSE[0] if classes * m * m <= 8192 else _TUNING_DENSE[1]
     launch(_mask_loss_bwd_kernel, (n, cdiv(classes * m * m, tuning["BLOCK"])), grad,
@@ -477,7 +478,7 @@ def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
     launch(_mask_predictor_loss_fwd_kernel, (n, blocks), features, weight, bias, targets,
            labels, partial, dsum, grad, c, m, *features.stride(), *targets.stride(),
            inv_count, tuning=tuning, WRITE_GRAD=bool(compute_grad))
-    return (partial.sum() * inv_count).to(features.dtype), grad, dsum.sum(1)
+    return partial.sum() * inv_count, grad, dsum.sum(1)
 
 
 def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
@@ -518,8 +519,9 @@ def _mask_loss_op(logits: Tensor, targets: Tensor, labels: Tensor,
 @_mask_loss_op.register_fake
 def _(logits, targets, labels, compute_grad):
     n, _, m, _ = logits.shape
-    return (logits.new_empty(()),
-            logits.new_empty(n if compute_grad else 0, m, m, dtype=_grad_dtype(logits.dtype)))
+    dtype = _grad_dtype(logits.dtype)
+    return (logits.new_empty((), dtype=dtype),
+            logits.new_empty(n if compute_grad else 0, m, m, dtype=dtype))
 
 
 @torch.library.custom_op("maskrcnn_triton::maskrcnn_mask_loss", mutates_args=())
@@ -541,16 +543,16 @@ def _(logits, rois, labels, gt_masks, rows, compute_grad):
 
 @torch.library.custom_op("maskrcnn_triton::mask_loss_backward", mutates_args=())
 def _mask_loss_backward_op(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: int,
-                           channels_last: bool) -> Tensor:
-    if use_triton(grad):
-        return mask_loss_backward(grad, grad_sel, labels, classes, channels_last)
-    return mask_loss_backward_reference(grad, grad_sel, labels, classes, channels_last)
+                           channels_last: bool, dtype: torch.dtype) -> Tensor:
+    if use_triton(grad_sel):
+        return mask_loss_backward(grad, grad_sel, labels, classes, channels_last, dtype)
+    return mask_loss_backward_reference(grad, grad_sel, labels, classes, channels_last, dtype)
 
 
 @_mask_loss_backward_op.register_fake
-def _(grad, grad_sel, labels, classes, channels_last):
+def _(grad, grad_sel, labels, classes, channels_last, dtype):
     n, m, _ = grad_sel.shape
-    out = grad.new_empty(n, classes, m, m)
+    out = grad.new_empty(n, classes, m, m, dtype=dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -558,6 +560,7 @@ def _mask_loss_setup(ctx, inputs, output):
     logits, labels = inputs[0], inputs[2]
     ctx.save_for_backward(output[1], labels)
     ctx.classes = logits.shape[1]
+    ctx.dtype = logits.dtype
     ctx.channels_last = _is_channels_last(logits)
     # no gradient for the rest; list inputs (the gt masks) need a list of Nones
     ctx.no_grads = tuple([None] * len(x) if isinstance(x, (list, tuple)) and x
@@ -567,7 +570,7 @@ def _mask_loss_setup(ctx, inputs, output):
 def _mask_loss_grad(ctx, grad, _grad_sel_grad):
     grad_sel, labels = ctx.saved_tensors
     grad_logits = _mask_loss_backward_op(grad, grad_sel, labels, ctx.classes,
-                                         ctx.channels_last)
+                                         ctx.channels_last, ctx.dtype)
     return (grad_logits,) + ctx.no_grads
 
 
@@ -589,7 +592,7 @@ def _(features, weight, bias, targets, labels, compute_grad):
     n, _, m, _ = features.shape
     rows = n if compute_grad else 0
     dtype = _grad_dtype(features.dtype)
-    return (features.new_empty(()), features.new_empty(rows, m * m, dtype=dtype),
+    return (features.new_empty((), dtype=dtype), features.new_empty(rows, m * m, dtype=dtype),
             features.new_empty(rows, dtype=dtype))
 
 
@@ -662,22 +665,22 @@ def _check_values(indices=(), unit=(), finite=()) -> None:
     """
     if is_tracing():
         return
-    stats, checks = [], []
+    stats, checks = [], []       # stats: two float64 values per check
     for name, t, bound in indices:
         if t.numel():
-            stats += [t.min().double(), t.max().double()]
+            stats.append(torch.stack(torch.aminmax(t)).double())
             checks.append(("index", name, bound))
     for name, t in unit:
         if t.numel() and t.is_floating_point():
-            stats += [t.min().double(), t.max().double()]
+            stats.append(torch.stack(torch.aminmax(t)).double())
             checks.append(("unit", name, None))
     for name, t in finite:
         if t.numel():
-            stats += [torch.isfinite(t).all().double(), torch.isfinite(t).all().double()]
+            stats.append(torch.isfinite(t).all().double().expand(2))
             checks.append(("finite", name, None))
     if not stats:
         return
-    values = torch.stack(stats).tolist()
+    values = torch.cat(stats).tolist()
     for i, (kind, name, bound) in enumerate(checks):
         lo, hi = values[2 * i], values[2 * i + 1]
         if kind == "index" and not (lo >= 0 and hi < bound):
@@ -686,6 +689,14 @@ def _check_values(indices=(), unit=(), finite=()) -> None:
             raise ValueError(f"{name} must be in [0, 1], got values in [{lo:g}, {hi:g}]")
         if kind == "finite" and not lo:
             raise ValueError(f"{name} must be finite, got NaN or infinite values")
+
+
+def _loss_dtype(input_dtype: torch.dtype, *target_dtypes: torch.dtype) -> torch.dtype:
+    """What F.binary_cross_entropy_with_logits returns: input and float targets promoted."""
+    for t in target_dtypes:
+        if t.is_floating_point:
+            input_dtype = torch.promote_types(input_dtype, t)
+    return input_dtype
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -697,8 +708,9 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
 
     mask_logits: (N, K, M, M) float32/float16/bfloat16 (float64 runs the reference path),
     any strides. gt_masks: (N, M, M) float in [0, 1], or uint8/bool 0/1 masks.
-    gt_labels: (N,) integer in [0, K). Returns a scalar in mask_logits' dtype, accumulated in
-    float32; its gradient flows to mask_logits only. Checks label and mask values on the
+    gt_labels: (N,) integer in [0, K). Returns a scalar accumulated in float32, of the dtype
+    PyTorch's formula gives (mask_logits' dtype promoted with a float gt_masks' dtype); its
+    gradient flows to mask_logits only. Checks label and mask values on the
     host (one sync). N == 0 returns ``mask_logits.sum() * 0``.
     """
     n, k, m = _check_logits("mask_logits", mask_logits)
@@ -710,7 +722,7 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
     _check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
     loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels.long(),
                             _needs_grad(mask_logits))
-    return loss
+    return loss.to(_loss_dtype(mask_logits.dtype, gt_masks.dtype))
 
 
 def _check_list(name: str, value, length: int | None) -> list:
@@ -767,7 +779,8 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
                       torch.cat([p.to(torch.float32) for p in proposals])], 1)
     loss, _ = _maskrcnn_loss_op(mask_logits, rois, labels, gt_masks, rows,
                                 _needs_grad(mask_logits))
-    return loss
+    # torchvision's targets take the proposals' dtype
+    return loss.to(_loss_dtype(mask_logits.dtype, *(p.dtype for p in proposals)))
 
 
 def fused_mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
@@ -811,7 +824,7 @@ def fused_mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     bias = bias.to(features.dtype)
     loss, _, _ = _mask_predictor_loss_op(features, weight2d, bias, gt_masks, gt_labels.long(),
                                          _needs_grad(features, weight2d, bias))
-    return loss
+    return loss.to(_loss_dtype(features.dtype, gt_masks.dtype))
 
 
 def _compile_examples() -> None:
