@@ -54,16 +54,18 @@ def _source_axis(pos, lo, hi, MP):
 @triton.jit
 def _expand_coord(c, half, scale):
     """(c - half * scale, c + half * scale) truncated to int64, as torchvision's
-    ``expand_boxes(...).to(torch.int64)`` in float32.
+    ``expand_boxes(...).to(torch.int64)`` computes them in float32, one rounding per op.
 
-    The product is formed in float64 (exact for two float32 factors) and rounded once to
-    float32, so no fused multiply-add can skip the rounding torchvision does between the
-    multiply and the add: the integer boxes match bit for bit.
+    The product must be rounded before the add: a fused multiply-add (which the GPU
+    compiler forms from ``c - half * scale``, even from a float64 product rounded back)
+    can move a box edge across an integer. The NaN guard is a select between the two, and
+    the compiler does not fuse through it (sm_90 SASS: FMUL, FSEL, FADD).
     """
-    p = (half.to(tl.float64) * scale).to(tl.float32)  # scale: a float32 value
+    p = half * scale
+    p = tl.where(p == p, p, 0.0)  # also: NaN (unchecked input) gives 0, as the host path
     lo = c - p
     hi = c + p
-    lo = tl.where(lo == lo, lo, 0.0)  # NaN (unchecked input): 0, as the host path
+    lo = tl.where(lo == lo, lo, 0.0)
     hi = tl.where(hi == hi, hi, 0.0)
     lo = tl.minimum(tl.maximum(lo, -_COORD_LIMIT_K), _COORD_LIMIT_K)
     hi = tl.minimum(tl.maximum(hi, -_COORD_LIMIT_K), _COORD_LIMIT_K)
@@ -341,13 +343,14 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
 
 
 def _compile_examples() -> None:
-    """Launch every specialization the launcher can pick (run under TRITON_INTERPRET=1)."""
+    """Launch every specialization the launcher can pick (run under TRITON_INTERPRET=1):
+    each masks dtype x each float output dtype, thresholded, and host-expanded boxes."""
     boxes = torch.tensor([[1.0, 2.0, 9.0, 7.0], [-3.0, 4.0, 5.5, 12.0]])
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    for dtype in floats:
         masks = torch.rand(2, 1, 5, 5).to(dtype)
-        paste_masks_in_image(masks, boxes, (10, 12))                       # EXPAND, float
-        paste_masks_in_image(masks, boxes, (10, 12), threshold=0.5)        # EXPAND, bool
-        paste_masks_in_image(masks, boxes.double(), (10, 12))              # host int boxes
+        for out_dtype in floats:
+            paste_masks_in_image(masks, boxes, (10, 12), out_dtype=out_dtype)
+        paste_masks_in_image(masks, boxes, (10, 12), threshold=0.5)
+        paste_masks_in_image(masks, boxes.double(), (10, 12))   # boxes expanded on the host
         paste_masks_in_image(masks, boxes.double(), (10, 12), threshold=0.5)
-    paste_masks_in_image(torch.rand(2, 1, 5, 5), boxes, (10, 12), out_dtype=torch.float16)
-    paste_masks_in_image(torch.rand(2, 1, 5, 5), boxes, (10, 12), out_dtype=torch.bfloat16)
