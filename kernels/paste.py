@@ -42,7 +42,7 @@ def _source_axis(pos, lo, hi, MP):
     """
     length = tl.maximum(hi - lo + 1, 1)
     inside = (pos >= lo) & (pos <= hi)
-    scale = MP.to(tl.float32) / length.to(tl.float32)
+    scale = tl.math.div_rn(MP.to(tl.float32), length.to(tl.float32))  # IEEE, as torch
     src = scale * ((pos - lo).to(tl.float32) + 0.5) - 0.5
     src = tl.maximum(src, 0.0)
     i0 = tl.minimum(src, (MP - 1).to(tl.float32)).to(tl.int32)

@@ -73,6 +73,20 @@ def test_boxes_wholly_outside_paste_nothing(backend, poison):
     assert torch.count_nonzero(out[3:]) == 0
 
 
+def test_boxes_across_tile_boundaries(backend, poison):
+    # wide enough for several column tiles of either output kind (256 and 512 pixels)
+    h, w = 21, 530
+    boxes = torch.tensor([[200.3, 3.5, 300.8, 17.2], [480.0, -2.0, 545.5, 9.0],
+                          [-4.0, 10.2, 530.0, 25.0]], device=backend.device)
+    masks = torch.rand(3, 1, 6, 6, device=backend.device)
+    out = kernels.paste_masks_in_image(masks, boxes, (h, w))
+    ref = tv_reference(masks, boxes, (h, w))
+    assert_close(out.cpu(), ref, **tol(torch.float32))
+    binary = kernels.paste_masks_in_image(masks, boxes, (h, w), threshold=0.5)
+    sure = (ref - 0.5).abs() > 1e-4
+    assert torch.equal(binary.cpu()[sure], (ref > 0.5)[sure])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(backend, poison, dtype):
     n, m, h, w = 6, 7, 16, 21
