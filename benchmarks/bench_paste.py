@@ -39,7 +39,8 @@ def make_inputs(n: int, image: tuple[int, int], dtype: torch.dtype, device: str,
 
 def moved_bytes(masks: torch.Tensor, image: tuple[int, int], out_itemsize: int) -> int:
     """Bytes that must move at least once: the output written, the masks read."""
-    return masks.shape[0] * image[0] * image[1] * out_itemsize + masks.numel() * masks.element_size()
+    written = masks.shape[0] * image[0] * image[1] * out_itemsize
+    return written + masks.numel() * masks.element_size()
 
 
 def check_equal(ours: torch.Tensor, ref: torch.Tensor, mode: str, dtype: torch.dtype,
