@@ -2,7 +2,7 @@
 
 2 images, 256 channels, the four FPN maps of an 800x1216 image (strides 4..32), 512 RoIs
 per image pooled from each map; 7x7 (box head) and 14x14 (mask head), sampling ratio 2.
-Modes: forward, and forward+backward. On CUDA both run their CUDA kernels; on the CPU ours
+Modes: forward, forward+backward, and forward+backward with deterministic algorithms on. On CUDA both run their CUDA kernels; on the CPU ours
 is the PyTorch reference path and torchvision its CPU kernel (which has no bfloat16).
 
     python -m benchmarks.bench_roi_align [--quick] [--dtype float32,bfloat16]
@@ -10,6 +10,7 @@ is the PyTorch reference path and torchvision its CPU kernel (which has no bfloa
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torchvision
@@ -22,6 +23,21 @@ IMAGE = (800, 1216)
 LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
 HEADS = {"box 7x7": 7, "mask 14x14": 14}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# "deterministic": torch.use_deterministic_algorithms(True) — our atomic-free backward;
+# torchvision's answer on CUDA is its pure-Python fallback.
+MODES = ("forward", "forward+backward", "forward+backward deterministic")
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def make_inputs(level_stride: int, dtype: torch.dtype, device: str, rois_per_image=512,
@@ -68,7 +84,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                 if tv_ok:
                     ref = torchvision.ops.roi_align(x, rois, *args)
                     torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
-                for mode in ("forward", "forward+backward"):
+                for mode in MODES:
                     row = {"dtype": dname, "level": lname, "head": hname, "mode": mode,
                            "rois": rois.shape[0], "map": f"{x.shape[2]}x{x.shape[3]}"}
                     for provider, fn in (("ours", kernels.roi_align),
@@ -80,10 +96,11 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                                            device=device, dtype=dtype)
 
                         def step(fn=fn, xin=xin, grad=grad, mode=mode):
-                            out = fn(xin, rois, *args)
-                            if mode != "forward":
-                                out.backward(grad)
-                                xin.grad = None
+                            with deterministic(mode == "forward+backward deterministic"):
+                                out = fn(xin, rois, *args)
+                                if mode != "forward":
+                                    out.backward(grad)
+                                    xin.grad = None
                         t = time_ms(step, device, reps=reps)
                         row[f"{provider}_ms"] = t["ms"]
                         row[f"{provider}_ms_p20"] = t["ms_p20"]

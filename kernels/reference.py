@@ -28,8 +28,8 @@ def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, si
     Returns (index, weight), each (k, pooled, g_max, 2): the low and high neighbours and
     their weights; samples past a RoI's own grid, or outside [-1, size], weigh 0.
     """
-    i = torch.arange(g_max, dtype=dtype)
-    p = torch.arange(pooled, dtype=dtype)
+    i = torch.arange(g_max, dtype=dtype, device=start.device)
+    p = torch.arange(pooled, dtype=dtype, device=start.device)
     grid_f = grid.to(dtype).clamp(min=1)
     # coordinate of sample i of bin p: start + p*bin + (i + .5)*bin/grid (torchvision's order)
     pos = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
@@ -60,8 +60,8 @@ def _geometry(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
         roi_w = roi_w.clamp(min=1.0)
         roi_h = roi_h.clamp(min=1.0)
     if sampling_ratio > 0:
-        grid_h = torch.full(roi_h.shape, sampling_ratio, dtype=torch.int64)
-        grid_w = torch.full(roi_w.shape, sampling_ratio, dtype=torch.int64)
+        grid_h = torch.full(roi_h.shape, sampling_ratio, dtype=torch.int64, device=r.device)
+        grid_w = torch.full(roi_w.shape, sampling_ratio, dtype=torch.int64, device=r.device)
     else:
         grid_h = torch.ceil(roi_h / pooled_h).long()
         grid_w = torch.ceil(roi_w / pooled_w).long()
@@ -71,19 +71,22 @@ def _geometry(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
             grid_h.clamp(min=0), grid_w.clamp(min=0), count)
 
 
-def _sampling_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
-                     sampling_ratio: int, aligned: bool, shape, dtype: torch.dtype) -> Tensor:
-    """Sparse (K*PH*PW, N*H*W) matrix S with out = S @ input-as-(N*H*W, C).
+def sampling_entries(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                     sampling_ratio: int, aligned: bool, shape,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Non-zero entries (row, column, weight) of the sampling matrix S, on rois' device.
 
     Row k*PH*PW + ph*PW + pw holds, for every sample of that bin and each of its four
-    neighbours, weight_y * weight_x / count at column b*H*W + y*W + x.
+    neighbours, weight_y * weight_x / count at column b*H*W + y*W + x. The grouping below
+    reads a few per-group sizes on the host (one sync per group on a GPU).
     """
     n, c, h, w = shape
-    rois = rois.detach().cpu()
-    k = rois.shape[0]
+    rois = rois.detach()
+    dev = rois.device
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _geometry(
         rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, dtype)
     batch = rois[:, 0].long()
+    bins = torch.arange(pooled_h * pooled_w, device=dev).reshape(1, pooled_h, pooled_w)
     rows, cols, vals = [], [], []
     # RoIs grouped by sample count (powers of two), each group cut into pieces that fit
     # the entry budget once padded to the group's largest grid: loops over groups of RoIs,
@@ -94,8 +97,8 @@ def _sampling_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w
         members = (bucket == key).nonzero().flatten()
         step = max(1, _ENTRY_BUDGET >> key)
         for idx in members.split(step):
-            gh_max = max(int(grid_h[idx].max()), 1)
-            gw_max = max(int(grid_w[idx].max()), 1)
+            gh_max, gw_max = (max(int(v), 1) for v in torch.stack(
+                [grid_h[idx].max(), grid_w[idx].max()]).tolist())
             iy, wy = _axis_samples(start_h[idx], bin_h[idx], grid_h[idx], pooled_h, h,
                                    gh_max, dtype)
             ix, wx = _axis_samples(start_w[idx], bin_w[idx], grid_w[idx], pooled_w, w,
@@ -105,17 +108,26 @@ def _sampling_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w
             ix, wx = ix[:, None, :, None, None, :, :], wx[:, None, :, None, None, :, :]
             weight = wy * wx / count[idx].reshape(-1, 1, 1, 1, 1, 1, 1)
             col = batch[idx].reshape(-1, 1, 1, 1, 1, 1, 1) * (h * w) + iy * w + ix
-            row = (idx.reshape(-1, 1, 1) * (pooled_h * pooled_w)
-                   + torch.arange(pooled_h * pooled_w).reshape(1, pooled_h, pooled_w))
+            row = idx.reshape(-1, 1, 1) * (pooled_h * pooled_w) + bins
             row = row[:, :, :, None, None, None, None].expand_as(weight)
             keep = weight != 0
             rows.append(row[keep])
             cols.append(col.expand_as(weight)[keep])
             vals.append(weight[keep])
-    index = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else torch.zeros(
-        2, 0, dtype=torch.long)
-    value = torch.cat(vals) if vals else torch.zeros(0, dtype=dtype)
-    return torch.sparse_coo_tensor(index, value, (k * pooled_h * pooled_w, n * h * w),
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return empty, empty, torch.zeros(0, dtype=dtype, device=dev)
+    return torch.cat(rows), torch.cat(cols), torch.cat(vals)
+
+
+def _sampling_matrix(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                     sampling_ratio: int, aligned: bool, shape, dtype: torch.dtype) -> Tensor:
+    """Sparse (K*PH*PW, N*H*W) matrix S with out = S @ input-as-(N*H*W, C)."""
+    n, c, h, w = shape
+    rows, cols, vals = sampling_entries(rois.cpu(), spatial_scale, pooled_h, pooled_w,
+                                        sampling_ratio, aligned, shape, dtype)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals,
+                                   (rois.shape[0] * pooled_h * pooled_w, n * h * w),
                                    check_invariants=False)
 
 

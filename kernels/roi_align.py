@@ -7,6 +7,8 @@ channels_last input). Any input strides work (NCHW, channels_last, or a strided 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -153,19 +155,56 @@ def _roi_align_bwd_kernel(
             tl.atomic_add(base + row_hi + col_hi, g * (wy_hi * wx_hi)[:, None], mask=m)
 
 
+@triton.jit
+def _roi_align_bwd_deterministic_kernel(
+    grad_ptr,  # (K*PH*PW, C) contiguous: the output gradient, channels last
+    src_ptr,  # (E,) int64: row of grad_ptr of each sampling entry, sorted by pixel
+    weight_ptr,  # (E,) float32: weight of each entry, same order
+    start_ptr,  # (N*H*W + 1,) int64: pixel q's entries are [start[q], start[q + 1])
+    grad_input_ptr,  # (N, C, H, W) input dtype, strides as given
+    C, H, W, stride_n, stride_c, stride_h, stride_w,
+    BLOCK_C: tl.constexpr,
+):
+    # Each program owns one input pixel and a block of channels, and sums its entries in
+    # the fixed (sorted) order: no atomics, bitwise-identical gradients run to run.
+    q = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    begin = tl.load(start_ptr + q)
+    end = tl.load(start_ptr + q + 1)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range(begin, end):
+        row = tl.load(src_ptr + t)
+        w = tl.load(weight_ptr + t)
+        acc += w * tl.load(grad_ptr + row * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    hw = H * W
+    b = q // hw
+    y = (q % hw) // W
+    x = q % W
+    dst = grad_input_ptr + b * stride_n + y * stride_h + x * stride_w + offs_c * stride_c
+    tl.store(dst, acc.to(grad_input_ptr.dtype.element_ty), mask=mask_c)
+
+
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
-# Tiles stay at 4 elements per thread: on sm_90 the forward then needs 64 registers (50%
-# occupancy); larger tiles pass 100 registers (see `python -m benchmarks.static`).
+# Two tile elements per thread: on sm_90 the forward then needs 40 registers (75%
+# occupancy) and the atomic backward 48 (62%); four per thread needs 64-80 registers and
+# larger tiles pass 100 (see `python -m benchmarks.static`).
 _TUNING = [
-    {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 4},
-    {"BLOCK_P": 32, "BLOCK_C": 32, "num_warps": 8},
+    {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
+    {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
 ]
 register_tuning(_roi_align_fwd_kernel, _TUNING)
 register_tuning(_roi_align_bwd_kernel, _TUNING)
 
+_TUNING_DETERMINISTIC = [
+    {"BLOCK_C": 32, "num_warps": 1},
+    {"BLOCK_C": 128, "num_warps": 4},
+]
+register_tuning(_roi_align_bwd_deterministic_kernel, _TUNING_DETERMINISTIC)
+
 
 def _pick_tuning(channels: int, bins: int) -> dict:
-    return _TUNING[1] if bins > 16 and channels >= 32 else _TUNING[0]
+    return _TUNING[1] if bins <= 8 else _TUNING[0]
 
 
 def _check_image_extent(shape, strides, name: str) -> None:
@@ -218,6 +257,39 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     return acc.to(grad.dtype)
 
 
+def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: float,
+                                     pooled_h: int, pooled_w: int, sampling_ratio: int,
+                                     aligned: bool, input_shape: tuple[int, int, int, int],
+                                     channels_last: bool) -> Tensor:
+    """Backward without floating-point atomics: bitwise reproducible.
+
+    The sampling entries (output bin, input pixel, weight) are listed on the device,
+    stably sorted by pixel, and one program per pixel sums its entries in that order.
+    Listing the entries reads a few group sizes on the host (a sync per group of RoIs
+    with the same sample count; one group when sampling_ratio > 0).
+    """
+    n, c, h, w = input_shape
+    k = rois.shape[0]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(n, c, h, w, dtype=grad.dtype, device=grad.device).to(memory_format=fmt)
+    if out.numel() == 0:
+        return out
+    _check_image_extent(out.shape, out.stride(), "input")
+    rows, cols, weights = reference.sampling_entries(
+        rois.to(torch.float32), spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
+        input_shape, torch.float32)
+    cols, order = torch.sort(cols, stable=True)
+    src = rows[order].contiguous()
+    weights = weights[order].contiguous()
+    start = torch.searchsorted(cols, torch.arange(n * h * w + 1, device=grad.device))
+    grad_rows = grad.permute(0, 2, 3, 1).reshape(k * pooled_h * pooled_w, c).contiguous()
+    tuning = _TUNING_DETERMINISTIC[1 if c >= 128 else 0]
+    grid = (n * h * w, cdiv(c, tuning["BLOCK_C"]))
+    launch(_roi_align_bwd_deterministic_kernel, grid, grad_rows, src, weights, start, out,
+           c, h, w, *out.stride(), tuning=tuning)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # torch.library registration and autograd
 
@@ -260,8 +332,10 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, poo
                            channels_last: bool) -> Tensor:
     shape = (batch, channels, height, width)
     if use_triton(grad):
-        return roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w,
-                                  sampling_ratio, aligned, shape, channels_last)
+        impl = (roi_align_backward_deterministic if torch.are_deterministic_algorithms_enabled()
+                else roi_align_backward)
+        return impl(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
+                    shape, channels_last)
     out = reference.roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w,
                                        sampling_ratio, aligned, shape)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
@@ -374,3 +448,15 @@ def _compile_examples() -> None:
                 x.requires_grad_()
                 rois = torch.tensor([[0.0, 0.5, 0.5, 2.5, 3.0]])
                 roi_align(x, rois, 2, 1.0, -1, aligned).sum().backward()
+                with _deterministic():
+                    roi_align(x, rois, 2, 1.0, -1, aligned).sum().backward()
+
+
+@contextlib.contextmanager
+def _deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)

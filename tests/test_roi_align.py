@@ -173,3 +173,55 @@ def _x():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------
+# Deterministic backward (torch.use_deterministic_algorithms(True)): no float atomics.
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("sampling", [-1, 2])
+def test_deterministic_backward_parity_and_bitwise_repeats(backend, poison, layout,
+                                                           sampling):
+    n, c, h, w = 2, 5, 9, 11
+    x = torch.randn(n, c, h, w, device=backend.device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # many overlapping RoIs, so pixels receive contributions from several programs
+    rois = random_rois(12, n, h, w, 0.5, backend.device)
+    grad = torch.randn(12, c, 3, 3, device=backend.device)
+    xt = x.detach().contiguous().requires_grad_()
+    torchvision.ops.roi_align(xt, rois, 3, 0.5, sampling, True).backward(grad)
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(3):
+            xo = x.detach().clone().requires_grad_()
+            kernels.roi_align(xo, rois, 3, 0.5, sampling, True).backward(grad)
+            grads.append(xo.grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_close(grads[0], xt.grad, **tol(torch.float32))
+    for g in grads[1:]:
+        assert torch.equal(g, grads[0])
+    if layout == "channels_last":
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_deterministic_backward_half(backend, poison, deterministic):
+    x = torch.randn(1, 3, 6, 7, device=backend.device, dtype=torch.bfloat16,
+                    requires_grad=True)
+    rois = random_rois(5, 1, 6, 7, 1.0, backend.device)
+    grad = torch.randn(5, 3, 2, 2, device=backend.device)
+    kernels.roi_align(x, rois, 2, 1.0, 2).backward(grad.bfloat16())
+    xt = x.detach().float().requires_grad_()
+    torchvision.ops.roi_align(xt, rois, 2, 1.0, 2).backward(grad)
+    assert x.grad.dtype == torch.bfloat16
+    assert_close(x.grad.float(), xt.grad, **tol(torch.bfloat16))

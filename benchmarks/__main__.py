@@ -1,0 +1,155 @@
+"""The benchmark report: every op (and the model) against torchvision, on the device present.
+
+    python -m benchmarks [--quick] [--ops roi_align,nms] [--dtype float32,bfloat16]
+                         [--out benchmarks/results]
+
+Writes ``<out>/<device>.json`` (all numbers and the environment), ``<out>/<device>.md``
+(one table per op: ours, the baseline, speed-up, achieved GB/s and its share of the
+device's measured copy bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png``
+(speed-up per shape). Each benchmark checks its result against the baseline before timing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks._common import (RESULTS_DIR, default_device, device_name, device_slug,
+                                environment, format_table, time_ms)
+
+# op name -> module with run(quick=, dtypes=, device=, write=) -> rows
+OPS = {
+    "roi_align": "benchmarks.bench_roi_align",
+    "multiscale_roi_align": "benchmarks.bench_multiscale_roi_align",
+    "nms": "benchmarks.bench_nms",
+    "mask_loss": "benchmarks.bench_mask_loss",
+    "paste": "benchmarks.bench_paste",
+    "model": "benchmarks.bench_model",
+}
+
+# Columns never shown in the Markdown tables (kept in the JSON).
+_HIDDEN = ("_p20", "_p80")
+
+
+def available_ops() -> dict[str, object]:
+    mods = {}
+    for name, module in OPS.items():
+        try:
+            mods[name] = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    return mods
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
+    n = nbytes // 4 // (16 if device == "cpu" else 1)
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, reps=5)
+    return 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e9
+
+
+def _label(row: dict) -> str:
+    skip = {"mode", "dtype"}
+    parts = [str(v) for k, v in row.items()
+             if not any(k.startswith(p) for p in ("ours", "torchvision", "torch_", "speedup",
+                                                  "baseline", "size"))
+             and k not in skip and not isinstance(v, float)]
+    return " ".join(parts)[:40]
+
+
+def plot(op: str, rows: list[dict], path: Path, device: str) -> Path | None:
+    rows = [r for r in rows if isinstance(r.get("speedup"), (int, float))]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series: dict[str, list[tuple[str, float]]] = {}
+    for r in rows:
+        key = " ".join(str(r[k]) for k in ("mode", "dtype") if k in r) or "speed-up"
+        series.setdefault(key, []).append((_label(r), r["speedup"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 3), 4))
+    for key, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("speed-up over baseline (x)")
+    ax.set_title(f"{op} on {device_name(device)}")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict, bandwidth: float) -> str:
+    env = results["environment"]
+    out = [f"# Benchmark report: {env['device']}", "",
+           f"torch {env['torch']}, triton {env['triton']}, torchvision {env['torchvision']}, "
+           f"git {env['git_sha']}. Measured copy bandwidth: {bandwidth:.1f} GB/s.", ""]
+    for op, section in results["benchmarks"].items():
+        rows = section["rows"]
+        for r in rows:
+            if isinstance(r.get("ours_GBps"), (int, float)) and bandwidth:
+                r["ours_%copy_bw"] = f"{100 * r['ours_GBps'] / bandwidth:.0f}%"
+        columns = []
+        for r in rows:
+            for k in r:
+                if k not in columns and not k.endswith(_HIDDEN):
+                    columns.append(k)
+        out += [f"## {op}", "", format_table(rows, columns), ""]
+        if section.get("plot"):
+            out += [f"![{op}]({Path(section['plot']).name})", ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--dtype", default="float32,bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    a = p.parse_args(argv)
+    device = a.device or default_device()
+    mods = available_ops()
+    wanted = a.ops.split(",") if a.ops else list(mods)
+    unknown = [o for o in wanted if o not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown op(s) {unknown}; choose from {list(OPS)}")
+    missing = [o for o in wanted if o not in mods]
+    if missing:
+        p.error(f"--ops: benchmark module(s) not present: {missing}")
+    dtypes = a.dtype.split(",")
+    a.out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(device)
+    results = {"environment": environment(device), "quick": a.quick, "benchmarks": {}}
+    bandwidth = copy_bandwidth_gbps(device)
+    results["copy_bandwidth_GBps"] = bandwidth
+    for op in tqdm(wanted, desc="benchmarks", unit="op"):
+        rows = mods[op].run(quick=a.quick, dtypes=dtypes, device=device, write=False)
+        section = {"rows": rows}
+        png = plot(op, rows, a.out / f"{slug}-{op}.png", device)
+        if png:
+            section["plot"] = str(png)
+        results["benchmarks"][op] = section
+    json_path = a.out / f"{slug}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp.replace(json_path)
+    md_path = a.out / f"{slug}.md"
+    md_path.write_text(markdown(results, bandwidth) + "\n")
+    print(md_path.read_text())
+    print(f"wrote {json_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
