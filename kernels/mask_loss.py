@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, is_tracing, launch,
                      register_tuning, use_triton)
 from .roi_align import _bilinear_axis, _roi_box
@@ -494,8 +493,9 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
     launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
            weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
            *grad_features.stride(), tuning=tuning)
-    # Instances of one class add into the same weight row: a deterministic index_add of
-    # the (N, C) per-instance rows, tiny next to the features.
+    # Instances of one class add into the same weight row: an index_add of the (N, C)
+    # per-instance rows (exact float32; atomic on CUDA unless deterministic algorithms are
+    # on), tiny next to the features.
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32,
                               device=weight.device).index_add_(0, labels, rows)
     grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32,
