@@ -349,6 +349,38 @@ def test_predictor_extreme_logits(backend, poison):
     assert_close(gw.double(), rw, **tol(torch.float32))
 
 
+def test_predictor_never_allocates_logits(backend, monkeypatch):
+    """With K > C, nothing the op allocates may reach the (N, K, M, M) logits' size."""
+    if backend.reference:
+        pytest.skip("the reference path is an oracle, not memory-bound")
+    n, c, k, m = 6, 8, 91, 14
+    logits_numel = n * k * m * m
+    features = torch.randn(n, c, m, m, device=backend.device, requires_grad=True)
+    weight = torch.randn(k, c, 1, 1, device=backend.device, requires_grad=True)
+    bias = torch.randn(k, device=backend.device, requires_grad=True)
+    targets = soft_targets(n, m, device=backend.device)
+    labels = torch.randint(0, k, (n,), device=backend.device)
+    largest = []
+    for name in ("empty", "zeros", "empty_like", "zeros_like", "empty_strided"):
+        real = getattr(torch, name)
+
+        def tracked(*a, real=real, **kw):
+            t = real(*a, **kw)
+            largest.append(t.numel())
+            return t
+        monkeypatch.setattr(torch, name, tracked)
+    if backend.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    kernels.fused_mask_predictor_loss(features, weight, bias, targets, labels).backward()
+    if backend.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+        assert peak < logits_numel * 4, f"peak {peak} bytes, logits would be {logits_numel * 4}"
+    assert largest and max(largest) < logits_numel
+    assert features.grad is not None and weight.grad is not None and bias.grad is not None
+
+
 def test_predictor_empty(backend):
     features = torch.randn(0, 6, 14, 14, device=backend.device, requires_grad=True)
     weight = torch.randn(3, 6, 1, 1, device=backend.device, requires_grad=True)
