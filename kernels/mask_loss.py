@@ -744,7 +744,8 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     (G_i, H_i, W_i) uint8/bool/float in [0, 1], gt_labels[i] (G_i,) integer in [0, K),
     mask_matched_idxs[i] (n_i,) integer in [0, G_i), with sum(n_i) = N. The targets are
     torchvision's ``roi_align(gt_masks[i][:, None], [idx, box], (M, M), 1.0)``, sampled
-    inside the loss kernel (never materialized). Values are checked in one host sync.
+    inside the loss kernel (never materialized). Values are checked in one host sync. The
+    loss has torchvision's dtype: mask_logits' promoted with the proposals'.
     """
     n, k, m = _check_logits("mask_logits", mask_logits)
     proposals = _check_list("proposals", proposals, None)
@@ -793,8 +794,9 @@ def fused_mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     channels_last; weight (K, C, 1, 1) and bias (K,) of the 1x1 mask predictor, cast to
     features' dtype (as conv2d under autocast). Only row ``weight[label]`` is applied per
     instance, so no (N, K, M, M) tensor is allocated in forward or backward; gradients for
-    features, weight and bias equal autograd through conv2d + gather + BCE. N == 0 returns
-    a zero connected to features, weight and bias.
+    features, weight and bias equal autograd through conv2d + gather + BCE, and the loss
+    has its dtype (features' promoted with a float gt_masks'). Values are checked in one host
+    sync. N == 0 returns a zero connected to features, weight and bias.
     """
     check_tensor("features", features, ndim=4, what="a 4-D (N, C, M, M) tensor")
     if features.dtype not in FLOAT_DTYPES:
