@@ -24,7 +24,7 @@ def _add_data_args(p: argparse.ArgumentParser, split_seed: int, num: int) -> Non
     g.add_argument("--num-images", type=int, default=num, help="synthetic: number of images")
     g.add_argument("--image-size", type=int, default=None,
                    help="synthetic: image side in pixels; model: input size "
-                        "(default 128 for synthetic data, 800 otherwise)")
+                        "(default 64 for synthetic data, 800 otherwise)")
     g.add_argument("--data-seed", type=int, default=split_seed,
                    help="synthetic: seed of the split (train and evaluate default to disjoint "
                         "seeds)")
@@ -36,7 +36,7 @@ def _dataset(args, *, train: bool):
     if args.images:
         transforms = data.train_transforms() if train else None
         return data.CocoDetection(args.images, args.annotations, transforms=transforms)
-    size = args.image_size or 128
+    size = args.image_size or 64
     transforms = data.Compose([data.RandomHorizontalFlip(0.5)]) if train else None
     return data.SyntheticShapes(args.num_images, image_size=size, seed=args.data_seed,
                                 transforms=transforms)
@@ -62,15 +62,25 @@ def _write_json(path: str, obj) -> None:
 
 # ---------------------------------------------------------------------------------------
 
+def _set_threads(threads, world: int) -> None:
+    """Torch CPU threads: ``threads`` if given; otherwise one per process when the CPU is
+    oversubscribed (load average above the core count, or several DDP processes), where
+    multi-threaded kernels spend most of their time waiting at barriers (measured 5-10x
+    slower on a shared 2-core machine), else torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif world > 1 or os.getloadavg()[0] > (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+
+
 def cmd_train(args) -> int:
     rank, world, device = engine.distributed_setup(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads, world)
     train_set = _dataset(args, train=True)
     if args.resume:
         config = engine.load_checkpoint(args.resume)["config"]
     else:
-        image_size = args.image_size or (128 if not args.images else 800)
+        image_size = args.image_size or (64 if not args.images else 800)
         config = engine.model_config(args.arch, train_set.num_classes + 1, image_size,
                                      train_set.categories)
     torch.manual_seed(args.seed)
@@ -78,11 +88,14 @@ def cmd_train(args) -> int:
     if rank == 0:
         print(f"training {config['arch']} on {len(train_set)} images, {world} process(es), "
               f"device {device}", flush=True)
+    time_budget = args.time_budget
+    if time_budget is None and not args.images:
+        time_budget = 480.0
     t0 = time.time()
     engine.train(model=model, config=config, train_set=train_set, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=device, output=args.output,
                  resume=args.resume, amp=not args.no_amp, workers=args.workers,
-                 seed=args.seed, max_steps=args.max_steps, time_budget=args.time_budget)
+                 seed=args.seed, max_steps=args.max_steps, time_budget=time_budget)
     if rank == 0:
         print(f"training took {time.time() - t0:.0f} s; checkpoint: {args.output}", flush=True)
         if args.val_images > 0 and not args.images:
@@ -103,7 +116,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    _, _, device = engine.distributed_setup(args.device)
+    _, world, device = engine.distributed_setup(args.device)
+    _set_threads(None, world)
     model, ckpt = engine.model_from_checkpoint(args.checkpoint, device)
     if args.image_size is None:
         args.image_size = ckpt["config"]["image_size"]
@@ -162,18 +176,21 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (default: synthetic shapes, ResNet-18-FPN)")
-    _add_data_args(t, split_seed=0, num=1200)
+    _add_data_args(t, split_seed=0, num=4000)
     t.add_argument("--arch", default="resnet18_fpn", choices=["resnet18_fpn", "resnet50_fpn"])
     t.add_argument("--ops", default="kernels", choices=["kernels", "torchvision"],
                    help="op set the model is built with (see maskrcnn.ops)")
-    t.add_argument("--epochs", type=int, default=6)
-    t.add_argument("--batch-size", type=int, default=8, help="per process")
-    t.add_argument("--lr", type=float, default=0.04)
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=4, help="per process")
+    t.add_argument("--lr", type=float, default=0.02)
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     t.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training; the schedule ends when steps or time run out")
+                   help="seconds of training; the schedule ends when steps or time run out "
+                        "(default: 480 on the synthetic set, so the default run fits in 10 "
+                        "minutes with evaluation; none on COCO data)")
     t.add_argument("--workers", type=int, default=0, help="data loader processes")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on an oversubscribed CPU, else torch's)")
     t.add_argument("--output", default="runs/maskrcnn.pt", help="checkpoint path")
     t.add_argument("--resume", help="checkpoint to resume from")
     t.add_argument("--val-images", type=int, default=200,

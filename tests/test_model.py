@@ -2,10 +2,11 @@
 
 Speed (the suite runs on a 2-core CPU, under TRITON_INTERPRET=1 in the project's test
 command, where every kernel op on CPU tensors goes through Triton's interpreter): images are
-small (<= 160 px) and proposal counts are cut. The parity test runs the default op set (our
-kernels, through the interpreter when it is on) since that is what it checks; the training
-tests run under ``reference_path()`` because they test the model's training logic, not the
-kernels (tests/test_<op>.py do that).
+small (<= 160 px) and proposal counts are cut. The ResNet-50 parity test and the training
+tests run under ``reference_path()`` (the kernels' PyTorch path): they check the model's
+composition and training logic, and a ResNet-50 through the interpreter takes minutes.
+``test_kernel_path_matches_torchvision_ops`` runs the kernels themselves (interpreter on
+CPU) inside a narrow model, against the same model built on torchvision's ops.
 """
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ import torchvision
 import maskrcnn
 from kernels._utils import reference_path
 from maskrcnn.data import SyntheticShapes, collate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors on a shared 2-core CPU: multi-threaded kernels mostly wait at barriers
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _box_iou_diag(a, b):
@@ -55,7 +65,7 @@ def test_resnet50_eval_parity_with_torchvision(r50_pair):
                 m.running_var.uniform_(0.5, 1.5)
     ours.load_state_dict(tv.state_dict(), strict=True)
     images = [torch.rand(3, 120, 150), torch.rand(3, 100, 128)]
-    with torch.no_grad():
+    with torch.no_grad(), reference_path():
         expected = tv(images)
         got = ours(images)
     assert len(got) == len(expected) == 2
@@ -71,6 +81,43 @@ def test_resnet50_eval_parity_with_torchvision(r50_pair):
         iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
         assert iou.min() > 0.99, iou.min()
         torch.testing.assert_close(g["masks"], e["masks"], rtol=1e-3, atol=1e-3)
+
+
+def _assert_same_detections(got, expected):
+    for g, e in zip(got, expected):
+        assert torch.equal(g["labels"], e["labels"])
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g["masks"], e["masks"], rtol=1e-3, atol=1e-3)
+
+
+def test_kernel_path_matches_torchvision_ops():
+    # the default op set (kernels; Triton interpreter on CPU under TRITON_INTERPRET=1) vs
+    # torchvision's ops, in one narrow model with the same weights: eval and training losses
+    kw = dict(fpn_channels=8, representation_size=16, mask_layers=(8, 8, 8, 8),
+              mask_dim_reduced=8, rpn_pre_nms_top_n_test=30, rpn_post_nms_top_n_test=12,
+              rpn_pre_nms_top_n_train=30, rpn_post_nms_top_n_train=12,
+              box_batch_size_per_image=8, box_score_thresh=0.0, box_detections_per_img=4)
+    torch.manual_seed(7)
+    ours = _tiny_model(**kw)
+    ref = _tiny_model(ops="torchvision", **kw)
+    ref.load_state_dict(ours.state_dict())
+    images = [torch.rand(3, 64, 80)]
+    with torch.no_grad():
+        _assert_same_detections(ours.eval()(images), ref.eval()(images))
+    _, target = SyntheticShapes(1, image_size=64, seed=9)[0]
+    losses = []
+    for model in (ours, ref):
+        torch.manual_seed(3)  # same proposal sampling
+        loss_dict = model.train()([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))],
+                                  [target])
+        sum(loss_dict.values()).backward()
+        losses.append(loss_dict)
+    for k in losses[1]:
+        torch.testing.assert_close(losses[0][k], losses[1][k], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_ops_argument_swaps_every_op():
