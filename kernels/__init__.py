@@ -1,6 +1,9 @@
 """Triton kernels for Mask R-CNN's hot operations, drop-in for torchvision.ops."""
 from .roi_align import RoIAlign, roi_align
 from .mask_loss import fused_mask_predictor_loss, mask_loss, maskrcnn_loss
+from .multiscale_roi_align import MultiScaleRoIAlign, multiscale_roi_align
 from .paste import paste_masks_in_image
+from .nms import batched_nms, batched_nms_mask, nms
+from .patch import patch_torchvision
 
-__all__ = ["roi_align", "RoIAlign", "mask_loss", "maskrcnn_loss", "fused_mask_predictor_loss", "paste_masks_in_image"]
+__all__ = ["roi_align", "RoIAlign", "mask_loss", "maskrcnn_loss", "fused_mask_predictor_loss", "multiscale_roi_align", "MultiScaleRoIAlign", "paste_masks_in_image", "nms", "batched_nms", "batched_nms_mask", "patch_torchvision"]
