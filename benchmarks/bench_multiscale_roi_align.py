@@ -1,0 +1,140 @@
+"""MultiScaleRoIAlign: ours (one launch for all FPN levels) vs torchvision's (one roi_align
+per level plus index gather/scatter), at Mask R-CNN shapes.
+
+Feature pyramid of an 800x1216 batch: four 256-channel maps, strides 4..32. Proposals with
+log-uniform sizes (16..800 px) so every level gets RoIs. Cases:
+  train box  : 2 images x 512 RoIs, 7x7, forward and forward+backward
+  train mask : 2 images x 128 RoIs, 14x14, forward and forward+backward
+  infer box  : 1 image x 1000 RoIs, 7x7, forward
+  infer mask : 1 image x 100 RoIs, 14x14, forward
+Sampling ratio 2, as torchvision's Mask R-CNN. On CUDA both run their GPU kernels; on the CPU
+ours is the PyTorch reference path and torchvision its CPU kernel (which has no bfloat16).
+
+    python -m benchmarks.bench_multiscale_roi_align [--quick] [--dtype float32,bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+
+import torch
+import torchvision
+
+import kernels
+from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
+                                time_ms, write_results)
+
+IMAGE = (800, 1216)
+STRIDES = (4, 8, 16, 32)
+NAMES = ["0", "1", "2", "3"]
+# name: (images, RoIs per image, output size, modes)
+CASES = {
+    "train box": (2, 512, 7, ("forward", "forward+backward")),
+    "train mask": (2, 128, 14, ("forward", "forward+backward")),
+    "infer box": (1, 1000, 7, ("forward",)),
+    "infer mask": (1, 100, 14, ("forward",)),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_inputs(images: int, rois_per_image: int, dtype: torch.dtype, device: str,
+                channels: int = 256, channels_last: bool = False, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = OrderedDict()
+    for name, stride in zip(NAMES, STRIDES):
+        t = torch.randn(images, channels, IMAGE[0] // stride, IMAGE[1] // stride, generator=g)
+        t = t.to(device=device, dtype=dtype)
+        x[name] = t.contiguous(memory_format=torch.channels_last) if channels_last else t
+    boxes = []
+    for _ in range(images):
+        side = torch.exp(torch.empty(rois_per_image).uniform_(3.0, 6.7, generator=g))
+        aspect = torch.exp(torch.empty(rois_per_image).uniform_(-0.7, 0.7, generator=g))
+        wh = torch.stack([side * aspect.sqrt(), side / aspect.sqrt()], 1)
+        xy = torch.rand(rois_per_image, 2, generator=g) * torch.tensor([IMAGE[1], IMAGE[0]])
+        boxes.append(torch.cat([xy - wh / 2, xy + wh / 2], 1).clamp(min=0).to(device))
+    return x, boxes, [IMAGE] * images
+
+
+def moved_bytes(x: dict, k: int, out_size: int, mode: str) -> int:
+    """Bytes that must move at least once: outputs written, sampled inputs read (and in
+    backward, grad_out read and every map's gradient written)."""
+    first = next(iter(x.values()))
+    feat = sum(t.numel() for t in x.values()) * first.element_size()
+    out = k * first.shape[1] * out_size * out_size * first.element_size()
+    if mode == "forward":
+        return out + min(feat, 4 * out)
+    return 2 * out + feat + 2 * min(feat, 4 * out)
+
+
+def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None = None,
+        channels_last: bool = False, write: bool = True) -> list[dict]:
+    device = device or default_device()
+    on_cpu = device == "cpu"
+    reps = 3 if on_cpu else None
+    cases = {k: v for k, v in CASES.items() if not quick or k.startswith("train")}
+    rows = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        # torchvision's CPU kernel has no bfloat16
+        tv_ok = not (on_cpu and dtype == torch.bfloat16)
+        for cname, (images, per_image, size, modes) in cases.items():
+            if quick and on_cpu:
+                per_image = max(per_image // 8, 8)
+            x, boxes, shapes = make_inputs(images, per_image, dtype, device,
+                                           channels_last=channels_last)
+            ours = kernels.MultiScaleRoIAlign(NAMES, size, 2)
+            theirs = torchvision.ops.MultiScaleRoIAlign(NAMES, size, 2)
+            out = ours(x, boxes, shapes)
+            if tv_ok:
+                ref = theirs(x, boxes, shapes)
+                torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+            k = out.shape[0]
+            for mode in modes:
+                row = {"dtype": dname, "case": cname, "mode": mode, "rois": k,
+                       "size": f"{size}x{size}"}
+                for provider, pooler in (("ours", ours), ("torchvision", theirs)):
+                    if provider == "torchvision" and not tv_ok:
+                        continue
+                    backward = mode != "forward"
+                    xin = {n: t.detach().requires_grad_(backward) for n, t in x.items()}
+                    grad = torch.randn(k, out.shape[1], size, size, device=device, dtype=dtype)
+
+                    def step(pooler=pooler, xin=xin, grad=grad, backward=backward):
+                        res = pooler(xin, boxes, shapes)
+                        if backward:
+                            res.backward(grad)
+                            for t in xin.values():
+                                t.grad = None
+                    t = time_ms(step, device, reps=reps)
+                    row[f"{provider}_ms"] = t["ms"]
+                    row[f"{provider}_ms_p20"] = t["ms_p20"]
+                    row[f"{provider}_ms_p80"] = t["ms_p80"]
+                    row[f"{provider}_peak_bytes"] = peak_memory_bytes(step, device)
+                    row[f"{provider}_GBps"] = gbps(moved_bytes(x, k, size, mode), t["ms"])
+                if "torchvision_ms" in row:
+                    row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
+                rows.append(row)
+    if write:
+        path = write_results("multiscale_roi_align", rows, {
+            "image": IMAGE, "channels": 256, "strides": STRIDES, "sampling_ratio": 2,
+            "cases": {k: v[:3] for k, v in cases.items()}, "quick": quick,
+            "channels_last": channels_last}, device)
+        print(f"results: {path}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="training cases only, fewer RoIs on CPU")
+    p.add_argument("--dtype", default="float32,bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--channels-last", action="store_true")
+    a = p.parse_args(argv)
+    rows = run(a.quick, a.dtype.split(","), a.device, a.channels_last)
+    print(format_table(rows, ["dtype", "case", "mode", "rois", "ours_ms", "torchvision_ms",
+                              "speedup", "ours_peak_bytes", "torchvision_peak_bytes",
+                              "ours_GBps"]))
+
+
+if __name__ == "__main__":
+    main()
