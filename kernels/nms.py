@@ -1,0 +1,492 @@
+"""Non-maximum suppression (torchvision semantics) as Triton kernels.
+
+Both ops reduce to one problem: a greedy pass over boxes sorted so that each "segment"
+(all boxes for ``nms``, one class for ``batched_nms``) is contiguous and ordered by
+decreasing score (ties: lower index first). Boxes only suppress later boxes of their own
+segment, so batched NMS never compares boxes of different classes.
+
+1. ``_nms_mask_kernel`` (the parallel part) computes an IoU bitmask: word ``t`` of sorted
+   row ``i`` holds, in bit ``k``, whether box ``i`` suppresses box ``64 * (i // 64 + t) + k``
+   (IoU > threshold, later in the same segment). A program owns a 64-row block, whose rows
+   share their columns, and computes only the words its rows' segments reach, and only the
+   first ``wcap`` words per row (the "band"): the host picks ``wcap`` from N alone, so no
+   host sync is needed to size the mask. ``nms`` stores every word (torchvision's N x N/64
+   mask); ``batched_nms`` caps the band by a memory budget, so 100k boxes in 80 classes
+   allocate 32 MiB, not an N x N / 8-byte mask (1.25 GB).
+2. ``_nms_greedy_kernel`` (one program per segment, segments in parallel) walks its
+   segment 64 boxes at a time: it resolves which of the 64 survive with a fixed-point
+   iteration on the diagonal mask words (exact: bit ``k`` depends only on bits < k, so the
+   iteration settles on the greedy answer in at most 64 steps, usually 2 or 3), then ORs
+   the kept rows' band words into the segment's "removed" words, and computes the words
+   beyond the band on the fly (only segments longer than the band need that).
+3. The host compacts the kept flags into indices sorted by score. Its one host sync reads
+   the result size together with the NaN/inf check of the inputs.
+
+IoU uses torchvision's arithmetic in float32 (float64 inputs: the reference in float64):
+areas ``(x2 - x1) * (y2 - y1)`` (computed by torch), ``inter / (area_i + area_j - inter)``
+with an IEEE division (``div_rn``), suppression when ``> iou_threshold`` where the double
+threshold is compared as torchvision's CPU kernel does (see :func:`float32_threshold`). No
+fused multiply-add touches the IoU (checked in sm_90 SASS): one could flip a box whose IoU
+equals the threshold.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device, check_tensor, launch,
+                     register_tuning, use_triton)
+
+# Memory budget for batched_nms's band of mask words (the band never exceeds the words a
+# segment can need, so small inputs store the whole in-segment mask).
+MASK_BUDGET_BYTES = 32 * 2**20
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+
+@triton.jit
+def _iou_over(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b, iou_threshold):
+    """IoU(a, b) > iou_threshold with torchvision's float32 arithmetic (broadcasting).
+
+    No fused multiply-add may touch it: the areas come from memory (computed by torch) and
+    the select keeps ``w * h`` out of reach of the subtraction.
+    """
+    w = tl.maximum(tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1), 0.0)
+    h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
+    inter = tl.where(w > 0.0, w * h, 0.0)
+    iou = tl.math.div_rn(inter, (area_a + area_b) - inter)
+    return iou > iou_threshold
+
+
+@triton.jit
+def _load_boxes(ptr, n, offs, mask):
+    """x1, y1, x2, y2, area at ``offs`` of a (5, N) array; masked lanes get (0, 0, 1, 1, 1)."""
+    p = ptr + offs
+    return (tl.load(p, mask=mask, other=0.0), tl.load(p + n, mask=mask, other=0.0),
+            tl.load(p + 2 * n, mask=mask, other=1.0), tl.load(p + 3 * n, mask=mask, other=1.0),
+            tl.load(p + 4 * n, mask=mask, other=1.0))
+
+
+@triton.jit
+def _nms_mask_kernel(
+    boxes_ptr,  # (5, N) float32: x1, y1, x2, y2, area rows of the sorted boxes
+    seg_hi_ptr,  # (N,) int32: one past the last sorted position of each box's segment
+    mask_ptr,  # (N, wcap) int64: out, word t of row i covers boxes 64 * (i // 64 + t) + k
+    n, wcap, iou_threshold,
+):
+    # One 64-row block; its rows share their columns, so column boxes load once as vectors.
+    block = tl.program_id(0)
+    k = tl.arange(0, 64)
+    rows = block * 64 + k
+    row_ok = rows < n
+    hi = tl.load(seg_hi_ptr + rows, mask=row_ok, other=0)
+    row_words = tl.minimum(tl.where(row_ok, (hi - 1) // 64 - block + 1, 0), wcap)
+    t_end = tl.max(row_words, axis=0)
+    ax1 = tl.load(boxes_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    ay1 = tl.load(boxes_ptr + n + rows, mask=row_ok, other=0.0)[:, None]
+    ax2 = tl.load(boxes_ptr + 2 * n + rows, mask=row_ok, other=1.0)[:, None]
+    ay2 = tl.load(boxes_ptr + 3 * n + rows, mask=row_ok, other=1.0)[:, None]
+    area_a = tl.load(boxes_ptr + 4 * n + rows, mask=row_ok, other=1.0)[:, None]
+    bit = (tl.full([64], 1, tl.int64) << k.to(tl.int64))[None, :]
+    row_off = rows.to(tl.int64) * wcap
+    for t in range(tl.program_id(1), t_end, tl.num_programs(1)):
+        cols = (block + t) * 64 + k
+        col_ok = cols < n
+        bx1 = tl.load(boxes_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        by1 = tl.load(boxes_ptr + n + cols, mask=col_ok, other=0.0)[None, :]
+        bx2 = tl.load(boxes_ptr + 2 * n + cols, mask=col_ok, other=1.0)[None, :]
+        by2 = tl.load(boxes_ptr + 3 * n + cols, mask=col_ok, other=1.0)[None, :]
+        area_b = tl.load(boxes_ptr + 4 * n + cols, mask=col_ok, other=1.0)[None, :]
+        # _iou_over inlined by hand (the interpreter pays per call)
+        w = tl.maximum(tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1), 0.0)
+        h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
+        inter = tl.where(w > 0.0, w * h, 0.0)
+        iou = tl.math.div_rn(inter, (area_a + area_b) - inter)
+        over = (iou > iou_threshold) & (cols[None, :] > rows[:, None]) & (cols[None, :] < hi[:, None])
+        words = tl.sum(tl.where(over, bit, 0), axis=1)  # distinct bits: the sum is an OR
+        tl.store(mask_ptr + row_off + t, words, mask=t < row_words)
+
+
+@triton.jit
+def _nms_greedy_kernel(
+    boxes_ptr,  # (5, N) float32: x1, y1, x2, y2, area rows of the sorted boxes
+    mask_ptr,  # (N, wcap) int64: suppression words from _nms_mask_kernel
+    bounds_ptr,  # (>= nseg + 1,) int32: segment g is sorted positions [bounds[g], bounds[g+1])
+    nseg_ptr,  # (1,) int32: number of segments
+    removed_ptr,  # (2N + 2,) int64, zeroed: segment g's removed words live at bounds[g] + g
+    keep_ptr,  # (N,) int8: out, 1 where the sorted box is kept
+    n, wcap, iou_threshold,
+    BLOCK_T: tl.constexpr,
+):
+    j = tl.arange(0, 64)
+    bit = tl.full([64], 1, tl.int64) << j.to(tl.int64)
+    nseg = tl.load(nseg_ptr)
+    for g in range(tl.program_id(0), nseg, tl.num_programs(0)):
+        lo = tl.load(bounds_ptr + g)
+        hi = tl.load(bounds_ptr + g + 1)
+        first = lo // 64
+        nb = (hi - 1) // 64 - first + 1  # 64-box blocks the segment touches
+        removed_seg = removed_ptr + lo + g  # nb <= hi - lo + 1 words: regions never overlap
+        for bb in range(0, nb):
+            rows = (first + bb) * 64 + j
+            row_ok = (rows >= lo) & (rows < hi)
+            row_off = rows.to(tl.int64) * wcap
+            # .cg: removed words change through atomics in L2; never read a stale L1 line.
+            removed = tl.load(removed_seg + bb, cache_modifier=".cg")
+            cand = tl.sum(tl.where(row_ok, bit, 0), axis=0) & ~removed
+            diag = tl.load(mask_ptr + row_off, mask=((cand >> j) & 1) != 0, other=0)
+            diag_bits = ((diag[:, None] >> j[None, :].to(tl.int64)) & 1) != 0  # [row, column]
+            # Fixed point of keep = cand & ~OR{diag[r] : r kept}: bit k depends on bits < k
+            # only, so it settles on the greedy answer in at most 64 rounds (usually 2 or 3).
+            keep = cand
+            prev = ~cand
+            while keep != prev:
+                prev = keep
+                kept = ((keep >> j) & 1) != 0
+                hit = tl.max((diag_bits & kept[:, None]).to(tl.int32), axis=0) != 0
+                keep = cand & ~tl.sum(tl.where(hit, bit, 0), axis=0)
+            kept = ((keep >> j) & 1) != 0
+            tl.store(keep_ptr + rows, kept.to(tl.int8), mask=row_ok)
+            if keep != 0:
+                band_end = tl.minimum(nb - bb, wcap)
+                for t0 in range(1, band_end, BLOCK_T):
+                    t = t0 + tl.arange(0, BLOCK_T)
+                    m = kept[:, None] & (t < band_end)[None, :]
+                    words = tl.load(mask_ptr + row_off[:, None] + t[None, :], mask=m, other=0)
+                    tl.atomic_or(removed_seg + bb + t[None, :] + 0 * j[:, None], words,
+                                 mask=m & (words != 0), sem="relaxed")
+                # Blocks past the band (segments longer than the band): IoU on the fly.
+                ax1, ay1, ax2, ay2, area_a = _load_boxes(boxes_ptr, n, rows, row_ok)
+                for t in range(band_end, nb - bb):
+                    cols = (first + bb + t) * 64 + j
+                    col_ok = cols < hi
+                    old = tl.load(removed_seg + bb + t, cache_modifier=".cg")
+                    alive = tl.sum(tl.where(col_ok, bit, 0), axis=0) & ~old
+                    if alive != 0:
+                        bx1, by1, bx2, by2, area_b = _load_boxes(boxes_ptr, n, cols, col_ok)
+                        over = _iou_over(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
+                                         area_a[:, None], bx1[None, :], by1[None, :],
+                                         bx2[None, :], by2[None, :], area_b[None, :],
+                                         iou_threshold)
+                        over = over & kept[:, None] & col_ok[None, :]
+                        hit = tl.max(over.to(tl.int32), axis=0) != 0
+                        tl.atomic_or(removed_seg + bb + t,
+                                     tl.sum(tl.where(hit, bit, 0), axis=0), sem="relaxed")
+            # The next block reads removed words other threads just updated.
+            tl.debug_barrier()
+
+
+# 8 warps: 16 IoUs per thread in the mask tile (4 warps spill on sm_90).
+_MASK_TUNING = register_tuning(_nms_mask_kernel, [{"num_warps": 8}])
+_GREEDY_TUNING = register_tuning(_nms_greedy_kernel, [{"BLOCK_T": 16, "num_warps": 8}])
+# Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
+_GREEDY_PROGRAMS = 1024
+
+
+# ---------------------------------------------------------------------------------------
+# Host side: sorting into segments (shared by both paths), launchers, the reference.
+
+class _Problem:
+    """Boxes sorted into contiguous segments by (class, score desc, index)."""
+
+    def __init__(self, boxes: Tensor, scores: Tensor, idxs: Tensor | None):
+        n = boxes.shape[0]
+        dev = boxes.device
+        self.n = n
+        self.segmented = idxs is not None
+        # Stable sorts: equal scores keep the lower index first, as torchvision's sort does.
+        self.score_order = torch.argsort(scores, descending=True, stable=True)
+        if idxs is None:
+            self.perm = self.score_order
+            self.bounds = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            self.nseg = torch.ones(1, dtype=torch.int32, device=dev)
+            self.seg_lo = torch.zeros(n, dtype=torch.int32, device=dev)  # the reference's
+            self.seg_hi = torch.full((n,), n, dtype=torch.int32, device=dev)
+        else:
+            by_class = torch.argsort(idxs[self.score_order], stable=True)
+            self.perm = self.score_order[by_class]
+            cls = idxs[self.perm]
+            start = torch.ones(n, dtype=torch.bool, device=dev)
+            start[1:] = cls[1:] != cls[:-1]
+            seg = torch.cumsum(start, 0) - 1
+            # bounds[g] = first position of segment g; bounds[nseg] = n; slot n + 1 is a
+            # dump for the non-start positions.
+            self.bounds = torch.full((n + 2,), n, dtype=torch.int32, device=dev)
+            self.bounds.scatter_(0, torch.where(start, seg, n + 1),
+                                 torch.arange(n, dtype=torch.int32, device=dev))
+            self.nseg = (seg[-1:] + 1).to(torch.int32)
+            self.seg_lo = self.bounds[seg]
+            self.seg_hi = self.bounds[seg + 1]
+        self.boxes = boxes[self.perm]
+
+
+def float32_threshold(iou_threshold: float) -> float:
+    """The float32 t with ``f > t  <=>  f > iou_threshold`` for every float32 f.
+
+    torchvision compares its float32 IoU with the double threshold; rounding the threshold
+    to nearest could move it above the double and flip a box whose IoU sits right there.
+    """
+    t = torch.tensor(iou_threshold, dtype=torch.float32)
+    if float(t) > iou_threshold:
+        t = torch.nextafter(t, torch.tensor(float("-inf")))
+    return float(t)
+
+
+def _coordinate_rows(boxes: Tensor) -> Tensor:
+    """(5, N): x1, y1, x2, y2 and torchvision's area ``(x2 - x1) * (y2 - y1)``."""
+    rows = torch.empty(5, boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
+    rows[:4] = boxes.t()
+    torch.mul(rows[2] - rows[0], rows[3] - rows[1], out=rows[4])
+    return rows
+
+
+def _band_words(n: int, segmented: bool) -> int:
+    words = cdiv(n, 64)
+    if not segmented:
+        return words
+    return max(1, min(words, MASK_BUDGET_BYTES // (8 * n)))
+
+
+def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
+    """Triton path: int8 keep flags of the sorted boxes (1 = kept)."""
+    n = p.n
+    segmented = p.segmented
+    boxes = _coordinate_rows(p.boxes.to(torch.float32))
+    wcap = _band_words(n, segmented)
+    mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
+    removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
+    keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
+    tm = _MASK_TUNING[0]
+    # Grid sizes are not specializations: the interpreter, which pays per program, gets few.
+    t_programs = wcap if not segmented else (1 if INTERPRET else min(wcap, 16))
+    threshold = float32_threshold(iou_threshold)
+    launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
+           threshold, tuning=tm)
+    programs = min(n, 4 if INTERPRET else _GREEDY_PROGRAMS) if segmented else 1
+    launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
+           n, wcap, threshold, tuning=_GREEDY_TUNING[0])
+    return keep
+
+
+def _iou_over_reference(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor,
+                        iou_threshold: float) -> Tensor:
+    """(len(a), len(b)) bool: IoU > threshold, with torchvision's arithmetic.
+
+    ``a``, ``b``: (4, K) coordinate rows x1, y1, x2, y2; areas ``(x2 - x1) * (y2 - y1)``.
+    """
+    w = (torch.minimum(a[2, :, None], b[2, None, :])
+         - torch.maximum(a[0, :, None], b[0, None, :])).clamp_(min=0)
+    h = (torch.minimum(a[3, :, None], b[3, None, :])
+         - torch.maximum(a[1, :, None], b[1, None, :])).clamp_(min=0)
+    inter = w.mul_(h)  # w = 0 gives 0 where torchvision could give NaN (0 * inf): both keep
+    union = (area_a[:, None] + area_b[None, :]).sub_(inter)
+    return inter.div_(union) > iou_threshold
+
+
+def nms_keep_sorted_reference(p: _Problem, iou_threshold: float) -> Tensor:
+    """PyTorch path, the same algorithm: 64-box blocks, fixed point, forward suppression.
+
+    Boxes of different segments never meet: a block's suppression only reaches the
+    columns up to the end of its rows' segments, and the segment test masks the rest.
+    Columns already removed are skipped (the kernels skip whole removed words).
+    """
+    n = p.n
+    if p.boxes.dtype == torch.float64:
+        boxes = _coordinate_rows(p.boxes)
+    else:
+        boxes = _coordinate_rows(p.boxes.to(torch.float32))
+        iou_threshold = float32_threshold(iou_threshold)
+    area = boxes[4]
+    seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
+    removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    keep = torch.zeros(n, dtype=torch.int8, device=boxes.device)
+    upper = torch.ones(64, 64, dtype=torch.bool, device=boxes.device).triu_(1)
+    for start in range(0, n, 64):
+        stop = min(start + 64, n)
+        cand = ~removed[start:stop]
+        if not bool(cand.any()):
+            continue
+        m = stop - start
+        lo = seg_lo[start:stop]
+        over = _iou_over_reference(boxes[:, start:stop], area[start:stop],
+                                   boxes[:, start:stop], area[start:stop], iou_threshold)
+        diag = over & (lo[:, None] == lo[None, :]) & upper[:m, :m]
+        kept = cand
+        while True:  # fixed point: settles in at most 64 rounds
+            new = cand & ~(diag & kept[:, None]).amax(0)
+            if torch.equal(new, kept):
+                break
+            kept = new
+        keep[start:stop] = kept.to(torch.int8)
+        end = int(seg_hi[stop - 1])  # the last row's segment ends last
+        if end > stop and bool(kept.any()):
+            alive = stop + torch.nonzero(~removed[stop:end]).flatten()
+            rows = start + torch.nonzero(kept).flatten()
+            # Kept rows from an earlier segment than the block's last row must not reach
+            # the last row's segment.
+            mixed = p.segmented and bool(seg_lo[rows[0]] != seg_lo[stop - 1])
+            row_boxes = boxes.index_select(1, rows)  # index_select: [:, idx] is 100x slower
+            # Chunks under torch's parallel grain (32768 elements): these ops are too small
+            # to gain from threads, and on a busy CPU waking them costs more than the work.
+            step = max(64, 32767 // len(rows))
+            for c in range(0, len(alive), step):
+                cols = alive[c:c + step]
+                hit = _iou_over_reference(row_boxes, area[rows], boxes.index_select(1, cols),
+                                          area[cols], iou_threshold)
+                if mixed:
+                    hit &= seg_lo[rows][:, None] == seg_lo[cols][None, :]
+                removed[cols] |= hit.amax(0)  # amax: any(0) is 20x slower on CPU
+    return keep
+
+
+def _data_error(boxes: Tensor, scores: Tensor) -> Tensor:
+    return ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
+
+
+def _kept_indices(p: _Problem, keep_sorted: Tensor, boxes: Tensor, scores: Tensor) -> Tensor:
+    """Kept input indices by decreasing score (ties: lower index), after one host sync."""
+    keep_in = torch.empty(p.n, dtype=torch.bool, device=boxes.device)
+    keep_in[p.perm] = keep_sorted.bool()
+    flags = keep_in[p.score_order]
+    # The op's one host sync: the result size, read together with the input check.
+    count, bad = torch.stack([flags.sum(), _data_error(boxes, scores).long()]).tolist()
+    if bad:
+        raise ValueError("boxes must have finite coordinates and scores must not be NaN")
+    slot = torch.where(flags, torch.cumsum(flags, 0) - 1, count)
+    out = torch.empty(count + 1, dtype=torch.int64, device=boxes.device)
+    out.scatter_(0, slot, p.score_order)  # non-kept all land in the spare slot `count`
+    return out[:count]
+
+
+def _keep_sorted(p: _Problem, boxes: Tensor, iou_threshold: float) -> Tensor:
+    if use_triton(boxes):
+        return nms_keep_sorted(p, iou_threshold)
+    return nms_keep_sorted_reference(p, iou_threshold)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration
+
+@torch.library.custom_op("maskrcnn_triton::nms", mutates_args=())
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    p = _Problem(boxes, scores, None)
+    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold), boxes, scores)
+
+
+@_nms_op.register_fake
+def _(boxes, scores, iou_threshold):
+    return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
+@torch.library.custom_op("maskrcnn_triton::batched_nms", mutates_args=())
+def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                    iou_threshold: float) -> Tensor:
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    p = _Problem(boxes, scores, idxs)
+    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold), boxes, scores)
+
+
+@_batched_nms_op.register_fake
+def _(boxes, scores, idxs, iou_threshold):
+    return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
+@torch.library.custom_op("maskrcnn_triton::batched_nms_mask", mutates_args=())
+def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                         iou_threshold: float) -> Tensor:
+    keep_in = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    if boxes.shape[0]:
+        p = _Problem(boxes, scores, idxs)
+        keep_in[p.perm] = _keep_sorted(p, boxes, iou_threshold).bool()
+    return keep_in
+
+
+@_batched_nms_mask_op.register_fake
+def _(boxes, scores, idxs, iou_threshold):
+    return boxes.new_empty(boxes.shape[0], dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+def _check(boxes, scores, idxs, iou_threshold) -> None:
+    check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]")
+    if boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    if boxes.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"boxes must be float32, float16, bfloat16 or float64, got {boxes.dtype}")
+    check_tensor("scores", scores, ndim=1, what="Tensor[N]")
+    check_float("scores", scores)
+    if scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores must have one entry per box: got {scores.shape[0]} scores "
+                         f"for {boxes.shape[0]} boxes")
+    check_same_device(boxes=boxes, scores=scores)
+    if idxs is not None:
+        check_tensor("idxs", idxs, ndim=1, what="Tensor[N]")
+        if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
+            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        if idxs.shape[0] != boxes.shape[0]:
+            raise ValueError(f"idxs must have one entry per box: got {idxs.shape[0]} idxs "
+                             f"for {boxes.shape[0]} boxes")
+        check_same_device(boxes=boxes, idxs=idxs)
+    if isinstance(iou_threshold, torch.Tensor) and iou_threshold.numel() == 1:
+        iou_threshold = iou_threshold.item()
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
+        raise TypeError(f"iou_threshold must be a float, got {iou_threshold!r}")
+    if iou_threshold != iou_threshold:
+        raise ValueError("iou_threshold must not be NaN")
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Drop-in for ``torchvision.ops.nms``.
+
+    boxes: Tensor[N, 4] (x1, y1, x2, y2), float32/float16/bfloat16 (IoU in float32) or
+    float64; scores: Tensor[N] float. Returns the kept indices (int64) by decreasing score,
+    equal scores by lower index. One host sync: the size of the result (the NaN/inf check
+    of boxes and scores rides on it).
+    """
+    _check(boxes, scores, None, iou_threshold)
+    return _nms_op(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Drop-in for ``torchvision.ops.batched_nms``: NMS inside each value of ``idxs``.
+
+    Work and memory follow the per-class counts (no N x N mask, no loop over classes);
+    the only host sync is the size of the result.
+    """
+    _check(boxes, scores, idxs, iou_threshold)
+    return _batched_nms_op(boxes, scores, idxs, float(iou_threshold))
+
+
+def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                     iou_threshold: float) -> Tensor:
+    """``batched_nms`` as a keep mask: BoolTensor[N] in input order, no host sync at all.
+
+    ``torch.nonzero(mask)`` ordered by score equals :func:`batched_nms`. Without a sync
+    the inputs cannot be checked for NaN or infinite values: the mask is unspecified then.
+    Fits CUDA graphs and ``torch.compile`` without a graph break.
+    """
+    _check(boxes, scores, idxs, iou_threshold)
+    return _batched_nms_mask_op(boxes, scores, idxs, float(iou_threshold))
+
+
+def _compile_examples() -> None:
+    """Launch every specialization the launchers can pick (for the GPU compile check)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xy = torch.rand(70, 2, generator=g) * 50
+        boxes = torch.cat([xy, xy + torch.rand(70, 2, generator=g) * 30], 1).to(dtype)
+        scores = torch.rand(70, generator=g).to(dtype)
+        idxs = torch.randint(0, 3, (70,), generator=g)
+        nms(boxes, scores, 0.5)
+        batched_nms(boxes, scores, idxs, 0.5)
+        batched_nms_mask(boxes, scores, idxs, 0.5)

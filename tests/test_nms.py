@@ -1,0 +1,245 @@
+"""NMS / batched NMS: exact equality with torchvision, adversarial ties, dtypes, bad input.
+
+torchvision's batched_nms switches between an exact per-class loop (large inputs) and a
+coordinate-offset trick (small inputs) whose shifted coordinates can round an IoU across
+the threshold; the oracle here is its exact per-class form, ``_batched_nms_vanilla``,
+plus the public function on integer coordinates, where the offset changes nothing.
+
+The interpreter pays per Triton op, so it runs the large sizes at one threshold and skips
+plain NMS at N=5000 (a 79 x 79 tile grid); the reference and CUDA backends run everything.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops.boxes import _batched_nms_vanilla
+
+import kernels
+
+nms_module = importlib.import_module("kernels.nms")  # `kernels.nms` is the function
+
+THRESHOLDS = (0.0, 0.3, 0.5, 0.7, 1.0)
+SIZES = (0, 1, 63, 64, 65, 1000, 5000)
+
+
+def random_boxes(n: int, device="cpu", scale=100.0, spread=0.3):
+    """Boxes overlapping a lot: corners in [0, scale), sides up to spread * scale."""
+    xy = torch.rand(n, 2) * scale
+    wh = torch.rand(n, 2) * scale * spread
+    return torch.cat([xy, xy + wh], 1).to(device), torch.rand(n).to(device)
+
+
+def thresholds_for(backend, n: int, classes: int = 1):
+    if backend.name == "interpreter" and n >= 1000:
+        return (0.5,)
+    if backend.name == "interpreter" and classes > 5:
+        return (0.3, 0.7)
+    return THRESHOLDS
+
+
+def assert_same(ours, ref, scores):
+    """Same kept set; ours by decreasing score, ties by lower index; torchvision's order
+    may differ only among exactly tied scores (its final sort is not stable)."""
+    assert ours.dtype == torch.int64 and ours.device == ref.device
+    torch.testing.assert_close(ours.sort()[0], ref.sort()[0], rtol=0, atol=0)
+    s = scores[ours].double()
+    torch.testing.assert_close(s, scores[ref].double(), rtol=0, atol=0)
+    if len(ours) > 1:
+        assert bool(((s[:-1] > s[1:]) | ((s[:-1] == s[1:]) & (ours[:-1] < ours[1:]))).all())
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_nms_matches_torchvision(backend, poison, n):
+    if backend.name == "interpreter" and n > 1000:
+        pytest.skip("N=5000 plain NMS is a 79 x 79 tile grid: too slow for the interpreter")
+    boxes, scores = random_boxes(n, backend.device)
+    for thr in thresholds_for(backend, n):
+        assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
+                    scores)
+
+
+@pytest.mark.parametrize("classes", [1, 5, 80])
+@pytest.mark.parametrize("n", SIZES)
+def test_batched_nms_matches_torchvision(backend, poison, n, classes):
+    if backend.name == "interpreter" and n * n / classes > 300_000:
+        pytest.skip("segments this large are too slow for the interpreter")
+    boxes, scores = random_boxes(n, backend.device)
+    idxs = torch.randint(0, classes, (n,), device=backend.device)
+    for thr in thresholds_for(backend, n, classes):
+        ref = _batched_nms_vanilla(boxes, scores, idxs, thr)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr), ref, scores)
+        mask = kernels.batched_nms_mask(boxes, scores, idxs, thr)
+        assert mask.dtype == torch.bool and mask.shape == (n,)
+        torch.testing.assert_close(mask, torch.zeros_like(mask).index_fill_(0, ref, True))
+
+
+def test_batched_nms_public_torchvision_integer_coordinates(backend):
+    # Integer coordinates: torchvision's offset trick is exact, so its public op is the oracle.
+    n = 300
+    xy = torch.randint(0, 60, (n, 2))
+    boxes = torch.cat([xy, xy + torch.randint(1, 25, (n, 2))], 1).float().to(backend.device)
+    scores = torch.rand(n, device=backend.device)
+    idxs = torch.randint(-3, 4, (n,), device=backend.device) * 1000  # any integers
+    for thr in (0.3, 0.5):
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    torchvision.ops.batched_nms(boxes, scores, idxs, thr), scores)
+
+
+def test_tied_scores_and_duplicates(backend, poison):
+    n = 257
+    boxes, _ = random_boxes(n, backend.device, spread=0.5)
+    boxes[100:140] = boxes[60:100]  # exact duplicates
+    boxes[140:150] = boxes[0]
+    scores = torch.randint(0, 4, (n,), device=backend.device).float()  # many exact ties
+    idxs = torch.randint(0, 3, (n,), device=backend.device)
+    for thr in (0.0, 0.5, 1.0):
+        assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
+                    scores)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+
+
+def test_iou_exactly_at_threshold(backend, poison):
+    # Small integer boxes: many pairs have IoU exactly equal to a simple fraction; use those
+    # fractions (as doubles, like Python floats) as thresholds. 1/3, 0.3 or 0.7 do not round
+    # to nearest in float32 the same way the double compares.
+    n = 200
+    xy = torch.randint(0, 6, (n, 2))
+    boxes = torch.cat([xy, xy + torch.randint(1, 4, (n, 2))], 1).float().to(backend.device)
+    scores = torch.rand(n, device=backend.device)
+    idxs = torch.randint(0, 2, (n,), device=backend.device)
+    iou = torchvision.ops.box_iou(boxes.double(), boxes.double())
+    values = torch.unique(iou[(iou > 0) & (iou < 1)])
+    picks = values[torch.randperm(len(values))[:4]].tolist()
+    for thr in picks + [0.5, 0.25, 1 / 3, 0.3, 0.7]:
+        ref = torchvision.ops.nms(boxes, scores, thr)
+        assert_same(kernels.nms(boxes, scores, thr), ref, scores)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+
+
+def test_degenerate_boxes(backend, poison):
+    n = 130
+    boxes, scores = random_boxes(n, backend.device)
+    boxes[::3, 2] = boxes[::3, 0]  # zero width
+    boxes[1::5, 3] = boxes[1::5, 1] - 4  # negative height
+    boxes[2::7] = boxes[2::7, :2].repeat(1, 2)  # points
+    boxes[3] = boxes[6] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # identical points
+    idxs = torch.randint(0, 2, (n,), device=backend.device)
+    for thr in (0.0, 0.5):
+        assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
+                    scores)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+
+
+def test_large_coordinates(backend, poison):
+    boxes, scores = random_boxes(300, backend.device, scale=1e5)
+    for thr in (0.3, 0.7):
+        assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
+                    scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(backend, poison, dtype):
+    # IoU in float32 for half types: equal to torchvision on the upcast boxes and scores.
+    boxes, scores = random_boxes(150, backend.device)
+    boxes, scores = boxes.to(dtype), scores.to(dtype)
+    idxs = torch.randint(0, 3, (150,), device=backend.device)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for thr in (0.3, 0.6):
+        assert_same(kernels.nms(boxes, scores, thr),
+                    torchvision.ops.nms(boxes.to(wide), scores.to(wide), thr), scores)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    _batched_nms_vanilla(boxes.to(wide), scores.to(wide), idxs, thr), scores)
+
+
+def test_band_overflow_computes_on_the_fly(backend, poison, monkeypatch):
+    # A tiny mask budget: segments longer than the band take the on-the-fly path.
+    monkeypatch.setattr(nms_module, "MASK_BUDGET_BYTES", 8 * 400)
+    boxes, scores = random_boxes(400, backend.device)
+    idxs = torch.randint(0, 2, (400,), device=backend.device)
+    for thr in (0.2, 0.6):
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+
+
+def test_non_contiguous_inputs(backend):
+    boxes, scores = random_boxes(90, backend.device)
+    wide = torch.cat([boxes, boxes], 1)[:, :4]  # row stride 8
+    assert not wide.is_contiguous()
+    s = torch.stack([scores, scores], 1)[:, 0]
+    assert_same(kernels.nms(wide, s, 0.5), torchvision.ops.nms(boxes, scores, 0.5), scores)
+
+
+def test_empty(backend):
+    boxes = torch.zeros(0, 4, device=backend.device)
+    scores = torch.zeros(0, device=backend.device)
+    idxs = torch.zeros(0, dtype=torch.int64, device=backend.device)
+    for out in (kernels.nms(boxes, scores, 0.5), kernels.batched_nms(boxes, scores, idxs, 0.5)):
+        assert out.shape == (0,) and out.dtype == torch.int64
+        assert out.device == boxes.device
+    mask = kernels.batched_nms_mask(boxes, scores, idxs, 0.5)
+    assert mask.shape == (0,) and mask.dtype == torch.bool
+
+
+def test_torch_compile_fullgraph():
+    boxes, scores = random_boxes(80)
+    idxs = torch.randint(0, 3, (80,))
+
+    def f(b, s, i):
+        keep = kernels.batched_nms(b, s, i, 0.5)
+        return keep, b[keep].sum(), (kernels.batched_nms_mask(b, s, i, 0.5).float() * s).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(boxes, scores, idxs), f(boxes, scores, idxs)
+    assert_same(got[0], _batched_nms_vanilla(boxes, scores, idxs, 0.5), scores)
+    torch.testing.assert_close(got[1:], want[1:])
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument.
+
+def _b(n=3):
+    return torch.rand(n, 4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kernels.nms(torch.rand(3, 5), torch.rand(3), 0.5), ValueError, "boxes"),
+    (lambda: kernels.nms(torch.rand(4), torch.rand(4), 0.5), ValueError, "boxes"),
+    (lambda: kernels.nms(_b().long(), torch.rand(3), 0.5), TypeError, "boxes"),
+    (lambda: kernels.nms([[0, 0, 1, 1]], torch.rand(1), 0.5), TypeError, "boxes"),
+    (lambda: kernels.nms(_b(), torch.rand(4), 0.5), ValueError, "scores"),
+    (lambda: kernels.nms(_b(), torch.rand(3, 1), 0.5), ValueError, "scores"),
+    (lambda: kernels.nms(_b(), torch.arange(3), 0.5), TypeError, "scores"),
+    (lambda: kernels.nms(_b(), torch.rand(3, device="meta"), 0.5), ValueError, "device"),
+    (lambda: kernels.nms(_b(), torch.rand(3), "0.5"), TypeError, "iou_threshold"),
+    (lambda: kernels.nms(_b(), torch.rand(3), float("nan")), ValueError, "iou_threshold"),
+    (lambda: kernels.nms(torch.tensor([[0., 0, float("nan"), 1]]), torch.rand(1), 0.5),
+     ValueError, "boxes"),
+    (lambda: kernels.nms(torch.tensor([[0., 0, float("inf"), 1]]), torch.rand(1), 0.5),
+     ValueError, "boxes"),
+    (lambda: kernels.nms(_b(), torch.tensor([0.1, float("nan"), 0.3]), 0.5), ValueError,
+     "scores"),
+    (lambda: kernels.batched_nms(_b(), torch.rand(3), torch.zeros(2, dtype=torch.long), 0.5),
+     ValueError, "idxs"),
+    (lambda: kernels.batched_nms(_b(), torch.rand(3), torch.zeros(3), 0.5), TypeError, "idxs"),
+    (lambda: kernels.batched_nms(_b(), torch.rand(3), torch.zeros(3, 1, dtype=torch.long),
+                                 0.5), ValueError, "idxs"),
+    (lambda: kernels.batched_nms_mask(_b(), torch.rand(2), torch.zeros(3, dtype=torch.long),
+                                      0.5), ValueError, "scores"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_nan_raises_on_every_backend(backend):
+    boxes, scores = random_boxes(70, backend.device)
+    boxes[13, 1] = float("nan")
+    with pytest.raises(ValueError, match="boxes"):
+        kernels.batched_nms(boxes, scores, torch.zeros(70, dtype=torch.long,
+                                                        device=backend.device), 0.5)
