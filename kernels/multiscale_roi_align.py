@@ -6,8 +6,9 @@ bins) computes its RoI's level with torchvision's LevelMapper arithmetic, picks 
 level's base pointer, shape, strides and scale from per-level arguments (up to
 ``MAX_LEVELS`` maps, passed as separate arguments; ``NUM_LEVELS`` is a constexpr), pools as
 :mod:`kernels.roi_align` does (aligned=False) and writes the output in the original RoI
-order. The backward is the same program layout scattering into one float32 buffer that
-holds every level's gradient.
+order. The backward is the same program layout scattering (atomics) into one float32
+buffer that holds every level's gradient; under ``torch.use_deterministic_algorithms`` it
+is instead kernels.roi_align's atomic-free backward per level (bitwise reproducible).
 
 RoIs torchvision leaves at zero (a negative box area gives a NaN level that matches no
 level) are zero here too; so are RoIs with non-finite coordinates (torchvision's result
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, launch, pair,
                      register_tuning, use_triton)
-from .roi_align import _bilinear_axis, _is_channels_last, _roi_box, boxes_to_rois
+from .roi_align import (_bilinear_axis, _deterministic, _is_channels_last, _roi_box,
+                        boxes_to_rois, roi_align_backward_deterministic)
 
 MAX_LEVELS = 5
 
@@ -219,18 +221,19 @@ def _multiscale_roi_align_bwd_kernel(
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
-# Every row holds 8 tile elements per thread: with more, the backward spills on sm_90 (the
-# bin vectors, their bilinear weights and 64-bit addresses are live per tile row).
+# Two tile elements per thread, as kernels.roi_align: on sm_90 the forward needs 40-48
+# registers and the backward 42-54 (4 per thread: 64-101; 8 per thread: 115-180, and
+# larger tiles spill).
 _TUNING = [
-    {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 2},   # outputs of <= 16 bins
-    {"BLOCK_P": 64, "BLOCK_C": 32, "num_warps": 8},
+    {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
+    {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
 ]
 register_tuning(_multiscale_roi_align_fwd_kernel, _TUNING)
 register_tuning(_multiscale_roi_align_bwd_kernel, _TUNING)
 
 
 def _pick_tuning(channels: int, bins: int) -> dict:
-    return _TUNING[0] if bins <= 16 or channels < 16 else _TUNING[1]
+    return _TUNING[1] if bins <= 8 else _TUNING[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +325,37 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
     return acc.to(grad.dtype)
 
 
+def _flatten_levels(grads: list[Tensor], channels_last: list[bool]) -> Tensor:
+    """The inverse of :func:`_level_views`: per-level gradients into one flat buffer."""
+    parts = [(g.permute(0, 2, 3, 1) if cl else g).reshape(-1)
+             for g, cl in zip(grads, channels_last)]
+    return torch.cat(parts)
+
+
+def multiscale_roi_align_backward_deterministic(
+        grad: Tensor, rois: Tensor, scales: list[float], k_min: int, k_max: int,
+        canonical_scale: float, canonical_level: float, eps: float, pooled_h: int,
+        pooled_w: int, sampling_ratio: int, batch: int, channels: int, heights: list[int],
+        widths: list[int], channels_last: list[bool]) -> Tensor:
+    """Bitwise-reproducible backward (under ``torch.use_deterministic_algorithms``): RoIs
+    grouped by level on the host side, then kernels.roi_align's atomic-free backward per
+    level. Opt-in: it gathers RoIs per level and syncs, which the atomic kernel avoids."""
+    levels = roi_levels(rois, len(heights), k_min, k_max, canonical_scale, canonical_level,
+                        eps)
+    grads = []
+    for lvl, (scale, h, w, cl) in enumerate(zip(scales, heights, widths, channels_last)):
+        idx = (levels == lvl).nonzero().flatten()
+        if idx.numel():
+            g = roi_align_backward_deterministic(
+                grad[idx], rois[idx], scale, pooled_h, pooled_w, sampling_ratio, False,
+                (batch, channels, h, w), cl)
+        else:
+            g = grad.new_zeros(batch, h, w, channels).permute(0, 3, 1, 2) if cl else \
+                grad.new_zeros(batch, channels, h, w)
+        grads.append(g)
+    return _flatten_levels(grads, channels_last)
+
+
 # ---------------------------------------------------------------------------------------
 # Reference path: levels computed vectorized, then the reference RoI Align per level.
 
@@ -367,13 +401,13 @@ def _reference_backward(grad, rois, scales, k_min, k_max, canonical_scale, canon
     compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
     levels = roi_levels(rois, len(heights), k_min, k_max, canonical_scale, canonical_level,
                         eps, compute)
-    parts = []
-    for lvl, (scale, h, w, cl) in enumerate(zip(scales, heights, widths, channels_last)):
+    grads = []
+    for lvl, (scale, h, w) in enumerate(zip(scales, heights, widths)):
         idx = (levels == lvl).nonzero().flatten()
-        g = reference.roi_align_backward(grad[idx], rois[idx], scale, pooled_h, pooled_w,
-                                         sampling_ratio, False, (batch, channels, h, w))
-        parts.append((g.permute(0, 2, 3, 1) if cl else g).reshape(-1))
-    return torch.cat(parts) if parts else grad.new_zeros(0)
+        grads.append(reference.roi_align_backward(grad[idx], rois[idx], scale, pooled_h,
+                                                  pooled_w, sampling_ratio, False,
+                                                  (batch, channels, h, w)))
+    return _flatten_levels(grads, channels_last)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +436,12 @@ def _multiscale_roi_align_backward_op(
         canonical_scale: float, canonical_level: float, eps: float, pooled_h: int,
         pooled_w: int, sampling_ratio: int, batch: int, channels: int, heights: list[int],
         widths: list[int], channels_last: list[bool]) -> Tensor:
-    impl = multiscale_roi_align_backward if use_triton(grad) else _reference_backward
+    if not use_triton(grad):
+        impl = _reference_backward
+    elif torch.are_deterministic_algorithms_enabled():
+        impl = multiscale_roi_align_backward_deterministic
+    else:
+        impl = multiscale_roi_align_backward
     return impl(grad, rois, scales, k_min, k_max, canonical_scale, canonical_level, eps,
                 pooled_h, pooled_w, sampling_ratio, batch, channels, heights, widths,
                 channels_last)
@@ -634,3 +673,6 @@ def _compile_examples() -> None:
                         out.float().sum().backward()
                     finally:
                         _force_index_64 = previous
+                if num_levels == 2:   # the deterministic backward's roi_align kernels
+                    with _deterministic():
+                        multiscale_roi_align(feats, boxes, image, 2, 2).float().sum().backward()

@@ -204,6 +204,28 @@ def test_one_launch_per_pass(backend, monkeypatch):
     assert launched[1:] == [msra._multiscale_roi_align_bwd_kernel]
 
 
+def test_deterministic_backward(backend, poison):
+    """Under use_deterministic_algorithms the backward is atomic-free (roi_align's per
+    level): same gradients as torchvision, bitwise equal run to run."""
+    image_shapes = [(32, 48), (30, 40)]
+    x = pyramid(2, 3, 32, 48, backend.device)
+    boxes = [random_boxes(6, h, w, backend.device) for h, w in image_shapes]
+    x["2"] = x["2"].contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(12, 3, 2, 2, device=backend.device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [run_both(x, boxes, image_shapes, 2, 2, grad=grad) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    (out, ref, g, gref, *_), (_, _, g2, *_) = runs
+    assert_close(out, ref, **tol(torch.float32))
+    for k in x:
+        assert_close(g[k], gref[k], **tol(torch.float32))
+        assert torch.equal(g[k], g2[k])
+    assert g["2"].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_empty_boxes(backend):
     x = {k: v.requires_grad_() for k, v in pyramid(2, 3, 32, 32, backend.device).items()}
     m = kernels.MultiScaleRoIAlign(NAMES, (4, 2), 2)
