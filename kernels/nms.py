@@ -12,7 +12,7 @@ segment, so batched NMS never compares boxes of different classes.
    first ``wcap`` words per row (the "band"): the host picks ``wcap`` from N alone, so no
    host sync is needed to size the mask. ``nms`` stores every word (torchvision's N x N/64
    mask); ``batched_nms`` caps the band by a memory budget, so 100k boxes in 80 classes
-   allocate 32 MiB, not an N x N / 8-byte mask (1.25 GB).
+   allocate 16 MiB, not an N x N / 8-byte mask (1.25 GB).
 2. ``_nms_greedy_kernel`` (one program per segment, segments in parallel) walks its
    segment 64 boxes at a time: it resolves which of the 64 survive with a fixed-point
    iteration on the diagonal mask words (exact: bit ``k`` depends only on bits < k, so the
@@ -41,9 +41,10 @@ from torch import Tensor
 from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device, check_tensor, launch,
                      register_tuning, use_triton)
 
-# Memory budget for batched_nms's band of mask words (the band never exceeds the words a
-# segment can need, so small inputs store the whole in-segment mask).
-MASK_BUDGET_BYTES = 32 * 2**20
+# Memory budget for batched_nms's band of mask words: 16 MiB covers 20 words (1280 boxes)
+# per row at 100k boxes, 104 words at 20k; longer segments compute the rest on the fly.
+# Small inputs store their whole in-segment mask.
+MASK_BUDGET_BYTES = 16 * 2**20
 
 
 # ---------------------------------------------------------------------------------------

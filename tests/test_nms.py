@@ -129,7 +129,7 @@ def test_degenerate_boxes(backend, poison):
     boxes[2::7] = boxes[2::7, :2].repeat(1, 2)  # points
     boxes[3] = boxes[6] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # identical points
     idxs = torch.randint(0, 2, (n,), device=backend.device)
-    for thr in (0.0, 0.5):
+    for thr in (-0.1, 0.0, 0.5):  # below 0, IoU 0 suppresses but 0/0 (two points) does not
         assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
                     scores)
         assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
