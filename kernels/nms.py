@@ -204,7 +204,7 @@ class _Problem:
         self.score_order = torch.argsort(scores, descending=True, stable=True)
         if idxs is None:
             self.perm = self.score_order
-            self.bounds = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            self.bounds = torch.arange(2, dtype=torch.int32, device=dev) * n  # no host copy
             self.nseg = torch.ones(1, dtype=torch.int32, device=dev)
             self.seg_lo = torch.zeros(n, dtype=torch.int32, device=dev)  # the reference's
             self.seg_hi = torch.full((n,), n, dtype=torch.int32, device=dev)

@@ -186,6 +186,27 @@ def test_empty(backend):
     assert mask.shape == (0,) and mask.dtype == torch.bool
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: sync and memory checks")
+def test_cuda_mask_without_sync_and_batched_memory():
+    boxes, scores = random_boxes(100_000, "cuda", scale=1000.0, spread=0.1)
+    idxs = torch.randint(0, 80, (100_000,), device="cuda")
+    kernels.batched_nms_mask(boxes, scores, idxs, 0.5)  # warm up (compiles)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = kernels.batched_nms_mask(boxes, scores, idxs, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    keep = kernels.batched_nms(boxes, scores, idxs, 0.5)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak < 64 * 2**20, f"peak {peak} bytes; an N x N / 8 mask would be 1.25 GB"
+    ref = _batched_nms_vanilla(boxes, scores, idxs, 0.5)
+    assert_same(keep, ref, scores)
+    torch.testing.assert_close(mask, torch.zeros_like(mask).index_fill_(0, ref, True))
+
+
 def test_torch_compile_fullgraph():
     boxes, scores = random_boxes(80)
     idxs = torch.randint(0, 3, (80,))
