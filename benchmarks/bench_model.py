@@ -4,7 +4,7 @@ maskrcnn_resnet50_fpn with identical weights.
 One training step (forward + backward, batch of 2) and one inference pass (batch of 2, 100
 detections per image: box_score_thresh=0) at 800x1216 on CUDA. Outputs (losses; boxes,
 labels, scores, masks) are checked against torchvision's before timing. On the CPU (and with
---quick) images are 160x240 and proposal counts are cut, so the run takes about a minute.
+--quick) images are 128x192 and proposal counts are cut, so the run takes about a minute.
 
     python -m benchmarks.bench_model [--quick] [--device cuda] [--amp]
 """
@@ -56,14 +56,14 @@ def run(quick: bool = False, dtypes=("float32",), device: str | None = None,
         write: bool = True, amp: bool = False) -> list[dict]:
     device = device or default_device()
     small = quick or device == "cpu"
-    size = (160, 240) if small else (800, 1216)
+    size = (128, 192) if small else (800, 1216)
     kwargs = dict(min_size=size[0], max_size=size[1], box_score_thresh=0.0,
                   box_detections_per_img=100)
     if small:
         kwargs.update(rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=200,
                       rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=200,
                       box_batch_size_per_image=128)
-    reps = 2 if device == "cpu" else None
+    reps = 1 if device == "cpu" else None
     tv, ours = build_pair(device, **kwargs)
     images, targets = make_batch(size, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device == "cuda" \

@@ -115,8 +115,11 @@ def maskrcnn_resnet50_fpn(*, weights: Union[None, str, os.PathLike,
     torchvision's model (``torch.save(tv_model.state_dict(), path)``).
     """
     path = None
-    if isinstance(weights, (str, os.PathLike)) and os.path.exists(weights):
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and (
+            os.path.exists(weights) or weights.endswith((".pth", ".pt")) or os.sep in weights)):
         path, weights = os.fspath(weights), None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file not found: {path}")
     else:
         weights = MaskRCNN_ResNet50_FPN_Weights.verify(weights)
     weights_backbone = ResNet50_Weights.verify(weights_backbone)

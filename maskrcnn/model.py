@@ -89,10 +89,9 @@ class DetectionTransform(GeneralizedRCNNTransform):
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
             if "masks" in pred:
-                masks = self.paste_masks(pred["masks"], pred["boxes"], o_im_s)
-                if self.mask_threshold is not None:
-                    masks = masks > self.mask_threshold
-                pred["masks"] = masks
+                # with a threshold the paste thresholds in the same pass (no float image)
+                pred["masks"] = self.paste_masks(pred["masks"], pred["boxes"], o_im_s,
+                                                 threshold=self.mask_threshold)
         return result
 
 

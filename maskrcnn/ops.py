@@ -42,6 +42,14 @@ def mask_predictor_loss_gathered(features: Tensor, weight: Tensor, bias: Tensor,
     return F.binary_cross_entropy_with_logits(picked, targets)
 
 
+def paste_masks_torchvision(masks: Tensor, boxes: Tensor, img_shape, padding: int = 1, *,
+                            threshold: float | None = None) -> Tensor:
+    """torchvision's paste, with kernels.paste_masks_in_image's ``threshold`` option
+    (``> threshold`` as bool) applied afterwards."""
+    out = _tv_roi_heads.paste_masks_in_image(masks, boxes, img_shape, padding)
+    return out if threshold is None else out > threshold
+
+
 @dataclass(frozen=True)
 class Ops:
     """The op set a model is built with (see ``resolve_ops``)."""
@@ -50,6 +58,7 @@ class Ops:
     # a class with torchvision.ops.MultiScaleRoIAlign's constructor and forward
     multiscale_roi_align: Callable[..., torch.nn.Module]
     batched_nms: Callable[[Tensor, Tensor, Tensor, float], Tensor]
+    # (masks (N,1,M,M), boxes, (H, W), padding=1, *, threshold=None) -> (N,1,H,W) float or bool
     paste_masks_in_image: Callable[..., Tensor]
     # (features (N,C,M,M), weight (K,C,1,1), bias (K,), targets (N,M,M), labels (N,)) -> loss
     mask_predictor_loss: Callable[..., Tensor]
@@ -64,7 +73,7 @@ KERNELS = Ops(
     roi_align=_pick("roi_align", torchvision.ops.roi_align),
     multiscale_roi_align=_pick("MultiScaleRoIAlign", torchvision.ops.MultiScaleRoIAlign),
     batched_nms=_pick("batched_nms", torchvision.ops.batched_nms),
-    paste_masks_in_image=_pick("paste_masks_in_image", _tv_roi_heads.paste_masks_in_image),
+    paste_masks_in_image=_pick("paste_masks_in_image", paste_masks_torchvision),
     mask_predictor_loss=_pick("fused_mask_predictor_loss", mask_predictor_loss_gathered),
 )
 
@@ -73,7 +82,7 @@ TORCHVISION = Ops(
     roi_align=torchvision.ops.roi_align,
     multiscale_roi_align=torchvision.ops.MultiScaleRoIAlign,
     batched_nms=torchvision.ops.batched_nms,
-    paste_masks_in_image=_tv_roi_heads.paste_masks_in_image,
+    paste_masks_in_image=paste_masks_torchvision,
     mask_predictor_loss=mask_predictor_loss_reference,
 )
 

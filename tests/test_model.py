@@ -227,3 +227,19 @@ def test_fine_tuning_recipe():
     with reference_path(), torch.no_grad():
         out = model(images)
     assert all(bool((o["labels"] < 3).all()) for o in out)
+
+
+def test_resnet50_loads_a_local_torchvision_state_dict(r50_pair, tmp_path):
+    # the offline route to the official weights: torch.save(tv.state_dict()) -> weights=path
+    tv, _ = r50_pair
+    path = tmp_path / "maskrcnn_resnet50_fpn.pth"
+    torch.save(tv.state_dict(), path)
+    model = maskrcnn.maskrcnn_resnet50_fpn(weights=str(path), min_size=128, max_size=160)
+    loaded = model.state_dict()
+    for k, v in tv.state_dict().items():
+        if not k.endswith("num_batches_tracked"):  # FrozenBatchNorm2d has no counter
+            assert torch.equal(loaded[k], v), k
+    # loaded weights freeze BatchNorm, as torchvision does for pretrained models
+    assert isinstance(model.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d)
+    with pytest.raises(FileNotFoundError, match="weights file"):
+        maskrcnn.maskrcnn_resnet50_fpn(weights=str(tmp_path / "missing.pth"))
