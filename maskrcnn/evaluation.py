@@ -58,6 +58,8 @@ def detections_to_coco(output: dict, image_id: int, label_to_cat_id: Optional[di
     masks = masks[:, 0].numpy()
     results = []
     for (x1, y1, x2, y2), s, lab, m in zip(boxes, scores, labels, masks):
+        if label_to_cat_id is not None and lab not in label_to_cat_id:
+            continue  # a class the data set does not have (model trained elsewhere)
         cat = label_to_cat_id[lab] if label_to_cat_id else lab
         results.append({"image_id": image_id, "category_id": int(cat), "score": float(s),
                         "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": encode_mask(m)})

@@ -168,3 +168,23 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
     ckpt = engine.load_checkpoint(str(out))
     # 8 images / (2 processes x batch 2) = 2 steps, each over 4 images
     assert ckpt["step"] == 2
+
+
+def test_evaluate_on_a_coco_format_folder(checkpoint, tmp_path):
+    # a COCO folder made from synthetic images (RLE masks), evaluated through --images
+    from maskrcnn.data import SyntheticShapes
+    from maskrcnn.evaluation import coco_ground_truth
+    ds = SyntheticShapes(3, image_size=64, seed=77)
+    gt = coco_ground_truth(ds)
+    (tmp_path / "imgs").mkdir()
+    for i in range(len(ds)):
+        image, _ = ds[i]
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()) \
+            .save(tmp_path / "imgs" / f"{i}.png")
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps(gt.dataset))
+    out = tmp_path / "eval.json"
+    assert _run(["evaluate", "--checkpoint", checkpoint, "--images", str(tmp_path / "imgs"),
+                 "--annotations", str(ann), "--output", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["images"] == 3 and set(metrics) >= {"bbox", "segm"}
