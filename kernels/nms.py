@@ -263,8 +263,10 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
     keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
     tm = _MASK_TUNING[0]
-    # Grid sizes are not specializations: the interpreter, which pays per program, gets few.
-    t_programs = wcap if not segmented else (1 if INTERPRET else min(wcap, 16))
+    # Programs per row block stride over its words: enough to fill the GPU without
+    # launching the empty lower triangle (a row block needs fewer words the later it is).
+    # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
+    t_programs = 1 if INTERPRET else min(wcap, 32)
     threshold = float32_threshold(iou_threshold)
     launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
            threshold, tuning=tm)
