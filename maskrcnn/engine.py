@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from . import builders, data
 
@@ -172,7 +173,6 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
                                                                    epochs * steps_per_epoch)
     progress = Progress(total, time_budget, step, spent, device)
     warmup = 0.1
-    from tqdm import tqdm
     averages: dict[str, float] = {}
     for epoch in range(start_epoch, epochs):
         if progress.value >= 1:

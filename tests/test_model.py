@@ -28,10 +28,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _box_iou_diag(a, b):
-    return torchvision.ops.box_iou(a, b).diagonal()
-
-
 @pytest.fixture(scope="module")
 def r50_pair():
     small = dict(min_size=128, max_size=160, rpn_pre_nms_top_n_test=200,
@@ -243,3 +239,17 @@ def test_resnet50_loads_a_local_torchvision_state_dict(r50_pair, tmp_path):
     assert isinstance(model.backbone.body.bn1, torchvision.ops.FrozenBatchNorm2d)
     with pytest.raises(FileNotFoundError, match="weights file"):
         maskrcnn.maskrcnn_resnet50_fpn(weights=str(tmp_path / "missing.pth"))
+
+
+def test_images_without_instances_train():
+    data = SyntheticShapes(1, image_size=64, seed=8)
+    image, target = data[0]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
+    model = _tiny_model(min_size=64, max_size=64).train()
+    with reference_path():
+        losses = model([image, image], [empty, empty])
+        assert float(losses["loss_mask"]) == 0 and float(losses["loss_box_reg"]) == 0
+        sum(losses.values()).backward()
+        losses = model([image, image], [target, empty])
+    assert float(losses["loss_mask"]) > 0
