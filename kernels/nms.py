@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device, check_tensor, launch,
-                     register_tuning, use_triton)
+from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device,
+                     check_tensor, launch, register_tuning, use_triton)
 
 # Memory budget for batched_nms's band of mask words: 16 MiB covers 20 words (1280 boxes)
 # per row at 100k boxes, 104 words at 20k; longer segments compute the rest on the fly.
@@ -108,7 +108,8 @@ def _nms_mask_kernel(
         h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
         inter = tl.where(w > 0.0, w * h, 0.0)
         iou = tl.math.div_rn(inter, (area_a + area_b) - inter)
-        over = (iou > iou_threshold) & (cols[None, :] > rows[:, None]) & (cols[None, :] < hi[:, None])
+        later = (cols[None, :] > rows[:, None]) & (cols[None, :] < hi[:, None])  # same segment
+        over = (iou > iou_threshold) & later
         words = tl.sum(tl.where(over, bit, 0), axis=1)  # distinct bits: the sum is an OR
         tl.store(mask_ptr + row_off + t, words, mask=t < row_words)
 
