@@ -54,6 +54,24 @@ def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _along_p(v, P_MAJOR: tl.constexpr):
+    """A vector over output bins as a tile axis: the fast (lane) axis when P_MAJOR."""
+    if P_MAJOR:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _along_c(v, P_MAJOR: tl.constexpr):
+    """A vector over channels as a tile axis: the fast (lane) axis unless P_MAJOR."""
+    if P_MAJOR:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
 def _index(v, INDEX_64: tl.constexpr):
     """Index vector in the width offsets within one image need."""
     if INDEX_64:
@@ -102,8 +120,8 @@ def _multiscale_roi_align_fwd_kernel(
     x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
     x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
     C, k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, INDEX_64: tl.constexpr, P_MAJOR: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -129,8 +147,10 @@ def _multiscale_roi_align_fwd_kernel(
     grid_w = tl.where(ok, grid_w, 0)
     # the image's base is a 64-bit scalar; offsets inside one image are int32 unless
     # INDEX_64 (an image of 2**31 elements or more)
-    base = (x_ptr + b * stride_n) + (_index(offs_c, INDEX_64) * stride_c)[None, :]
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    base = (x_ptr + b * stride_n) + _along_c(_index(offs_c, INDEX_64) * stride_c, P_MAJOR)
+    # (BLOCK_P, BLOCK_C), or (BLOCK_C, BLOCK_P) when P_MAJOR
+    acc = (_along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
+           + _along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
         y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
@@ -139,20 +159,24 @@ def _multiscale_roi_align_fwd_kernel(
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
             x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
-            m = ((valid_y & valid_x & mask_p)[:, None]) & mask_c[None, :]
+            m = _along_p(valid_y & valid_x & mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
             col_lo = _index(x_lo, INDEX_64) * stride_w
             col_hi = _index(x_hi, INDEX_64) * stride_w
-            v1 = tl.load(base + (row_lo + col_lo)[:, None], mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(base + (row_lo + col_hi)[:, None], mask=m, other=0.0).to(tl.float32)
-            v3 = tl.load(base + (row_hi + col_lo)[:, None], mask=m, other=0.0).to(tl.float32)
-            v4 = tl.load(base + (row_hi + col_hi)[:, None], mask=m, other=0.0).to(tl.float32)
-            acc += ((wy_lo * wx_lo)[:, None] * v1 + (wy_lo * wx_hi)[:, None] * v2
-                    + (wy_hi * wx_lo)[:, None] * v3 + (wy_hi * wx_hi)[:, None] * v4)
+            v1 = tl.load(base + _along_p(row_lo + col_lo, P_MAJOR), mask=m, other=0.0)
+            v2 = tl.load(base + _along_p(row_lo + col_hi, P_MAJOR), mask=m, other=0.0)
+            v3 = tl.load(base + _along_p(row_hi + col_lo, P_MAJOR), mask=m, other=0.0)
+            v4 = tl.load(base + _along_p(row_hi + col_hi, P_MAJOR), mask=m, other=0.0)
+            acc += (_along_p(wy_lo * wx_lo, P_MAJOR) * v1.to(tl.float32)
+                    + _along_p(wy_lo * wx_hi, P_MAJOR) * v2.to(tl.float32)
+                    + _along_p(wy_hi * wx_lo, P_MAJOR) * v3.to(tl.float32)
+                    + _along_p(wy_hi * wx_hi, P_MAJOR) * v4.to(tl.float32))
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
     out = acc / count
     P = PH * PW
-    dst = out_ptr + r * C * P + offs_c.to(tl.int64)[None, :] * P + offs_p[:, None]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    dst = (out_ptr + r * C * P) + _along_c(offs_c.to(tl.int64) * P, P_MAJOR) + _along_p(
+        offs_p, P_MAJOR)
+    tl.store(dst, out.to(out_ptr.dtype.element_ty),
+             mask=_along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR))
 
 
 @triton.jit
@@ -166,8 +190,8 @@ def _multiscale_roi_align_bwd_kernel(
     g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
     C, g_stride_k, g_stride_c, g_stride_h, g_stride_w,
     k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, INDEX_64: tl.constexpr, P_MAJOR: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -193,11 +217,11 @@ def _multiscale_roi_align_bwd_kernel(
     grid_h = tl.where(ok, grid_h, 0)
     grid_w = tl.where(ok, grid_w, 0)
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    g_src = (grad_ptr + r * g_stride_k + offs_c.to(tl.int64)[None, :] * g_stride_c
-             + (ph_i * g_stride_h + pw_i * g_stride_w)[:, None])
-    in_tile = mask_p[:, None] & mask_c[None, :]
+    g_src = ((grad_ptr + r * g_stride_k) + _along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR)
+             + _along_p(ph_i * g_stride_h + pw_i * g_stride_w, P_MAJOR))
+    in_tile = _along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
     g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
-    base = (gi_ptr + b * stride_n) + (_index(offs_c, INDEX_64) * stride_c)[None, :]
+    base = (gi_ptr + b * stride_n) + _along_c(_index(offs_c, INDEX_64) * stride_c, P_MAJOR)
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
         y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
@@ -206,18 +230,18 @@ def _multiscale_roi_align_bwd_kernel(
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
             x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
-            m = ((valid_y & valid_x)[:, None]) & in_tile
+            m = _along_p(valid_y & valid_x, P_MAJOR) & in_tile
             col_lo = _index(x_lo, INDEX_64) * stride_w
             col_hi = _index(x_hi, INDEX_64) * stride_w
             # Atomics: RoIs overlap, so several programs add into the same pixels.
-            tl.atomic_add(base + (row_lo + col_lo)[:, None], g * (wy_lo * wx_lo)[:, None],
-                          mask=m)
-            tl.atomic_add(base + (row_lo + col_hi)[:, None], g * (wy_lo * wx_hi)[:, None],
-                          mask=m)
-            tl.atomic_add(base + (row_hi + col_lo)[:, None], g * (wy_hi * wx_lo)[:, None],
-                          mask=m)
-            tl.atomic_add(base + (row_hi + col_hi)[:, None], g * (wy_hi * wx_hi)[:, None],
-                          mask=m)
+            tl.atomic_add(base + _along_p(row_lo + col_lo, P_MAJOR),
+                          g * _along_p(wy_lo * wx_lo, P_MAJOR), mask=m)
+            tl.atomic_add(base + _along_p(row_lo + col_hi, P_MAJOR),
+                          g * _along_p(wy_lo * wx_hi, P_MAJOR), mask=m)
+            tl.atomic_add(base + _along_p(row_hi + col_lo, P_MAJOR),
+                          g * _along_p(wy_hi * wx_lo, P_MAJOR), mask=m)
+            tl.atomic_add(base + _along_p(row_hi + col_hi, P_MAJOR),
+                          g * _along_p(wy_hi * wx_hi, P_MAJOR), mask=m)
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
@@ -260,6 +284,13 @@ def _needs_index_64(tensors: list[Tensor]) -> bool:
     return _force_index_64 or extent >= 2**31 - 1
 
 
+def _p_major(tensors: list[Tensor]) -> bool:
+    """Lanes along output bins unless channels are contiguous (channels_last) in most maps:
+    in NCHW neighbouring bins sample neighbouring pixels of one plane, in channels_last a
+    pixel's channels are one contiguous vector."""
+    return 2 * sum(t.stride(1) == 1 for t in tensors) <= len(tensors)
+
+
 def _mapper_args(k_min: int, k_max: int, canonical_scale: float, canonical_level: float,
                  eps: float) -> list:
     return [float(k_min), float(k_max), float(canonical_scale), float(canonical_level),
@@ -283,7 +314,8 @@ def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, scales: l
     launch(_multiscale_roi_align_fwd_kernel, grid, rois, out, *_level_args(features, scales),
            c, *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
            int(sampling_ratio), pooled_h, pooled_w,
-           tuning=tuning, NUM_LEVELS=len(features), INDEX_64=_needs_index_64(features))
+           tuning=tuning, NUM_LEVELS=len(features), INDEX_64=_needs_index_64(features),
+           P_MAJOR=_p_major(features))
     return out
 
 
@@ -321,7 +353,8 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
                *_level_args(views, scales), channels, *grad.stride(),
                *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
                int(sampling_ratio), pooled_h, pooled_w,
-               tuning=tuning, NUM_LEVELS=len(heights), INDEX_64=_needs_index_64(views))
+               tuning=tuning, NUM_LEVELS=len(heights), INDEX_64=_needs_index_64(views),
+               P_MAJOR=_p_major(views))
     return acc.to(grad.dtype)
 
 
