@@ -79,39 +79,45 @@ def _nms_mask_kernel(
     seg_hi_ptr,  # (N,) int32: one past the last sorted position of each box's segment
     mask_ptr,  # (N, wcap) int64: out, word t of row i covers boxes 64 * (i // 64 + t) + k
     n, wcap, iou_threshold,
+    BLOCK_T: tl.constexpr,
 ):
     # One 64-row block; its rows share their columns, so column boxes load once as vectors.
+    # Tiles are [columns, rows]: each thread keeps few rows' boxes live across the loop.
     block = tl.program_id(0)
-    k = tl.arange(0, 64)
-    rows = block * 64 + k
+    r = tl.arange(0, 64)
+    rows = block * 64 + r
     row_ok = rows < n
     hi = tl.load(seg_hi_ptr + rows, mask=row_ok, other=0)
     row_words = tl.minimum(tl.where(row_ok, (hi - 1) // 64 - block + 1, 0), wcap)
     t_end = tl.max(row_words, axis=0)
-    ax1 = tl.load(boxes_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    ay1 = tl.load(boxes_ptr + n + rows, mask=row_ok, other=0.0)[:, None]
-    ax2 = tl.load(boxes_ptr + 2 * n + rows, mask=row_ok, other=1.0)[:, None]
-    ay2 = tl.load(boxes_ptr + 3 * n + rows, mask=row_ok, other=1.0)[:, None]
-    area_a = tl.load(boxes_ptr + 4 * n + rows, mask=row_ok, other=1.0)[:, None]
-    bit = (tl.full([64], 1, tl.int64) << k.to(tl.int64))[None, :]
+    ax1 = tl.load(boxes_ptr + rows, mask=row_ok, other=0.0)[None, :]
+    ay1 = tl.load(boxes_ptr + n + rows, mask=row_ok, other=0.0)[None, :]
+    ax2 = tl.load(boxes_ptr + 2 * n + rows, mask=row_ok, other=1.0)[None, :]
+    ay2 = tl.load(boxes_ptr + 3 * n + rows, mask=row_ok, other=1.0)[None, :]
+    area_a = tl.load(boxes_ptr + 4 * n + rows, mask=row_ok, other=1.0)[None, :]
+    kk = tl.arange(0, BLOCK_T * 64)
+    bit = (tl.full([BLOCK_T * 64], 1, tl.int64) << (kk % 64).to(tl.int64))[:, None]
     row_off = rows.to(tl.int64) * wcap
-    for t in range(tl.program_id(1), t_end, tl.num_programs(1)):
-        cols = (block + t) * 64 + k
+    for t0 in range(tl.program_id(1) * BLOCK_T, t_end, tl.num_programs(1) * BLOCK_T):
+        cols = (block + t0) * 64 + kk
         col_ok = cols < n
-        bx1 = tl.load(boxes_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        by1 = tl.load(boxes_ptr + n + cols, mask=col_ok, other=0.0)[None, :]
-        bx2 = tl.load(boxes_ptr + 2 * n + cols, mask=col_ok, other=1.0)[None, :]
-        by2 = tl.load(boxes_ptr + 3 * n + cols, mask=col_ok, other=1.0)[None, :]
-        area_b = tl.load(boxes_ptr + 4 * n + cols, mask=col_ok, other=1.0)[None, :]
+        bx1 = tl.load(boxes_ptr + cols, mask=col_ok, other=0.0)[:, None]
+        by1 = tl.load(boxes_ptr + n + cols, mask=col_ok, other=0.0)[:, None]
+        bx2 = tl.load(boxes_ptr + 2 * n + cols, mask=col_ok, other=1.0)[:, None]
+        by2 = tl.load(boxes_ptr + 3 * n + cols, mask=col_ok, other=1.0)[:, None]
+        area_b = tl.load(boxes_ptr + 4 * n + cols, mask=col_ok, other=1.0)[:, None]
         # _iou_over inlined by hand (the interpreter pays per call)
         w = tl.maximum(tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1), 0.0)
         h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
         inter = tl.where(w > 0.0, w * h, 0.0)
         iou = tl.math.div_rn(inter, (area_a + area_b) - inter)
-        later = (cols[None, :] > rows[:, None]) & (cols[None, :] < hi[:, None])  # same segment
+        later = (cols[:, None] > rows[None, :]) & (cols[:, None] < hi[None, :])  # same segment
         over = (iou > iou_threshold) & later
-        words = tl.sum(tl.where(over, bit, 0), axis=1)  # distinct bits: the sum is an OR
-        tl.store(mask_ptr + row_off + t, words, mask=t < row_words)
+        # distinct bits: the sum over a word's 64 columns is their OR
+        words = tl.sum(tl.reshape(tl.where(over, bit, 0), [BLOCK_T, 64, 64]), axis=1)
+        t = t0 + tl.arange(0, BLOCK_T)
+        tl.store(mask_ptr + row_off[None, :] + t[:, None], words,
+                 mask=t[:, None] < row_words[None, :])
 
 
 @triton.jit
@@ -183,8 +189,13 @@ def _nms_greedy_kernel(
             tl.debug_barrier()
 
 
-# 8 warps: 16 IoUs per thread in the mask tile (4 warps spill on sm_90).
-_MASK_TUNING = register_tuning(_nms_mask_kernel, [{"num_warps": 8}])
+# Mask tiles: one word per step on the GPU (168 registers at 2 warps on sm_90, several
+# programs per SM); four per step for the interpreter, which pays per op (246 registers at
+# 8 warps, no spills: it compiles too). Bigger tiles spill.
+_MASK_TUNING = register_tuning(_nms_mask_kernel, [
+    {"BLOCK_T": 1, "num_warps": 2},
+    {"BLOCK_T": 4, "num_warps": 8},
+])
 _GREEDY_TUNING = register_tuning(_nms_greedy_kernel, [{"BLOCK_T": 16, "num_warps": 8}])
 # Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
 _GREEDY_PROGRAMS = 1024
@@ -263,11 +274,11 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
     mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
     keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
-    tm = _MASK_TUNING[0]
+    tm = _MASK_TUNING[1] if INTERPRET else _MASK_TUNING[0]
     # Programs per row block stride over its words: enough to fill the GPU without
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
-    t_programs = 1 if INTERPRET else min(wcap, 32)
+    t_programs = 1 if INTERPRET else min(cdiv(wcap, tm["BLOCK_T"]), 32)
     threshold = float32_threshold(iou_threshold)
     launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
            threshold, tuning=tm)

@@ -6,7 +6,7 @@ the threshold; the oracle here is its exact per-class form, ``_batched_nms_vanil
 plus the public function on integer coordinates, where the offset changes nothing.
 
 The interpreter pays per Triton op, so it runs the large sizes at one threshold and skips
-plain NMS at N=5000 (a 79 x 79 tile grid); the reference and CUDA backends run everything.
+batched cases whose segments are that large; the reference and CUDA backends run all.
 """
 from __future__ import annotations
 
@@ -53,8 +53,6 @@ def assert_same(ours, ref, scores):
 
 @pytest.mark.parametrize("n", SIZES)
 def test_nms_matches_torchvision(backend, poison, n):
-    if backend.name == "interpreter" and n > 1000:
-        pytest.skip("N=5000 plain NMS is a 79 x 79 tile grid: too slow for the interpreter")
     boxes, scores = random_boxes(n, backend.device)
     for thr in thresholds_for(backend, n):
         assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
@@ -64,7 +62,7 @@ def test_nms_matches_torchvision(backend, poison, n):
 @pytest.mark.parametrize("classes", [1, 5, 80])
 @pytest.mark.parametrize("n", SIZES)
 def test_batched_nms_matches_torchvision(backend, poison, n, classes):
-    if backend.name == "interpreter" and n * n / classes > 300_000:
+    if backend.name == "interpreter" and n * n / classes > 2_000_000:
         pytest.skip("segments this large are too slow for the interpreter")
     boxes, scores = random_boxes(n, backend.device)
     idxs = torch.randint(0, classes, (n,), device=backend.device)
