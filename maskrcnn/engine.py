@@ -90,7 +90,12 @@ def distributed_setup(device_arg: Optional[str]):
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg:
-        device = torch.device(device_arg)
+        try:
+            device = torch.device(device_arg)
+        except RuntimeError:
+            raise data.DataError(f"--device {device_arg!r} is not a torch device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise data.DataError(f"--device {device_arg}: no CUDA device is available")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and world > 1:

@@ -147,6 +147,14 @@ def test_corrupt_image_in_predict_writes_nothing(checkpoint, tmp_path, capsys):
     assert not out_dir.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert _run(["train", *TINY[:-2], "--device", "cuda", "--output", str(out)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_exit_code_2_from_the_real_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "maskrcnn", "predict", "--checkpoint",
                            str(tmp_path / "missing.pt"), str(tmp_path / "missing.png")],
