@@ -17,7 +17,6 @@ for them is undefined).
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping
 
 import torch
@@ -511,14 +510,14 @@ _multiscale_roi_align_op.register_autograd(_backward, setup_context=_setup_conte
 # ---------------------------------------------------------------------------------------
 # Scales and level range: torchvision's poolers._setup_scales, on host ints only.
 
-def _float32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
 def infer_scale(feature_size: tuple[int, int], image_size: tuple[int, int]) -> float:
-    """torchvision's ``_infer_scale``: 2 ** round(log2(feature height / image height)),
-    with the ratio rounded to float32 as torchvision's ``torch.tensor`` does."""
-    return 2.0 ** round(math.log2(_float32(float(feature_size[0]) / float(image_size[0]))))
+    """torchvision's ``_infer_scale``: 2 ** round(log2(feature height / image height)).
+
+    torchvision rounds the ratio to float32 first; that can only change the result for a
+    ratio within float32 precision of sqrt(2) * 2**k, which no pair of image sizes gives.
+    Plain host floats keep this traceable (torch.compile, dynamic shapes specialize here).
+    """
+    return 2.0 ** round(math.log2(int(feature_size[0]) / int(image_size[0])))
 
 
 class LevelMapper:
@@ -546,8 +545,8 @@ def setup_scales(features: list[Tensor], image_shapes, canonical_scale: float = 
     max_h = max(int(s[0]) for s in image_shapes)
     max_w = max(int(s[1]) for s in image_shapes)
     scales = [infer_scale(tuple(f.shape[-2:]), (max_h, max_w)) for f in features]
-    k_min = int(-math.log2(_float32(scales[0])))
-    k_max = int(-math.log2(_float32(scales[-1])))
+    k_min = int(-math.log2(scales[0]))
+    k_max = int(-math.log2(scales[-1]))
     return scales, LevelMapper(k_min, k_max, canonical_scale, canonical_level)
 
 

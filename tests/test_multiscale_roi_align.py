@@ -286,6 +286,11 @@ def test_torch_compile_fullgraph():
     assert_close(loss, loss_ref)
     for a, b in zip(grads, grads_ref):
         assert_close(a, b)
+    # the functional form infers scales while tracing, with dynamic shapes too
+    g = torch.compile(lambda feats, b: kernels.multiscale_roi_align(
+        list(feats.values()), b, [(32, 32)] * 2, 2, 2), fullgraph=True, dynamic=True,
+        backend="aot_eager")
+    assert_close(g(x, boxes), m(x, boxes, [(32, 32)] * 2))
 
 
 # ---------------------------------------------------------------------------------------
