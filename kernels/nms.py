@@ -196,7 +196,7 @@ _MASK_TUNING = register_tuning(_nms_mask_kernel, [
     {"BLOCK_T": 1, "num_warps": 2},
     {"BLOCK_T": 4, "num_warps": 8},
 ])
-_GREEDY_TUNING = register_tuning(_nms_greedy_kernel, [{"BLOCK_T": 16, "num_warps": 8}])
+_GREEDY_TUNING = register_tuning(_nms_greedy_kernel, [{"BLOCK_T": 64, "num_warps": 8}])
 # Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
 _GREEDY_PROGRAMS = 1024
 
