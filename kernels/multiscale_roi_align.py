@@ -36,6 +36,11 @@ MAX_LEVELS = 5
 # ---------------------------------------------------------------------------------------
 # Kernels
 
+# Map sizes and strides change with the padded batch size during training; specializing on
+# them (== 1, divisible by 16) would recompile for each new combination, and with two
+# elements per thread nothing in the tile is vectorized by it.
+_SHAPE_ARGS = [f"{a}{i}" for i in range(5) for a in ("H", "W", "sn", "sc", "sh", "sw")]
+
 @triton.jit
 def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
     """The per-level argument of level ``lvl`` (a select, so pointers and mixed int widths
@@ -109,7 +114,7 @@ def _roi_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
     return lvl, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _multiscale_roi_align_fwd_kernel(
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
     out_ptr,  # (K, C, PH, PW) contiguous, feature dtype
@@ -178,7 +183,7 @@ def _multiscale_roi_align_fwd_kernel(
              mask=_along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _multiscale_roi_align_bwd_kernel(
     grad_ptr,  # (K, C, PH, PW) float, any strides: gradient of the output
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
