@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, launch, pair,
                      register_tuning, use_triton)
-from .roi_align import (_bilinear_axis, _deterministic, _is_channels_last, _roi_box,
+from .roi_align import (_bilinear_axis, _check_image_extent, _deterministic,
+                        _is_channels_last, _roi_box,
                         boxes_to_rois, roi_align_backward_deterministic)
 
 MAX_LEVELS = 5
@@ -76,15 +77,6 @@ def _along_c(v, P_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _index(v, INDEX_64: tl.constexpr):
-    """Index vector in the width offsets within one image need."""
-    if INDEX_64:
-        return v.to(tl.int64)
-    else:
-        return v.to(tl.int32)
-
-
-@triton.jit
 def _roi_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
                r, k_min, k_max, canonical_scale, canonical_level, eps,
                NUM_LEVELS: tl.constexpr):
@@ -124,8 +116,8 @@ def _multiscale_roi_align_fwd_kernel(
     x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
     x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
     C, k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, INDEX_64: tl.constexpr, P_MAJOR: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -149,23 +141,22 @@ def _multiscale_roi_align_fwd_kernel(
     # an unpooled RoI runs no samples and stores zeros
     grid_h = tl.where(ok, grid_h, 0)
     grid_w = tl.where(ok, grid_w, 0)
-    # the image's base is a 64-bit scalar; offsets inside one image are int32 unless
-    # INDEX_64 (an image of 2**31 elements or more)
-    base = (x_ptr + b * stride_n) + _along_c(_index(offs_c, INDEX_64) * stride_c, P_MAJOR)
+    # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
+    base = (x_ptr + b * stride_n) + _along_c(offs_c * stride_c, P_MAJOR)
     # (BLOCK_P, BLOCK_C), or (BLOCK_C, BLOCK_P) when P_MAJOR
     acc = (_along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
            + _along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
         y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
-        row_lo = _index(y_lo, INDEX_64) * stride_h
-        row_hi = _index(y_hi, INDEX_64) * stride_h
+        row_lo = y_lo * stride_h
+        row_hi = y_hi * stride_h
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
             x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
             m = _along_p(valid_y & valid_x & mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
-            col_lo = _index(x_lo, INDEX_64) * stride_w
-            col_hi = _index(x_hi, INDEX_64) * stride_w
+            col_lo = x_lo * stride_w
+            col_hi = x_hi * stride_w
             v1 = tl.load(base + _along_p(row_lo + col_lo, P_MAJOR), mask=m, other=0.0)
             v2 = tl.load(base + _along_p(row_lo + col_hi, P_MAJOR), mask=m, other=0.0)
             v3 = tl.load(base + _along_p(row_hi + col_lo, P_MAJOR), mask=m, other=0.0)
@@ -194,8 +185,8 @@ def _multiscale_roi_align_bwd_kernel(
     g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
     C, g_stride_k, g_stride_c, g_stride_h, g_stride_w,
     k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, INDEX_64: tl.constexpr, P_MAJOR: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -225,18 +216,18 @@ def _multiscale_roi_align_bwd_kernel(
              + _along_p(ph_i * g_stride_h + pw_i * g_stride_w, P_MAJOR))
     in_tile = _along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
     g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
-    base = (gi_ptr + b * stride_n) + _along_c(_index(offs_c, INDEX_64) * stride_c, P_MAJOR)
+    base = (gi_ptr + b * stride_n) + _along_c(offs_c * stride_c, P_MAJOR)
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
         y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
-        row_lo = _index(y_lo, INDEX_64) * stride_h
-        row_hi = _index(y_hi, INDEX_64) * stride_h
+        row_lo = y_lo * stride_h
+        row_hi = y_hi * stride_h
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
             x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
             m = _along_p(valid_y & valid_x, P_MAJOR) & in_tile
-            col_lo = _index(x_lo, INDEX_64) * stride_w
-            col_hi = _index(x_hi, INDEX_64) * stride_w
+            col_lo = x_lo * stride_w
+            col_hi = x_hi * stride_w
             # Atomics: RoIs overlap, so several programs add into the same pixels.
             tl.atomic_add(base + _along_p(row_lo + col_lo, P_MAJOR),
                           g * _along_p(wy_lo * wx_lo, P_MAJOR), mask=m)
@@ -249,9 +240,9 @@ def _multiscale_roi_align_bwd_kernel(
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
-# Two tile elements per thread, as kernels.roi_align: on sm_90 the forward needs 40-48
-# registers and the backward 42-54 (4 per thread: 64-101; 8 per thread: 115-180, and
-# larger tiles spill).
+# Two tile elements per thread, as kernels.roi_align: on sm_90 the forward needs 40
+# registers (75% occupancy) and the backward 42 (62%); 4 per thread: 64-101, 8 per
+# thread: 115-180, and larger tiles spill.
 _TUNING = [
     {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
     {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
@@ -276,16 +267,6 @@ def _level_args(tensors: list[Tensor], scales: list[float]) -> list:
         t = tensors[j]
         args += [t, t.shape[2], t.shape[3], *t.stride(), float(scales[j])]
     return args
-
-
-# Tests and the compile examples set this to run the int64-offset variant on small maps.
-_force_index_64 = False
-
-
-def _needs_index_64(tensors: list[Tensor]) -> bool:
-    """True when an offset inside one image (channel, row, column) can pass int32."""
-    extent = max(sum((t.shape[d] - 1) * t.stride(d) for d in (1, 2, 3)) for t in tensors)
-    return _force_index_64 or extent >= 2**31 - 1
 
 
 def _p_major(tensors: list[Tensor]) -> bool:
@@ -313,13 +294,14 @@ def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, scales: l
                       device=features[0].device)
     if k == 0 or c == 0:
         return out
+    for i, f in enumerate(features):
+        _check_image_extent(f.shape, f.stride(), f"features[{i}]")
     tuning = _pick_tuning(c, pooled_h * pooled_w)
     grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
     launch(_multiscale_roi_align_fwd_kernel, grid, rois, out, *_level_args(features, scales),
            c, *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
            int(sampling_ratio), pooled_h, pooled_w,
-           tuning=tuning, NUM_LEVELS=len(features), INDEX_64=_needs_index_64(features),
-           P_MAJOR=_p_major(features))
+           tuning=tuning, NUM_LEVELS=len(features), P_MAJOR=_p_major(features))
     return out
 
 
@@ -350,6 +332,8 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
     acc = torch.zeros(total, dtype=torch.float32, device=grad.device)
     if k and channels and batch:
         views = _level_views(acc, batch, channels, heights, widths, channels_last)
+        for i, v in enumerate(views):
+            _check_image_extent(v.shape, v.stride(), f"features[{i}]")
         tuning = _pick_tuning(channels, pooled_h * pooled_w)
         grid = (k, cdiv(channels, tuning["BLOCK_C"]),
                 cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
@@ -357,8 +341,7 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
                *_level_args(views, scales), channels, *grad.stride(),
                *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
                int(sampling_ratio), pooled_h, pooled_w,
-               tuning=tuning, NUM_LEVELS=len(heights), INDEX_64=_needs_index_64(views),
-               P_MAJOR=_p_major(views))
+               tuning=tuning, NUM_LEVELS=len(heights), P_MAJOR=_p_major(views))
     return acc.to(grad.dtype)
 
 
@@ -688,28 +671,19 @@ class MultiScaleRoIAlign(nn.Module):
 # GPU compile check: launch every specialization the launchers can pick.
 
 def _compile_examples() -> None:
-    """Run forward and backward on tiny CPU tensors: each dtype, NCHW and channels_last,
-    every level count, both tuning rows, int32 and int64 offsets, fixed and adaptive
-    sampling."""
-    global _force_index_64
+    """Run forward and backward on tiny CPU tensors: each dtype, every level count, NCHW
+    (P_MAJOR) and channels_last maps, and the deterministic backward. The compile check
+    expands each launch over both tuning rows; sampling ratio and sizes are runtime."""
     image = [(32, 48)]
     boxes = [torch.tensor([[1.0, 2.0, 30.0, 20.0], [0.0, 0.0, 3.0, 4.0]])]
-    # (channels, output size, sampling ratio, int64 offsets): both tuning rows
-    cases = ((3, 2, 2, False), (20, 7, -1, False), (20, 3, 2, True))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for num_levels in range(1, MAX_LEVELS + 1):
-            for channels_last in (False, True):
-                for channels, size, sampling, index_64 in cases:
-                    fmt = torch.channels_last if channels_last else torch.contiguous_format
-                    feats = [torch.randn(1, channels, max(16 >> lvl, 1), max(24 >> lvl, 1),
-                                         dtype=dtype).to(memory_format=fmt).requires_grad_()
-                             for lvl in range(num_levels)]
-                    previous, _force_index_64 = _force_index_64, index_64
-                    try:
-                        out = multiscale_roi_align(feats, boxes, image, size, sampling)
-                        out.float().sum().backward()
-                    finally:
-                        _force_index_64 = previous
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                feats = [torch.randn(1, 3, max(16 >> lvl, 1), max(24 >> lvl, 1),
+                                     dtype=dtype).to(memory_format=fmt).requires_grad_()
+                         for lvl in range(num_levels)]
+                out = multiscale_roi_align(feats, boxes, image, 2, 2)
+                out.float().sum().backward()
                 if num_levels == 2:   # the deterministic backward's roi_align kernels
                     with _deterministic():
-                        multiscale_roi_align(feats, boxes, image, 2, 2).float().sum().backward()
+                        multiscale_roi_align(feats, boxes, image, 2, -1).float().sum().backward()

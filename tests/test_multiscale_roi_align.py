@@ -179,17 +179,6 @@ def test_canonical_scale_and_level(backend, poison):
         assert_close(g[k], gref[k], **tol(torch.float32))
 
 
-def test_int64_offsets(backend, poison, monkeypatch):
-    """The INDEX_64 kernel variant (used for images of 2**31+ elements) on small maps."""
-    monkeypatch.setattr(msra, "_force_index_64", True)
-    x = pyramid(2, 3, 32, 48, backend.device)
-    boxes = [random_boxes(5, 32, 48, backend.device) for _ in range(2)]
-    out, ref, g, gref, *_ = run_both(x, boxes, [(32, 48)] * 2, 3, 2)
-    assert_close(out, ref, **tol(torch.float32))
-    for k in x:
-        assert_close(g[k], gref[k], **tol(torch.float32))
-
-
 def test_one_launch_per_pass(backend, monkeypatch):
     if not backend.triton:
         pytest.skip("the reference path launches no kernel")
