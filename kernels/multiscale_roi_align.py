@@ -589,7 +589,14 @@ def _check_boxes(boxes, batch: int) -> Tensor:
 
 
 def _pool(features: list[Tensor], rois: Tensor, output_size, sampling_ratio, scales,
-          mapper) -> Tensor:
+          mapper, *, checked: bool = False) -> Tensor:
+    """Pool (K, 5) ``rois`` from ``features`` with ``scales`` and a LevelMapper-like
+    ``mapper`` (k_min, k_max, s0, lvl0, eps: ours or torchvision's). ``checked``: the maps
+    and the RoIs' device were validated by the caller (kernels.patch's stand-in is not)."""
+    if not checked:
+        _check_features(features, "x", [f"x[{i}]" for i in range(
+            len(features) if isinstance(features, (list, tuple)) else 0)])
+        check_same_device(**{"x[0]": features[0], "boxes": rois})
     pooled_h, pooled_w = pair("output_size", output_size)
     if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
@@ -616,7 +623,7 @@ def multiscale_roi_align(features: list[Tensor], boxes: list[Tensor], image_shap
     check_same_device(**{"features[0]": features[0], "boxes": rois})
     _check_image_shapes(image_shapes, len(boxes))
     scales, mapper = setup_scales(features, image_shapes, canonical_scale, canonical_level)
-    return _pool(features, rois, output_size, sampling_ratio, scales, mapper)
+    return _pool(features, rois, output_size, sampling_ratio, scales, mapper, checked=True)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -660,7 +667,7 @@ class MultiScaleRoIAlign(nn.Module):
             raise ValueError(f"x gives {len(features)} feature maps but the scales inferred "
                              f"on the first call are for {len(self.scales)}")
         return _pool(features, rois, self.output_size, self.sampling_ratio, self.scales,
-                     self.map_levels)
+                     self.map_levels, checked=True)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, "

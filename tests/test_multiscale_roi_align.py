@@ -339,6 +339,10 @@ def _mixed(i, **change):
      ValueError, r"x\['3'\]"),
     (lambda: kernels.MultiScaleRoIAlign(NAMES, 2, 2)(_feats(), _boxes(), [(32, 32)] * 2),
      TypeError, "x"),
+    # the unvalidated entry kernels.patch uses for torchvision's _multiscale_roi_align
+    (lambda: msra._pool(_mixed(1, dtype=torch.float16), torch.zeros(1, 5), 2, 2,
+                        [1 / 4, 1 / 8, 1 / 16, 1 / 32], msra.LevelMapper(2, 5)), ValueError,
+     r"x\[1\]"),
 ])
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
