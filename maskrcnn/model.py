@@ -164,9 +164,7 @@ def project_masks_on_boxes(roi_align: Callable[..., Tensor], gt_masks: Tensor, b
                            matched_idxs: Tensor, size: int) -> Tensor:
     """Crop-and-resize each matched gt mask to its proposal: the (N, M, M) loss targets."""
     rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
-    targets = roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
-    # bilinear weights can overshoot 1 by an ulp; the loss wants targets in [0, 1]
-    return targets.clamp_(0.0, 1.0)
+    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
 
 
 class RoIHeads(_TVRoIHeads):

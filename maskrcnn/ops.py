@@ -1,7 +1,6 @@
 """Every op the model takes from outside, chosen in one place.
 
-``KERNELS`` is what the model uses by default: each op from ``kernels`` where that package
-provides it, otherwise torchvision's (the fallbacks go once every kernel has landed).
+``KERNELS`` is what the model uses by default: every hot op from ``kernels``.
 ``TORCHVISION`` is torchvision's own ops, the reference; ``resolve_ops("torchvision")``
 swaps the whole model over with one argument.
 """
@@ -29,19 +28,6 @@ def mask_predictor_loss_reference(features: Tensor, weight: Tensor, bias: Tensor
     return F.binary_cross_entropy_with_logits(picked, targets)
 
 
-def mask_predictor_loss_gathered(features: Tensor, weight: Tensor, bias: Tensor,
-                                 targets: Tensor, labels: Tensor) -> Tensor:
-    """The same loss from each instance's own class row only (no N x K x M x M logits).
-
-    Stand-in for ``kernels.fused_mask_predictor_loss`` until it exists.
-    """
-    if labels.numel() == 0:
-        return features.sum() * 0 + weight.sum() * 0 + bias.sum() * 0
-    w = weight.flatten(1)[labels]                                   # (N, C)
-    picked = torch.einsum("nchw,nc->nhw", features, w) + bias[labels][:, None, None]
-    return F.binary_cross_entropy_with_logits(picked, targets)
-
-
 def paste_masks_torchvision(masks: Tensor, boxes: Tensor, img_shape, padding: int = 1, *,
                             threshold: float | None = None) -> Tensor:
     """torchvision's paste, with kernels.paste_masks_in_image's ``threshold`` option
@@ -64,17 +50,13 @@ class Ops:
     mask_predictor_loss: Callable[..., Tensor]
 
 
-def _pick(name: str, fallback):
-    return getattr(kernels, name) if hasattr(kernels, name) else fallback
-
-
 KERNELS = Ops(
     name="kernels",
-    roi_align=_pick("roi_align", torchvision.ops.roi_align),
-    multiscale_roi_align=_pick("MultiScaleRoIAlign", torchvision.ops.MultiScaleRoIAlign),
-    batched_nms=_pick("batched_nms", torchvision.ops.batched_nms),
-    paste_masks_in_image=_pick("paste_masks_in_image", paste_masks_torchvision),
-    mask_predictor_loss=_pick("fused_mask_predictor_loss", mask_predictor_loss_gathered),
+    roi_align=kernels.roi_align,
+    multiscale_roi_align=kernels.MultiScaleRoIAlign,
+    batched_nms=kernels.batched_nms,
+    paste_masks_in_image=kernels.paste_masks_in_image,
+    mask_predictor_loss=kernels.fused_mask_predictor_loss,
 )
 
 TORCHVISION = Ops(

@@ -518,3 +518,13 @@ def _pred(features=None, weight=None, bias=None, targets=None, labels=None):
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_targets_an_ulp_past_one_are_accepted():
+    """RoI Align of a 0/1 mask can round to 1 + ulp; that is a valid target, 1.5 is not."""
+    t = _t()
+    t[0, 0, 0] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    logits = _logits()
+    loss = kernels.mask_loss(logits, t, _lab())
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[torch.arange(2), _lab()], t)
+    assert_close(loss, ref)
