@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m benchmarks.bench_roi_align
+	$(PY) -m benchmarks
 
 # Triton kernels run on the CPU through Triton's interpreter; the same run also checks the
 # PyTorch reference path and compiles every launched kernel for sm_80/sm_90.

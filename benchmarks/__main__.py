@@ -1,7 +1,9 @@
 """The benchmark report: every op (and the model) against torchvision, on the device present.
 
-    python -m benchmarks [--quick] [--ops roi_align,nms] [--dtype float32,bfloat16]
+    python -m benchmarks [--quick | --full] [--ops roi_align,nms] [--dtype float32,bfloat16]
                          [--out benchmarks/results]
+
+On a CUDA device the default is the full report; on the CPU it is --quick.
 
 Writes ``<out>/<device>.json`` (all numbers and the environment), ``<out>/<device>.md``
 (one table per op: ours, the baseline, speed-up, achieved GB/s and its share of the
@@ -113,12 +115,17 @@ def markdown(results: dict, bandwidth: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    p.add_argument("--full", action="store_true",
+                   help="full shapes on the CPU too (the CPU default is --quick)")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--dtype", default="float32,bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     a = p.parse_args(argv)
     device = a.device or default_device()
+    quick = a.quick or (device == "cpu" and not a.full)
+    if quick and not a.quick:
+        print("no GPU: running the --quick report on the CPU (--full for all shapes)")
     mods = available_ops()
     wanted = a.ops.split(",") if a.ops else list(mods)
     unknown = [o for o in wanted if o not in OPS]
@@ -130,11 +137,11 @@ def main(argv=None) -> int:
     dtypes = a.dtype.split(",")
     a.out.mkdir(parents=True, exist_ok=True)
     slug = device_slug(device)
-    results = {"environment": environment(device), "quick": a.quick, "benchmarks": {}}
+    results = {"environment": environment(device), "quick": quick, "benchmarks": {}}
     bandwidth = copy_bandwidth_gbps(device)
     results["copy_bandwidth_GBps"] = bandwidth
     for op in tqdm(wanted, desc="benchmarks", unit="op"):
-        rows = mods[op].run(quick=a.quick, dtypes=dtypes, device=device, write=False)
+        rows = mods[op].run(quick=quick, dtypes=dtypes, device=device, write=False)
         section = {"rows": rows}
         png = plot(op, rows, a.out / f"{slug}-{op}.png", device)
         if png:
