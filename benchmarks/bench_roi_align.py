@@ -2,7 +2,8 @@
 
 2 images, 256 channels, the four FPN maps of an 800x1216 image (strides 4..32), 512 RoIs
 per image pooled from each map; 7x7 (box head) and 14x14 (mask head), sampling ratio 2.
-Modes: forward, forward+backward, and forward+backward with deterministic algorithms on. On CUDA both run their CUDA kernels; on the CPU ours
+Modes: forward, forward+backward, and forward+backward with deterministic algorithms on.
+On CUDA both run their CUDA kernels; on the CPU ours
 is the PyTorch reference path and torchvision its CPU kernel (which has no bfloat16).
 
     python -m benchmarks.bench_roi_align [--quick] [--dtype float32,bfloat16]
@@ -10,12 +11,12 @@ is the PyTorch reference path and torchvision its CPU kernel (which has no bfloa
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 import torchvision
 
 import kernels
+from kernels._utils import deterministic_algorithms
 from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
                                 time_ms, write_results)
 
@@ -28,16 +29,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # "deterministic": torch.use_deterministic_algorithms(True) — our atomic-free backward;
 # torchvision's answer on CUDA is its pure-Python fallback.
 MODES = ("forward", "forward+backward", "forward+backward deterministic")
-
-
-@contextlib.contextmanager
-def deterministic(on: bool):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def make_inputs(level_stride: int, dtype: torch.dtype, device: str, rois_per_image=512,
@@ -97,7 +88,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                                            device=device, dtype=dtype)
 
                         def step(fn=fn, xin=xin, grad=grad, mode=mode):
-                            with deterministic(mode == "forward+backward deterministic"):
+                            with deterministic_algorithms(mode == "forward+backward deterministic"):
                                 out = fn(xin, rois, *args)
                                 if mode != "forward":
                                     out.backward(grad)

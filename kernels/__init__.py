@@ -6,4 +6,9 @@ from .paste import paste_masks_in_image
 from .nms import batched_nms, batched_nms_mask, nms
 from .patch import patch_torchvision
 
-__all__ = ["roi_align", "RoIAlign", "mask_loss", "maskrcnn_loss", "fused_mask_predictor_loss", "multiscale_roi_align", "MultiScaleRoIAlign", "paste_masks_in_image", "nms", "batched_nms", "batched_nms_mask", "patch_torchvision"]
+__all__ = [
+    "roi_align", "RoIAlign", "multiscale_roi_align", "MultiScaleRoIAlign",
+    "nms", "batched_nms", "batched_nms_mask",
+    "mask_loss", "maskrcnn_loss", "fused_mask_predictor_loss",
+    "paste_masks_in_image", "patch_torchvision",
+]

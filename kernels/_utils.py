@@ -41,6 +41,17 @@ def reference_path():
         _force_reference = previous
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block, restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should go through the Triton kernels (see module docstring)."""
     if _force_reference or t.dtype not in KERNEL_DTYPES:

@@ -25,10 +25,9 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from . import reference
-from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, launch, pair,
-                     register_tuning, use_triton)
-from .roi_align import (_bilinear_axis, _check_image_extent, _deterministic,
-                        _is_channels_last, _roi_box,
+from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor,
+                     deterministic_algorithms, launch, pair, register_tuning, use_triton)
+from .roi_align import (_bilinear_axis, _check_image_extent, _is_channels_last, _roi_box,
                         boxes_to_rois, roi_align_backward_deterministic)
 
 MAX_LEVELS = 5
@@ -692,5 +691,5 @@ def _compile_examples() -> None:
                 out = multiscale_roi_align(feats, boxes, image, 2, 2)
                 out.float().sum().backward()
                 if num_levels == 2:   # the deterministic backward's roi_align kernels
-                    with _deterministic():
+                    with deterministic_algorithms():
                         multiscale_roi_align(feats, boxes, image, 2, -1).float().sum().backward()

@@ -3,9 +3,9 @@
 They are written differently from the kernels on purpose, so that one checks the other.
 RoI Align's bilinear sampling is separable: a sample's weight is (weight along y) x
 (weight along x), and torchvision's out-of-range rule (y < -1 or y > H or x < -1 or
-x > W gives 0) is per axis too. So the whole op is one sparse matrix S (rows: output bins, columns: input pixels, values:
-weight_y * weight_x / count) applied to the input viewed as (N*H*W, C): ``out = S @ X``,
-and its gradient is ``S^T @ dout``.
+x > W gives 0) is per axis too. So the whole op is one sparse matrix S (rows: output
+bins, columns: input pixels, values: weight_y * weight_x / count) applied to the input
+viewed as (N*H*W, C): ``out = S @ X``, and its gradient is ``S^T @ dout``.
 """
 from __future__ import annotations
 

@@ -7,8 +7,6 @@ channels_last input). Any input strides work (NCHW, channels_last, or a strided 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -16,7 +14,8 @@ from torch import Tensor, nn
 
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_tensor,
-                     is_tracing, launch, pair, register_tuning, use_triton)
+                     deterministic_algorithms, is_tracing, launch, pair, register_tuning,
+                     use_triton)
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,15 +447,6 @@ def _compile_examples() -> None:
                 x.requires_grad_()
                 rois = torch.tensor([[0.0, 0.5, 0.5, 2.5, 3.0]])
                 roi_align(x, rois, 2, 1.0, -1, aligned).sum().backward()
-                with _deterministic():
+                with deterministic_algorithms():
                     roi_align(x, rois, 2, 1.0, -1, aligned).sum().backward()
 
-
-@contextlib.contextmanager
-def _deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)

@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 import kernels
 from conftest import tol
+from kernels._utils import deterministic_algorithms
 
 
 def random_rois(k: int, n: int, height: int, width: int, scale: float,
@@ -180,10 +181,8 @@ def test_bad_input(call, error, match):
 
 @pytest.fixture
 def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms():
+        yield
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -199,15 +198,12 @@ def test_deterministic_backward_parity_and_bitwise_repeats(backend, poison, layo
     grad = torch.randn(12, c, 3, 3, device=backend.device)
     xt = x.detach().contiguous().requires_grad_()
     torchvision.ops.roi_align(xt, rois, 3, 0.5, sampling, True).backward(grad)
-    torch.use_deterministic_algorithms(True)
-    try:
-        grads = []
+    grads = []
+    with deterministic_algorithms():
         for _ in range(3):
             xo = x.detach().clone().requires_grad_()
             kernels.roi_align(xo, rois, 3, 0.5, sampling, True).backward(grad)
             grads.append(xo.grad)
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert_close(grads[0], xt.grad, **tol(torch.float32))
     for g in grads[1:]:
         assert torch.equal(g, grads[0])
