@@ -86,6 +86,17 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def measure(row: dict, provider: str, fn: Callable[[], object], device: str, nbytes: int,
+            reps: int | None = None) -> None:
+    """Time ``fn`` and record, under ``<provider>_``: ms, 20/80 quantiles, peak bytes, GB/s."""
+    t = time_ms(fn, device, reps=reps)
+    row[f"{provider}_ms"] = t["ms"]
+    row[f"{provider}_ms_p20"] = t["ms_p20"]
+    row[f"{provider}_ms_p80"] = t["ms_p80"]
+    row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
+    row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+
+
 def write_results(section: str, rows: list[dict], config: dict, device: str,
                   path: Path | None = None) -> Path:
     """Merge ``rows`` under ``section`` into the device's results JSON; return its path."""

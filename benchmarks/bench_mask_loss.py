@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
 import kernels
-from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
-                                time_ms, write_results)
+from benchmarks._common import (default_device, format_table, measure, write_results)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 M = 28
@@ -96,17 +95,13 @@ def _time_providers(row, providers, mode, device, reps, nbytes):
                 loss.backward()
                 for p in params:
                     p.grad = None
-        t = time_ms(step, device, reps=reps)
-        row[f"{name}_ms"] = t["ms"]
-        row[f"{name}_ms_p20"] = t["ms_p20"]
-        row[f"{name}_ms_p80"] = t["ms_p80"]
-        row[f"{name}_peak_bytes"] = peak = peak_memory_bytes(step, device)
+        measure(row, name, step, device, nbytes, reps)
+        peak = row[f"{name}_peak_bytes"]
         # beyond the gradients both providers must return: the op's own scratch memory
         grads = sum(p.numel() * p.element_size() for p in params)
         row[f"{name}_scratch_bytes"] = (peak - grads if peak is not None and mode != "forward"
                                         else peak)
         row[f"{name}_held_bytes"] = held_bytes(forward, device) if mode != "forward" else None
-        row[f"{name}_GBps"] = gbps(nbytes, t["ms"])
     base = [p for p in providers if p != "ours"][0]
     row["baseline"] = base
     row["speedup"] = row[f"{base}_ms"] / row["ours_ms"]

@@ -21,8 +21,7 @@ import torch
 import torchvision
 
 import kernels
-from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
-                                time_ms, write_results)
+from benchmarks._common import (default_device, format_table, measure, write_results)
 
 IMAGE = (800, 1216)
 STRIDES = (4, 8, 16, 32)
@@ -105,12 +104,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                             res.backward(grad)
                             for t in xin.values():
                                 t.grad = None
-                    t = time_ms(step, device, reps=reps)
-                    row[f"{provider}_ms"] = t["ms"]
-                    row[f"{provider}_ms_p20"] = t["ms_p20"]
-                    row[f"{provider}_ms_p80"] = t["ms_p80"]
-                    row[f"{provider}_peak_bytes"] = peak_memory_bytes(step, device)
-                    row[f"{provider}_GBps"] = gbps(moved_bytes(x, k, size, mode), t["ms"])
+                    measure(row, provider, step, device, moved_bytes(x, k, size, mode), reps)
                 if "torchvision_ms" in row:
                     row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
                 rows.append(row)

@@ -19,8 +19,7 @@ import torch
 import torchvision
 
 import kernels
-from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
-                                time_ms, write_results)
+from benchmarks._common import (default_device, format_table, measure, write_results)
 
 IMAGE = (800, 1216)
 SIZES = (1000, 5000, 20000, 100000)
@@ -73,12 +72,7 @@ def run(quick: bool = False, dtypes=("float32",), device: str | None = None,
                 # bytes that must move: boxes and scores read, kept indices written
                 nbytes = n * (boxes.element_size() * 5 + (8 if op != "nms" else 0))
                 for provider, fn in (("ours", ours_fn), ("torchvision", tv_fn)):
-                    t = time_ms(fn, device, reps=reps)
-                    row[f"{provider}_ms"] = t["ms"]
-                    row[f"{provider}_ms_p20"] = t["ms_p20"]
-                    row[f"{provider}_ms_p80"] = t["ms_p80"]
-                    row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
-                    row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+                    measure(row, provider, fn, device, nbytes, reps)
                 row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
                 if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
                     row["memory_ratio"] = row["ours_peak_bytes"] / row["torchvision_peak_bytes"]

@@ -17,8 +17,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import kernels
-from benchmarks._common import (default_device, format_table, gbps, peak_memory_bytes,
-                                time_ms, write_results)
+from benchmarks._common import (default_device, format_table, measure, write_results)
 
 IMAGE = (800, 1216)
 MASKS = 100
@@ -90,12 +89,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
             nbytes = moved_bytes(masks, image, ours.element_size())
             del ours, ref
             for provider, fn in fns.items():
-                t = time_ms(fn, device, reps=reps)
-                row[f"{provider}_ms"] = t["ms"]
-                row[f"{provider}_ms_p20"] = t["ms_p20"]
-                row[f"{provider}_ms_p80"] = t["ms_p80"]
-                row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
-                row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+                measure(row, provider, fn, device, nbytes, reps)
             row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
             rows.append(row)
     if write:
