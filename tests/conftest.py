@@ -48,6 +48,16 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (model, CLI): on a shared 2-core
+    CPU, multi-threaded kernels on tiny tensors mostly wait at barriers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @dataclass(frozen=True)
 class Backend:
     """Where an op runs: the device of its tensors and whether the reference is forced."""

@@ -26,13 +26,7 @@ TINY = ["--num-images", "8", "--image-size", "64", "--batch-size", "2", "--val-i
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core CPU: multi-threaded kernels mostly wait at barriers
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(argv):

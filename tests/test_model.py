@@ -19,13 +19,7 @@ from kernels._utils import reference_path
 from maskrcnn.data import SyntheticShapes, collate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors on a shared 2-core CPU: multi-threaded kernels mostly wait at barriers
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
