@@ -70,7 +70,8 @@ def record(extra: list[dict] | None = None) -> list[dict]:
     for d in specs.values():
         # every row of the kernel's tuning table, not only the one these calls picked
         for row in tables.get(d["kernel"], [dict(d["tunables"])]):
-            e = dict(d, tunables=sorted([list(kv) for kv in row.items()]))
+            e = dict(d, tunables=sorted([list(kv) for kv in row.items()]),
+                     interpreter_only=row in _utils.INTERPRETER_ROWS.get(d["kernel"], []))
             key = json.dumps(e, sort_keys=True)
             if key not in seen:
                 seen.add(key)
@@ -188,6 +189,24 @@ def can_compile_without_gpu() -> str | None:
     if not _cuobjdump().exists():
         return f"cuobjdump not shipped with this Triton (looked at {_cuobjdump()})"
     return None
+
+
+def occupancy_notes() -> dict[str, str]:
+    """kernel id -> why its sm_90 occupancy below the target is the right trade."""
+    from kernels import _utils
+    for name in op_modules():
+        importlib.import_module(name)  # registering a tuning table registers its note
+    return dict(_utils.OCCUPANCY_NOTES)
+
+
+def below_occupancy_target(results: list[dict]) -> list[dict]:
+    """sm_90 results of rows a GPU runs whose occupancy is under the target, with no note."""
+    from kernels import _utils
+    notes = occupancy_notes()
+    return [r for r in results
+            if r["ok"] and r["arch"] == 90 and not r["spec"].get("interpreter_only")
+            and r["occupancy_sm90"] < _utils.OCCUPANCY_TARGET
+            and r["spec"]["kernel"] not in notes]
 
 
 def describe(spec: dict) -> str:

@@ -156,6 +156,11 @@ class Specialization:
 LAUNCHES: set[Specialization] = set()
 # kernel id -> the tuning table its launcher chooses from (list of dicts; "num_warps" in each)
 TUNING_TABLES: dict[str, list[dict]] = {}
+# kernel id -> the rows of its table that only the interpreter launches
+INTERPRETER_ROWS: dict[str, list[dict]] = {}
+# kernel id -> why its sm_90 occupancy below OCCUPANCY_TARGET is the right trade
+OCCUPANCY_NOTES: dict[str, str] = {}
+OCCUPANCY_TARGET = 0.5
 
 
 def kernel_id(kernel) -> str:
@@ -175,13 +180,26 @@ def _triton_type(value: Any) -> str:
     raise TypeError(f"unsupported kernel argument {value!r}")
 
 
-def register_tuning(kernel, table: list[dict]) -> list[dict]:
-    """Declare the rows a launcher may pick for ``kernel``; the compile check builds all."""
-    for row in table:
+def register_tuning(kernel, table: list[dict], interpreter: Sequence[dict] = (),
+                    occupancy_note: str | None = None) -> list[dict]:
+    """Declare the rows a launcher may pick for ``kernel``; the compile check builds all.
+
+    ``interpreter``: rows only the interpreter launches (it pays per op, so bigger tiles
+    make the tests faster); they are compiled too, but no GPU runs them, so the sm_90
+    occupancy target does not apply to them. ``occupancy_note``: why occupancy below
+    ``OCCUPANCY_TARGET`` is the right trade for this kernel (the static report prints it;
+    a GPU row below the target without one fails the compile check).
+    """
+    rows = list(table) + list(interpreter)
+    for row in rows:
         if "num_warps" not in row:
             raise ValueError("every tuning row needs num_warps")
-    TUNING_TABLES[kernel_id(kernel)] = table
-    return table
+    kid = kernel_id(kernel)
+    TUNING_TABLES[kid] = rows
+    INTERPRETER_ROWS[kid] = list(interpreter)
+    if occupancy_note:
+        OCCUPANCY_NOTES[kid] = occupancy_note
+    return rows
 
 
 def launch(kernel, grid, *args, tuning: dict, **constexprs) -> None:
