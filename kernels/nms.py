@@ -51,17 +51,8 @@ MASK_BUDGET_BYTES = 16 * 2**20
 # Kernels
 
 @triton.jit
-def _iou_over(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b, iou_threshold):
-    """IoU(a, b) > iou_threshold with torchvision's float32 arithmetic (broadcasting).
-
-    No fused multiply-add may touch it: the areas come from memory (computed by torch) and
-    the select keeps ``w * h`` out of reach of the subtraction.
-    """
-    w = tl.maximum(tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1), 0.0)
-    h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
-    inter = tl.where(w > 0.0, w * h, 0.0)
-    iou = tl.math.div_rn(inter, (area_a + area_b) - inter)
-    return iou > iou_threshold
+def _or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -74,47 +65,62 @@ def _load_boxes(ptr, n, offs, mask):
 
 
 @triton.jit
-def _nms_mask_kernel(
-    boxes_ptr,  # (5, N) float32: x1, y1, x2, y2, area rows of the sorted boxes
-    seg_hi_ptr,  # (N,) int32: one past the last sorted position of each box's segment
-    mask_ptr,  # (N, wcap) int64: out, word t of row i covers boxes 64 * (i // 64 + t) + k
-    n, wcap, iou_threshold,
-    BLOCK_T: tl.constexpr,
-):
-    # One 64-row block; its rows share their columns, so column boxes load once as vectors.
-    # Tiles are [columns, rows]: each thread keeps few rows' boxes live across the loop.
-    block = tl.program_id(0)
-    r = tl.arange(0, 64)
-    rows = block * 64 + r
-    row_ok = rows < n
-    hi = tl.load(seg_hi_ptr + rows, mask=row_ok, other=0)
-    row_words = tl.minimum(tl.where(row_ok, (hi - 1) // 64 - block + 1, 0), wcap)
-    t_end = tl.max(row_words, axis=0)
-    ax1 = tl.load(boxes_ptr + rows, mask=row_ok, other=0.0)[None, :]
-    ay1 = tl.load(boxes_ptr + n + rows, mask=row_ok, other=0.0)[None, :]
-    ax2 = tl.load(boxes_ptr + 2 * n + rows, mask=row_ok, other=1.0)[None, :]
-    ay2 = tl.load(boxes_ptr + 3 * n + rows, mask=row_ok, other=1.0)[None, :]
-    area_a = tl.load(boxes_ptr + 4 * n + rows, mask=row_ok, other=1.0)[None, :]
-    kk = tl.arange(0, BLOCK_T * 64)
-    bit = (tl.full([BLOCK_T * 64], 1, tl.int64) << (kk % 64).to(tl.int64))[:, None]
-    row_off = rows.to(tl.int64) * wcap
-    for t0 in range(tl.program_id(1) * BLOCK_T, t_end, tl.num_programs(1) * BLOCK_T):
-        cols = (block + t0) * 64 + kk
+def _suppression_words(boxes_ptr, n, iou_threshold, ax1, ay1, ax2, ay2, area_a, rows, hi,
+                       col_block, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_T, 64] int64: bit k of word (t, r) is set when row box ``rows[r]`` suppresses
+    box ``64 * (col_block + t) + k``: IoU > threshold, later in the same segment (< hi[r]).
+
+    Row boxes are [64] vectors. Tiles are [columns, rows]; each step ORs BLOCK_K columns of
+    every word into the rows' words, so a thread keeps few columns live (registers bound
+    how many programs an SM holds). IoU is torchvision's float32 arithmetic, with no fused
+    multiply-add: the areas come from memory (computed by torch), the select keeps
+    ``w * h`` out of reach of the subtraction, and the division is IEEE (``div_rn``).
+    """
+    kk = tl.arange(0, BLOCK_T * BLOCK_K)
+    bit = (tl.full([BLOCK_T * BLOCK_K], 1, tl.int64) << (kk % BLOCK_K).to(tl.int64))[:, None]
+    col0 = (col_block + kk // BLOCK_K) * 64 + kk % BLOCK_K
+    words = tl.zeros([BLOCK_T, 64], dtype=tl.int64)
+    for k0 in range(0, 64, BLOCK_K):
+        cols = col0 + k0
         col_ok = cols < n
         bx1 = tl.load(boxes_ptr + cols, mask=col_ok, other=0.0)[:, None]
         by1 = tl.load(boxes_ptr + n + cols, mask=col_ok, other=0.0)[:, None]
         bx2 = tl.load(boxes_ptr + 2 * n + cols, mask=col_ok, other=1.0)[:, None]
         by2 = tl.load(boxes_ptr + 3 * n + cols, mask=col_ok, other=1.0)[:, None]
         area_b = tl.load(boxes_ptr + 4 * n + cols, mask=col_ok, other=1.0)[:, None]
-        # _iou_over inlined by hand (the interpreter pays per call)
-        w = tl.maximum(tl.minimum(ax2, bx2) - tl.maximum(ax1, bx1), 0.0)
-        h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
+        w = tl.maximum(tl.minimum(ax2[None, :], bx2) - tl.maximum(ax1[None, :], bx1), 0.0)
+        h = tl.maximum(tl.minimum(ay2[None, :], by2) - tl.maximum(ay1[None, :], by1), 0.0)
         inter = tl.where(w > 0.0, w * h, 0.0)
-        iou = tl.math.div_rn(inter, (area_a + area_b) - inter)
-        later = (cols[:, None] > rows[None, :]) & (cols[:, None] < hi[None, :])  # same segment
+        iou = tl.math.div_rn(inter, (area_a[None, :] + area_b) - inter)
+        later = (cols[:, None] > rows[None, :]) & (cols[:, None] < hi[None, :])
         over = (iou > iou_threshold) & later
-        # distinct bits: the sum over a word's 64 columns is their OR
-        words = tl.sum(tl.reshape(tl.where(over, bit, 0), [BLOCK_T, 64, 64]), axis=1)
+        # distinct bits: the sum over a word's columns is their OR
+        part = tl.sum(tl.reshape(tl.where(over, bit, 0), [BLOCK_T, BLOCK_K, 64]), axis=1)
+        words = words | (part << k0)
+    return words
+
+
+@triton.jit
+def _nms_mask_kernel(
+    boxes_ptr,  # (5, N) float32: x1, y1, x2, y2, area rows of the sorted boxes
+    seg_hi_ptr,  # (N,) int32: one past the last sorted position of each box's segment
+    mask_ptr,  # (N, wcap) int64: out, word t of row i covers boxes 64 * (i // 64 + t) + k
+    n, wcap, iou_threshold,
+    BLOCK_T: tl.constexpr,  # words per step
+    BLOCK_K: tl.constexpr,  # columns of each word per inner step (divides 64)
+):
+    # One 64-row block; its rows share their columns, so column boxes load once as vectors.
+    block = tl.program_id(0)
+    rows = block * 64 + tl.arange(0, 64)
+    row_ok = rows < n
+    hi = tl.load(seg_hi_ptr + rows, mask=row_ok, other=0)
+    row_words = tl.minimum(tl.where(row_ok, (hi - 1) // 64 - block + 1, 0), wcap)
+    t_end = tl.max(row_words, axis=0)
+    ax1, ay1, ax2, ay2, area_a = _load_boxes(boxes_ptr, n, rows, row_ok)
+    row_off = rows.to(tl.int64) * wcap
+    for t0 in range(tl.program_id(1) * BLOCK_T, t_end, tl.num_programs(1) * BLOCK_T):
+        words = _suppression_words(boxes_ptr, n, iou_threshold, ax1, ay1, ax2, ay2, area_a,
+                                   rows, hi, block + t0, BLOCK_T, BLOCK_K)
         t = t0 + tl.arange(0, BLOCK_T)
         tl.store(mask_ptr + row_off[None, :] + t[:, None], words,
                  mask=t[:, None] < row_words[None, :])
@@ -129,7 +135,8 @@ def _nms_greedy_kernel(
     removed_ptr,  # (2N + 2,) int64, zeroed: segment g's removed words live at bounds[g] + g
     keep_ptr,  # (N,) int8: out, 1 where the sorted box is kept
     n, wcap, iou_threshold,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # band words per step
+    BLOCK_K: tl.constexpr,  # columns per inner step of the words computed on the fly
 ):
     j = tl.arange(0, 64)
     bit = tl.full([64], 1, tl.int64) << j.to(tl.int64)
@@ -148,7 +155,6 @@ def _nms_greedy_kernel(
             removed = tl.load(removed_seg + bb, cache_modifier=".cg")
             cand = tl.sum(tl.where(row_ok, bit, 0), axis=0) & ~removed
             diag = tl.load(mask_ptr + row_off, mask=((cand >> j) & 1) != 0, other=0)
-            diag_bits = ((diag[:, None] >> j[None, :].to(tl.int64)) & 1) != 0  # [row, column]
             # Fixed point of keep = cand & ~OR{diag[r] : r kept}: bit k depends on bits < k
             # only, so it settles on the greedy answer in at most 64 rounds (usually 2 or 3).
             keep = cand
@@ -156,8 +162,7 @@ def _nms_greedy_kernel(
             while keep != prev:
                 prev = keep
                 kept = ((keep >> j) & 1) != 0
-                hit = tl.max((diag_bits & kept[:, None]).to(tl.int32), axis=0) != 0
-                keep = cand & ~tl.sum(tl.where(hit, bit, 0), axis=0)
+                keep = cand & ~tl.reduce(tl.where(kept, diag, 0), 0, _or)
             kept = ((keep >> j) & 1) != 0
             tl.store(keep_ptr + rows, kept.to(tl.int8), mask=row_ok)
             if keep != 0:
@@ -170,33 +175,32 @@ def _nms_greedy_kernel(
                                  mask=m & (words != 0), sem="relaxed")
                 # Blocks past the band (segments longer than the band): IoU on the fly.
                 ax1, ay1, ax2, ay2, area_a = _load_boxes(boxes_ptr, n, rows, row_ok)
+                hi_rows = tl.where(row_ok, hi, 0)
                 for t in range(band_end, nb - bb):
-                    cols = (first + bb + t) * 64 + j
-                    col_ok = cols < hi
                     old = tl.load(removed_seg + bb + t, cache_modifier=".cg")
-                    alive = tl.sum(tl.where(col_ok, bit, 0), axis=0) & ~old
-                    if alive != 0:
-                        bx1, by1, bx2, by2, area_b = _load_boxes(boxes_ptr, n, cols, col_ok)
-                        over = _iou_over(ax1[:, None], ay1[:, None], ax2[:, None], ay2[:, None],
-                                         area_a[:, None], bx1[None, :], by1[None, :],
-                                         bx2[None, :], by2[None, :], area_b[None, :],
-                                         iou_threshold)
-                        over = over & kept[:, None] & col_ok[None, :]
-                        hit = tl.max(over.to(tl.int32), axis=0) != 0
-                        tl.atomic_or(removed_seg + bb + t,
-                                     tl.sum(tl.where(hit, bit, 0), axis=0), sem="relaxed")
+                    if ~old != 0:
+                        words = _suppression_words(boxes_ptr, n, iou_threshold, ax1, ay1, ax2,
+                                                   ay2, area_a, rows, hi_rows, first + bb + t,
+                                                   1, BLOCK_K)
+                        hit = tl.reduce(tl.where(kept, tl.sum(words, axis=0), 0), 0, _or)
+                        tl.atomic_or(removed_seg + bb + t, hit & ~old, sem="relaxed")
             # The next block reads removed words other threads just updated.
             tl.debug_barrier()
 
 
-# Mask tiles: one word per step on the GPU (168 registers at 2 warps on sm_90, several
-# programs per SM); four per step for the interpreter, which pays per op (246 registers at
-# 8 warps, no spills: it compiles too). Bigger tiles spill.
-_MASK_TUNING = register_tuning(_nms_mask_kernel, [
-    {"BLOCK_T": 1, "num_warps": 2},
-    {"BLOCK_T": 4, "num_warps": 8},
-])
-_GREEDY_TUNING = register_tuning(_nms_greedy_kernel, [{"BLOCK_T": 64, "num_warps": 8}])
+# Mask tiles: on the GPU one word per step, 4 columns per inner step: each thread owns a
+# row and ORs its 4 columns in registers (56 registers on sm_90, 56% occupancy; a whole
+# [64, 64] word tile took 168). The interpreter, which pays per op, does 4 whole words per
+# step instead.
+_MASK_GPU = {"BLOCK_T": 1, "BLOCK_K": 4, "num_warps": 2}
+_MASK_INTERPRETER = {"BLOCK_T": 4, "BLOCK_K": 64, "num_warps": 8}
+register_tuning(_nms_mask_kernel, [_MASK_GPU], interpreter=[_MASK_INTERPRETER])
+# Greedy pass: 16 band words per step over 8 warps (59 registers, 50% occupancy; the
+# serial single-segment pass wants wide steps, batched NMS many programs per SM). Words
+# past the band are computed 4 columns per inner step, as in the mask kernel.
+_GREEDY_GPU = {"BLOCK_T": 16, "BLOCK_K": 4, "num_warps": 8}
+_GREEDY_INTERPRETER = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8}
+register_tuning(_nms_greedy_kernel, [_GREEDY_GPU], interpreter=[_GREEDY_INTERPRETER])
 # Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
 _GREEDY_PROGRAMS = 1024
 
@@ -274,7 +278,7 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
     mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
     keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
-    tm = _MASK_TUNING[1] if INTERPRET else _MASK_TUNING[0]
+    tm = _MASK_INTERPRETER if INTERPRET else _MASK_GPU
     # Programs per row block stride over its words: enough to fill the GPU without
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
@@ -284,7 +288,7 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
            threshold, tuning=tm)
     programs = min(n, 4 if INTERPRET else _GREEDY_PROGRAMS) if segmented else 1
     launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
-           n, wcap, threshold, tuning=_GREEDY_TUNING[0])
+           n, wcap, threshold, tuning=_GREEDY_INTERPRETER if INTERPRET else _GREEDY_GPU)
     return keep
 
 

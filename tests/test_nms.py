@@ -169,6 +169,25 @@ def test_band_overflow_computes_on_the_fly(backend, poison, monkeypatch):
                     _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
 
 
+@pytest.mark.parametrize("budget_words", [None, 2])
+def test_gpu_tiles(backend, poison, monkeypatch, budget_words):
+    # The interpreter launches whole-word tiles; run the GPU rows (inner loops over column
+    # chunks, narrower band steps) here too, so their code is checked without a GPU. A
+    # two-word band sends long segments down the on-the-fly path.
+    monkeypatch.setattr(nms_module, "_MASK_INTERPRETER", nms_module._MASK_GPU)
+    monkeypatch.setattr(nms_module, "_GREEDY_INTERPRETER", nms_module._GREEDY_GPU)
+    n = 400
+    if budget_words:
+        monkeypatch.setattr(nms_module, "MASK_BUDGET_BYTES", 8 * n * budget_words)
+    boxes, scores = random_boxes(n, backend.device)
+    idxs = torch.randint(0, 2, (n,), device=backend.device)
+    for thr in (0.3, 0.6):
+        assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
+                    scores)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+                    _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+
+
 def test_non_contiguous_inputs(backend):
     boxes, scores = random_boxes(90, backend.device)
     wide = torch.cat([boxes, boxes], 1)[:, :4]  # row stride 8
