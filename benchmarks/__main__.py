@@ -1,7 +1,7 @@
 """The benchmark report: every op (and the model) against torchvision, on the device present.
 
     python -m benchmarks [--quick | --full] [--ops roi_align,nms] [--dtype float32,bfloat16]
-                         [--out benchmarks/results]
+                         [--out benchmarks/results] [--no-static]
 
 On a CUDA device the default is the full report; on the CPU it is --quick.
 
@@ -9,6 +9,9 @@ Writes ``<out>/<device>.json`` (all numbers and the environment), ``<out>/<devic
 (one table per op: ours, the baseline, speed-up, achieved GB/s and its share of the
 device's measured copy bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png``
 (speed-up per shape). Each benchmark checks its result against the baseline before timing.
+The report ends with the static kernel report (``python -m benchmarks.static``: registers,
+spills, shared memory and sm_90 occupancy of every kernel compiled for sm_80/sm_90);
+``--no-static`` leaves it out.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import static
 from benchmarks._common import (RESULTS_DIR, default_device, device_name, device_slug,
                                 environment, format_table, time_ms)
 
@@ -109,6 +113,13 @@ def markdown(results: dict, bandwidth: float) -> str:
         out += [f"## {op}", "", format_table(rows, columns), ""]
         if section.get("plot"):
             out += [f"![{op}]({Path(section['plot']).name})", ""]
+    static_section = results.get("static")
+    if static_section:
+        out += ["## Static kernel report (sm_80 / sm_90, compiled without a GPU)", ""]
+        if "skipped" in static_section:
+            out += [f"Skipped: {static_section['skipped']}", ""]
+        else:
+            out += [static.markdown(static_section["rows"], static_section["failures"]), ""]
     return "\n".join(out)
 
 
@@ -121,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32,bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--no-static", action="store_true",
+                   help="leave out the static kernel report (registers, spills, occupancy)")
     a = p.parse_args(argv)
     device = a.device or default_device()
     quick = a.quick or (device == "cpu" and not a.full)
@@ -147,6 +160,9 @@ def main(argv=None) -> int:
         if png:
             section["plot"] = str(png)
         results["benchmarks"][op] = section
+    if not a.no_static:
+        print("compiling every kernel for sm_80/sm_90 (static kernel report)")
+        results["static"] = static.report_section()
     json_path = a.out / f"{slug}.json"
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")

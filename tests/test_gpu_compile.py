@@ -53,6 +53,19 @@ def test_no_spills_on_sm90(compiled):
     assert not spills, "register spills (local memory) on sm_90:\n" + "\n".join(spills)
 
 
+def test_occupancy_target_on_sm90(compiled):
+    """Every row a GPU runs reaches the theoretical sm_90 occupancy target (50%), or its
+    kernel's tuning table says why a lower one is the right trade (``occupancy_note``).
+    Interpreter-only rows are compiled above but never run on a GPU."""
+    _, results = compiled
+    assert any(r["spec"].get("interpreter_only") is False for r in results)
+    low = [f"{r['spec']['kernel']} [{_aot.describe(r['spec'])}]: "
+           f"{r['occupancy_sm90']:.0%} at {r['registers']} registers"
+           for r in _aot.below_occupancy_target(results)]
+    assert not low, (f"below {_utils.OCCUPANCY_TARGET:.0%} occupancy on sm_90 with no "
+                     "occupancy_note:\n" + "\n".join(low))
+
+
 def test_compile_check_catches_what_the_interpreter_accepts(tmp_path):
     """A kernel with `break` in a loop runs in the interpreter but must fail here."""
     reason = _aot.can_compile_without_gpu()

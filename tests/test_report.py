@@ -9,6 +9,7 @@ import sys
 from PIL import Image
 
 from benchmarks.__main__ import OPS
+from kernels import _aot
 
 
 def test_quick_report_writes_json_markdown_and_plots(tmp_path):
@@ -35,3 +36,15 @@ def test_quick_report_writes_json_markdown_and_plots(tmp_path):
         with Image.open(section["plot"]) as png:
             assert png.format == "PNG" and png.width > 100 and png.height > 100
             png.verify()
+    # the report ends with the static kernel report: every kernel compiled, or why not
+    static = data["static"]
+    reason = _aot.can_compile_without_gpu()
+    if reason:
+        assert static == {"skipped": reason}
+        assert f"Skipped: {reason}" in markdown
+    else:
+        assert not static["failures"]
+        reported = {r["kernel"] for r in static["rows"]}
+        assert reported == {k.split(":")[1] for k in _aot.launched_kernels()}
+        assert all(r["spill_bytes"] == 0 for r in static["rows"])
+        assert "## Static kernel report" in markdown and "occupancy_sm90" in markdown
