@@ -22,13 +22,14 @@ measured.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
 import kernels
-from benchmarks._common import (default_device, format_table, measure, write_results)
+from benchmarks._common import default_device, format_table, measure, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 M = 28
@@ -102,7 +103,7 @@ def _time_providers(row, providers, mode, device, reps, nbytes):
         row[f"{name}_scratch_bytes"] = (peak - grads if peak is not None and mode != "forward"
                                         else peak)
         row[f"{name}_held_bytes"] = held_bytes(forward, device) if mode != "forward" else None
-    base = [p for p in providers if p != "ours"][0]
+    base = next(p for p in providers if p != "ours")
     row["baseline"] = base
     row["speedup"] = row[f"{base}_ms"] / row["ours_ms"]
     if row["ours_peak_bytes"]:
@@ -155,8 +156,8 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 loss_bytes = n * M * M * (2 * e) + n * k * M * M * e   # selected + targets + grad
 
                 # --- mask_loss vs gather + BCE
-                ours = (lambda: kernels.mask_loss(x, targets, labels), [x])
-                base = (lambda: torch_mask_loss(x, targets, labels), [x])
+                ours = (partial(kernels.mask_loss, x, targets, labels), [x])
+                base = (partial(torch_mask_loss, x, targets, labels), [x])
                 _check_equal(_loss_and_grads(*ours), _loss_and_grads(*base), dtype)
                 for mode in ("forward", "forward+backward"):
                     row = {"op": "mask_loss", "dtype": dname, "N": n, "K": k, "M": M,
@@ -169,8 +170,8 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 # targets densely too; on the CPU only float32 is compared, as torchvision's
                 # CPU roi_align lacks bfloat16)
                 if not (device == "cpu" and dtype != torch.float32):
-                    ours = (lambda: kernels.maskrcnn_loss(x, *inst), [x])
-                    base = (lambda: tv_maskrcnn_loss(x, *inst), [x])
+                    ours = (partial(kernels.maskrcnn_loss, x, *inst), [x])
+                    base = (partial(tv_maskrcnn_loss, x, *inst), [x])
                     _check_equal(_loss_and_grads(*ours), _loss_and_grads(*base), dtype)
                     for mode in ("forward", "forward+backward"):
                         row = {"op": "maskrcnn_loss", "dtype": dname, "N": n, "K": k, "M": M,
@@ -189,9 +190,9 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 weight.requires_grad_()
                 bias.requires_grad_()
                 params = [feats, weight, bias]
-                ours = (lambda: kernels.fused_mask_predictor_loss(feats, weight, bias, targets,
-                                                                  labels), params)
-                base = (lambda: torch_predictor_loss(feats, weight, bias, targets, labels),
+                ours = (partial(kernels.fused_mask_predictor_loss, feats, weight, bias, targets,
+                                labels), params)
+                base = (partial(torch_predictor_loss, feats, weight, bias, targets, labels),
                         params)
                 _check_equal(_loss_and_grads(*ours), _loss_and_grads(*base), dtype)
                 fbytes = feats.numel() * e
