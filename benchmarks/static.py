@@ -31,11 +31,6 @@ def summarize(results: list[dict]) -> list[dict]:
     rows = []
     for (kernel, tuning, interpreter_only, arch), rs in sorted(groups.items()):
         occupancy = min(r["occupancy_sm90"] for r in rs) if arch == 90 else None
-        note = None
-        if interpreter_only:
-            note = "interpreter only: no GPU runs this row"
-        elif occupancy is not None and occupancy < OCCUPANCY_TARGET:
-            note = notes.get(kernel, "BELOW TARGET, NOT JUSTIFIED")
         rows.append({
             "kernel": kernel.split(":")[1], "tuning": tuning, "arch": f"sm_{arch}",
             "runs_on": "interpreter" if interpreter_only else "GPU", "variants": len(rs),
@@ -44,7 +39,7 @@ def summarize(results: list[dict]) -> list[dict]:
             "shared_bytes": max(r["shared_bytes"] for r in rs),
             "num_warps": rs[0]["num_warps"],
             "occupancy_sm90": f"{occupancy:.0%}" if occupancy is not None else None,
-            "note": note,
+            "note": _aot.occupancy_note(rs[0]["spec"], occupancy, notes),
         })
     return rows
 
@@ -64,9 +59,7 @@ def notes_text(rows: list[dict]) -> str:
 
 
 def run(write: bool = True) -> tuple[list[dict], list[dict]]:
-    reason = _aot.can_compile_without_gpu()
-    if reason:
-        raise SystemExit(reason)
+    """Record, compile and summarize (the caller checks can_compile_without_gpu first)."""
     specs = _aot.record_in_subprocess()
     results = _aot.compile_in_subprocess(specs)
     rows = summarize(results)
@@ -102,6 +95,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--markdown", type=Path, help="also write the table to this file")
     a = p.parse_args(argv)
+    reason = _aot.can_compile_without_gpu()
+    if reason:
+        raise SystemExit(reason)
     rows, results = run()
     failed = [r for r in results if not r["ok"]]
     table = markdown(rows, failed)

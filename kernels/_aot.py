@@ -191,6 +191,10 @@ def can_compile_without_gpu() -> str | None:
     return None
 
 
+INTERPRETER_ONLY = "interpreter only: no GPU runs this row"
+UNJUSTIFIED = "BELOW TARGET, NOT JUSTIFIED"
+
+
 def occupancy_notes() -> dict[str, str]:
     """kernel id -> why its sm_90 occupancy below the target is the right trade."""
     from kernels import _utils
@@ -199,14 +203,22 @@ def occupancy_notes() -> dict[str, str]:
     return dict(_utils.OCCUPANCY_NOTES)
 
 
+def occupancy_note(spec: dict, occupancy: float | None, notes: dict[str, str]) -> str | None:
+    """Why a row is exempt from, or sits below, the sm_90 occupancy target: INTERPRETER_ONLY,
+    the kernel's note, UNJUSTIFIED; None when it meets the target (or is not sm_90)."""
+    from kernels import _utils
+    if spec.get("interpreter_only"):
+        return INTERPRETER_ONLY
+    if occupancy is None or occupancy >= _utils.OCCUPANCY_TARGET:
+        return None
+    return notes.get(spec["kernel"], UNJUSTIFIED)
+
+
 def below_occupancy_target(results: list[dict]) -> list[dict]:
     """sm_90 results of rows a GPU runs whose occupancy is under the target, with no note."""
-    from kernels import _utils
     notes = occupancy_notes()
-    return [r for r in results
-            if r["ok"] and r["arch"] == 90 and not r["spec"].get("interpreter_only")
-            and r["occupancy_sm90"] < _utils.OCCUPANCY_TARGET
-            and r["spec"]["kernel"] not in notes]
+    return [r for r in results if r["ok"] and r["arch"] == 90
+            and occupancy_note(r["spec"], r["occupancy_sm90"], notes) == UNJUSTIFIED]
 
 
 def describe(spec: dict) -> str:
