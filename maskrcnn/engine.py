@@ -64,12 +64,15 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint this package wrote, loaded with ``weights_only=True``: tensors, numbers,
+    strings and containers only, so a pickle from elsewhere cannot run code."""
     if not os.path.isfile(path):
         raise data.DataError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types on a truncated/foreign file
-        raise data.DataError(f"cannot read checkpoint {path}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise data.DataError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise data.DataError(f"{path} is not a maskrcnn checkpoint (no model/config)")
     return ckpt

@@ -141,6 +141,26 @@ def test_corrupt_image_in_predict_writes_nothing(checkpoint, tmp_path, capsys):
     assert not out_dir.exists()
 
 
+class _RunsCode:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _RunsCode(str(marker)), "config": {}}, evil)
+    out = tmp_path / "e.json"
+    assert _run(["evaluate", "--checkpoint", str(evil), "--output", str(out)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert not marker.exists() and not out.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_unavailable_device(tmp_path, capsys):
     out = tmp_path / "m.pt"
