@@ -23,6 +23,16 @@ class DataError(ValueError):
     """A data set file is missing, malformed or unreadable (the CLI exits with code 2)."""
 
 
+def require_pycocotools():
+    """The pycocotools modules (mask, coco, cocoeval), or DataError naming what is missing."""
+    try:
+        from pycocotools import coco, cocoeval, mask
+    except ImportError as e:
+        raise DataError(f"COCO data, COCO evaluation and RLE masks need pycocotools ({e}); "
+                        "install it with `pip install pycocotools`") from None
+    return mask, coco, cocoeval
+
+
 SHAPES = ("rectangle", "ellipse", "triangle")
 
 
@@ -203,7 +213,6 @@ class Resize:
 
 def load_coco_json(ann_file: str):
     """pycocotools COCO from a file, with DataError on any problem (named, explained)."""
-    from pycocotools.coco import COCO
     if not os.path.isfile(ann_file):
         raise DataError(f"annotation file not found: {ann_file}")
     try:
@@ -217,6 +226,7 @@ def load_coco_json(ann_file: str):
         raise DataError(f"annotation file {ann_file} is not COCO instances format: expected an "
                         "object with 'images', 'annotations' and 'categories' lists")
     data.setdefault("annotations", [])
+    coco_module = require_pycocotools()[1]
     try:
         for img in data["images"]:
             int(img["id"]), str(img["file_name"]), int(img["height"]), int(img["width"])
@@ -226,7 +236,7 @@ def load_coco_json(ann_file: str):
             int(ann["image_id"]), int(ann["category_id"])
             if "segmentation" not in ann or len(ann["bbox"]) != 4:
                 raise KeyError("segmentation/bbox")
-        coco = COCO()
+        coco = coco_module.COCO()
         coco.dataset = data
         coco.createIndex()
     except (KeyError, TypeError, ValueError) as e:

@@ -1,4 +1,9 @@
-"""COCO box and mask AP via pycocotools."""
+"""COCO box and mask AP via pycocotools.
+
+pycocotools is imported when first needed (``data.require_pycocotools``), not with this
+module: the ops, the model and training work without it (a GPU machine may not have it),
+and what needs it raises ``DataError`` (the CLI's exit code 2) saying so.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,24 +12,25 @@ from typing import Optional
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+
+from .data import require_pycocotools
 
 STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 
 
 def encode_mask(mask: np.ndarray) -> dict:
+    mask_util, _, _ = require_pycocotools()
     rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
 
 
-def coco_ground_truth(dataset) -> COCO:
+def coco_ground_truth(dataset):
     """The data set's own COCO object, or one built from its targets (SyntheticShapes)."""
     if hasattr(dataset, "coco"):
         return dataset.coco
+    _, coco_module, _ = require_pycocotools()
     images, anns = [], []
     for i in range(len(dataset)):
         image, target = dataset[i]
@@ -38,7 +44,7 @@ def coco_ground_truth(dataset) -> COCO:
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(label),
                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(m.sum()),
                          "iscrowd": int(crowd), "segmentation": encode_mask(m)})
-    coco = COCO()
+    coco = coco_module.COCO()
     coco.dataset = {"images": images, "annotations": anns,
                     "categories": [dict(c) for c in dataset.categories]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -83,14 +89,15 @@ def predict_dataset(model, dataset, device, batch_size: int = 4, progress: bool 
     return results
 
 
-def coco_evaluate(coco_gt: COCO, results: list[dict]) -> tuple[dict, str]:
+def coco_evaluate(coco_gt, results: list[dict]) -> tuple[dict, str]:
     """Box and mask AP: ({"bbox": {AP, AP50, ...}, "segm": {...}}, printed table)."""
+    _, _, cocoeval = require_pycocotools()
     metrics, out = {}, io.StringIO()
     for iou_type in ("bbox", "segm"):
         with contextlib.redirect_stdout(out if results else io.StringIO()):
             if results:
                 coco_dt = coco_gt.loadRes([dict(r) for r in results])
-                ev = COCOeval(coco_gt, coco_dt, iou_type)
+                ev = cocoeval.COCOeval(coco_gt, coco_dt, iou_type)
                 print(f"IoU metric: {iou_type}")
                 ev.evaluate()
                 ev.accumulate()

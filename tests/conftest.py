@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 import zlib
@@ -11,6 +12,20 @@ import pytest
 import torch
 
 from kernels._utils import INTERPRET, reference_path
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+# Optional packages: the ops and the model need neither; a test that needs one is skipped
+# with the reason (the GPU machine has no pycocotools), never an error at collection.
+requires_pycocotools = pytest.mark.skipif(
+    not _importable("pycocotools"),
+    reason="pycocotools is not installed (COCO data, COCO evaluation and RLE output need it)")
 
 # One seed per session (printed in the header; set TEST_SEED to replay a run); each test
 # mixes in its own node id, so every case gets fresh inputs and a failure can be replayed.
@@ -30,12 +45,40 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict:
     return {k: v * scale for k, v in TOL[dtype].items()}
 
 
+BACKEND_NAMES = ("reference", "interpreter", "cuda")
+# TEST_BACKENDS=cuda runs only the CUDA cases (the GPU kit's test step: the reference and
+# interpreter backends are the CPU's job); a comma list picks several. Unset: every backend.
+SELECTED_BACKENDS = tuple(b for b in os.environ.get("TEST_BACKENDS", "").split(",") if b)
+
+
+def backend_selected(name: str) -> bool:
+    return not SELECTED_BACKENDS or name in SELECTED_BACKENDS
+
+
 def pytest_report_header(config):
     return (f"TEST_SEED={SESSION_SEED}  TRITON_INTERPRET={int(INTERPRET)}  "
-            f"cuda={torch.cuda.is_available()}")
+            f"cuda={torch.cuda.is_available()}  "
+            f"TEST_BACKENDS={','.join(SELECTED_BACKENDS) or 'all'}")
 
 
 def pytest_collection_modifyitems(config, items):
+    if SELECTED_BACKENDS:
+        unknown = set(SELECTED_BACKENDS) - set(BACKEND_NAMES)
+        if unknown:
+            raise pytest.UsageError(f"TEST_BACKENDS: unknown backend(s) {sorted(unknown)}; "
+                                    f"choose from {BACKEND_NAMES}")
+        # keep the cases of the selected backends: tests parametrized by `backend`, and
+        # tests marked multi_backend that loop over the selected backends themselves
+        keep, drop = [], []
+        for item in items:
+            spec = getattr(item, "callspec", None)
+            backend = spec.params.get("backend") if spec else None
+            chosen = (backend_selected(backend.name) if backend is not None
+                      else item.get_closest_marker("multi_backend") is not None)
+            (keep if chosen else drop).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
     # The GPU compile check compiles what the other tests launched: run it last.
     items.sort(key=lambda item: item.get_closest_marker("compile_check") is not None)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import requires_pycocotools
 from kernels._utils import reference_path
 from maskrcnn import cli, engine
 
@@ -80,6 +81,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["c.pt"]
 
 
+@requires_pycocotools
 def test_evaluate_on_tiny_synthetic_set(checkpoint, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert _run(["evaluate", "--checkpoint", checkpoint, "--num-images", "3",
@@ -91,6 +93,7 @@ def test_evaluate_on_tiny_synthetic_set(checkpoint, tmp_path, capsys):
     assert "IoU metric: segm" in capsys.readouterr().out
 
 
+@requires_pycocotools
 def test_predict_writes_png_and_json(checkpoint, tmp_path):
     src = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)) \
@@ -118,6 +121,7 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert not out.exists()
 
 
+@requires_pycocotools
 def test_malformed_annotation_json(checkpoint, tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     ann = tmp_path / "bad.json"
@@ -139,6 +143,27 @@ def test_corrupt_image_in_predict_writes_nothing(checkpoint, tmp_path, capsys):
                  "--output-dir", str(out_dir)]) == 2
     assert "bad.jpg" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_without_pycocotools(checkpoint, tmp_path, capsys, monkeypatch):
+    # evaluate and predict (RLE masks in the JSON) exit with 2 naming pycocotools, writing
+    # nothing; train on the synthetic set skips its held-out evaluation and says so
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    out = tmp_path / "e.json"
+    assert _run(["evaluate", "--checkpoint", checkpoint, "--num-images", "2",
+                 "--output", str(out), "--device", "cpu"]) == 2
+    assert "pycocotools" in capsys.readouterr().err and not out.exists()
+    src = tmp_path / "in.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(src)
+    assert _run(["predict", "--checkpoint", checkpoint, str(src), "--output-dir",
+                 str(tmp_path / "pred"), "--device", "cpu"]) == 2
+    assert "pycocotools" in capsys.readouterr().err and not (tmp_path / "pred").exists()
+    model = tmp_path / "m.pt"
+    assert _run(["train", *TINY[:2], "--image-size", "64", "--batch-size", "2",
+                 "--val-images", "2", "--max-steps", "1", "--device", "cpu",
+                 "--output", str(model)]) == 0
+    assert "no held-out evaluation after training" in capsys.readouterr().out
+    assert model.exists() and not (tmp_path / "m_eval.json").exists()
 
 
 class _RunsCode:
@@ -192,6 +217,7 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
     assert ckpt["step"] == 2
 
 
+@requires_pycocotools
 def test_evaluate_on_a_coco_format_folder(checkpoint, tmp_path):
     # a COCO folder made from synthetic images (RLE masks), evaluated through --images
     from maskrcnn.data import SyntheticShapes

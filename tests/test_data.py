@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pycocotools import mask as mask_util
 
+from conftest import requires_pycocotools
 from maskrcnn import data
 from maskrcnn.evaluation import coco_evaluate, coco_ground_truth, detections_to_coco
 
@@ -52,6 +53,7 @@ def test_synthetic_targets_are_consistent():
 
 
 def _write_coco(tmp_path, *, corrupt_second=False):
+    from pycocotools import mask as mask_util
     img_dir = tmp_path / "images"
     img_dir.mkdir()
     rng = np.random.default_rng(0)
@@ -82,6 +84,7 @@ def _write_coco(tmp_path, *, corrupt_second=False):
     return img_dir, ann_file, rle_mask
 
 
+@requires_pycocotools
 def test_coco_dataset_polygons_and_rle(tmp_path):
     img_dir, ann_file, rle_mask = _write_coco(tmp_path)
     ds = data.CocoDetection(str(img_dir), str(ann_file))
@@ -111,6 +114,7 @@ def test_augmentations_keep_boxes_and_masks_aligned():
                                atol=1.0, rtol=0)
 
 
+@requires_pycocotools
 @pytest.mark.parametrize("problem", ["missing", "not_json", "not_coco", "bad_entry"])
 def test_bad_annotation_files_raise_data_error(tmp_path, problem):
     img_dir, ann_file, _ = _write_coco(tmp_path)
@@ -127,6 +131,7 @@ def test_bad_annotation_files_raise_data_error(tmp_path, problem):
         data.CocoDetection(str(img_dir), str(ann_file))
 
 
+@requires_pycocotools
 def test_corrupt_image_raises_data_error(tmp_path):
     img_dir, ann_file, _ = _write_coco(tmp_path, corrupt_second=True)
     ds = data.CocoDetection(str(img_dir), str(ann_file))
@@ -135,6 +140,7 @@ def test_corrupt_image_raises_data_error(tmp_path):
         ds[1]
 
 
+@requires_pycocotools
 def test_coco_eval_of_ground_truth_is_perfect_and_of_noise_is_not():
     ds = data.SyntheticShapes(6, image_size=64, seed=2)
     gt = coco_ground_truth(ds)
@@ -152,3 +158,21 @@ def test_coco_eval_of_ground_truth_is_perfect_and_of_noise_is_not():
     wrong = [dict(r, category_id=r["category_id"] % 3 + 1) for r in perfect]
     metrics, _ = coco_evaluate(gt, wrong)
     assert metrics["segm"]["AP50"] < 0.05
+
+
+def test_without_pycocotools_coco_data_and_evaluation_say_so(tmp_path, monkeypatch):
+    """What needs pycocotools raises DataError naming it (the CLI's exit code 2); the
+    synthetic set and the model never need it."""
+    monkeypatch.setitem(sys.modules, "pycocotools", None)   # import pycocotools fails
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"images": [], "categories": [], "annotations": []}))
+    with pytest.raises(data.DataError, match="pycocotools"):
+        data.CocoDetection(str(tmp_path), str(ann))
+    ds = data.SyntheticShapes(2, image_size=32, seed=0)
+    assert len(ds[0][1]["labels"]) > 0
+    with pytest.raises(data.DataError, match="pycocotools"):
+        coco_ground_truth(ds)
+    with pytest.raises(data.DataError, match="pycocotools"):
+        detections_to_coco({"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.long),
+                            "scores": torch.ones(1),
+                            "masks": torch.ones(1, 1, 4, 4, dtype=torch.bool)}, 1)

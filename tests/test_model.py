@@ -81,9 +81,9 @@ def _assert_same_detections(got, expected):
         torch.testing.assert_close(g["masks"], e["masks"], rtol=1e-3, atol=1e-3)
 
 
-def test_kernel_path_matches_torchvision_ops():
-    # the default op set (kernels; Triton interpreter on CPU under TRITON_INTERPRET=1) vs
-    # torchvision's ops, in one narrow model with the same weights: eval and training losses
+def test_kernel_path_matches_torchvision_ops(backend):
+    # the default op set (kernels: on each backend) vs torchvision's ops, in one narrow
+    # model with the same weights: eval detections, training losses and gradients
     kw = dict(fpn_channels=8, representation_size=16, mask_layers=(8, 8, 8, 8),
               mask_dim_reduced=8, rpn_pre_nms_top_n_test=30, rpn_post_nms_top_n_test=12,
               rpn_pre_nms_top_n_train=30, rpn_post_nms_top_n_train=12,
@@ -92,15 +92,18 @@ def test_kernel_path_matches_torchvision_ops():
     ours = _tiny_model(**kw)
     ref = _tiny_model(ops="torchvision", **kw)
     ref.load_state_dict(ours.state_dict())
-    images = [torch.rand(3, 64, 80)]
+    dev = backend.device
+    ours, ref = ours.to(dev), ref.to(dev)
+    images = [torch.rand(3, 64, 80, device=dev)]
     with torch.no_grad():
         _assert_same_detections(ours.eval()(images), ref.eval()(images))
     _, target = SyntheticShapes(1, image_size=64, seed=9)[0]
+    target = {k: v.to(dev) for k, v in target.items()}
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)).to(dev)
     losses = []
     for model in (ours, ref):
         torch.manual_seed(3)  # same proposal sampling
-        loss_dict = model.train()([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))],
-                                  [target])
+        loss_dict = model.train()([image], [target])
         sum(loss_dict.values()).backward()
         losses.append(loss_dict)
     for k in losses[1]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -19,7 +20,7 @@ from torch.testing import assert_close
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import kernels
-from conftest import tol
+from conftest import backend_selected, tol
 from kernels._utils import INTERPRET, reference_path
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=False,
@@ -32,14 +33,21 @@ DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 11])
 
 
+pytestmark = pytest.mark.multi_backend
+
+
 def paths():
-    """(name, device, context) for every path the ops take on this machine."""
+    """(name, device, context) for every path the ops take on this machine (those selected
+    by TEST_BACKENDS, when set)."""
     out = [("reference", "cpu", reference_path)]
     if INTERPRET:
         out.append(("interpreter", "cpu", contextlib.nullcontext))
     if torch.cuda.is_available():
         out.append(("cuda", "cuda", contextlib.nullcontext))
-    return out
+    selected = [p for p in out if backend_selected(p[0])]
+    if not selected:   # never pass on nothing
+        pytest.skip("none of the selected backends (TEST_BACKENDS) runs on this machine")
+    return selected
 
 
 def leaf(t: torch.Tensor, device: str, channels_last: bool = False) -> torch.Tensor:
