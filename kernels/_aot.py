@@ -52,23 +52,22 @@ def launched_kernels() -> set[str]:
     return found
 
 
-def record(extra: list[dict] | None = None) -> list[dict]:
-    """Run every op module's ``_compile_examples()``; return the recorded specializations."""
-    from kernels import _utils
-    if not _utils.INTERPRET:
-        raise RuntimeError("recording runs the ops on CPU tensors: set TRITON_INTERPRET=1")
-    for name in op_modules():
+def run_examples(device: str = "cpu", modules: list[str] | None = None) -> None:
+    """Call each op module's ``_compile_examples(device)`` (all op modules by default)."""
+    for name in modules or op_modules():
         examples = getattr(importlib.import_module(name), "_compile_examples", None)
         if examples is not None:
-            examples()
-    specs = {s.as_json()["kernel"] + json.dumps(s.as_json(), sort_keys=True): s.as_json()
-             for s in _utils.LAUNCHES}
-    for d in extra or []:
-        specs[d["kernel"] + json.dumps(d, sort_keys=True)] = d
+            examples(device)
+
+
+def expand(launched: list[dict], extra: list[dict] | None = None) -> list[dict]:
+    """Recorded specializations (``Specialization.as_json()``), each expanded over every row
+    of its kernel's tuning table, not only the row its launch picked."""
+    from kernels import _utils
+    specs = {json.dumps(d, sort_keys=True): d for d in list(launched) + list(extra or [])}
     tables = _utils.TUNING_TABLES
     out, seen = [], set()
     for d in specs.values():
-        # every row of the kernel's tuning table, not only the one these calls picked
         for row in tables.get(d["kernel"], [dict(d["tunables"])]):
             e = dict(d, tunables=sorted([list(kv) for kv in row.items()]),
                      interpreter_only=row in _utils.INTERPRETER_ROWS.get(d["kernel"], []))
@@ -79,14 +78,35 @@ def record(extra: list[dict] | None = None) -> list[dict]:
     return out
 
 
+def record(extra: list[dict] | None = None, modules: list[str] | None = None) -> list[dict]:
+    """Run the op modules' ``_compile_examples()`` (all by default); return the recorded
+    specializations."""
+    from kernels import _utils
+    if not _utils.INTERPRET:
+        raise RuntimeError("recording runs the ops on CPU tensors: set TRITON_INTERPRET=1")
+    run_examples(modules=modules)
+    return expand([s.as_json() for s in _utils.LAUNCHES], extra)
+
+
 def record_in_subprocess(extra: list[dict] | None = None) -> list[dict]:
+    """Record in fresh interpreter processes, one per op module, as many at a time as there
+    are CPUs (the interpreter is single-threaded; one module's examples take up to a minute)."""
+    from concurrent.futures import ThreadPoolExecutor
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp, "extra.json"), Path(tmp, "specs.json")
+        src = Path(tmp, "extra.json")
         src.write_text(json.dumps(extra or []))
         env = dict(os.environ, TRITON_INTERPRET="1")
-        subprocess.run([sys.executable, "-m", "kernels._aot", "record", str(dst),
-                        "--extra", str(src)], env=env, check=True)
-        return json.loads(dst.read_text())
+
+        def one(module: str) -> list[dict]:
+            dst = Path(tmp, f"{module}.json")
+            subprocess.run([sys.executable, "-m", "kernels._aot", "record", str(dst),
+                            "--extra", str(src), "--modules", module], env=env, check=True)
+            return json.loads(dst.read_text())
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            parts = list(pool.map(one, op_modules()))
+    merged = {json.dumps(d, sort_keys=True): d for part in parts for d in part}
+    return list(merged.values())
 
 
 def _cuobjdump() -> Path:
@@ -235,6 +255,7 @@ def main(argv=None):
     r = sub.add_parser("record")
     r.add_argument("out")
     r.add_argument("--extra", help="JSON list of specializations to add")
+    r.add_argument("--modules", nargs="+", default=None, help="op modules (default: all)")
     c = sub.add_parser("compile")
     c.add_argument("specs")
     c.add_argument("out")
@@ -243,7 +264,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cmd == "record":
         extra = json.loads(Path(a.extra).read_text()) if a.extra else []
-        Path(a.out).write_text(json.dumps(record(extra)))
+        Path(a.out).write_text(json.dumps(record(extra, a.modules)))
     else:
         results = compile_all(json.loads(Path(a.specs).read_text()), a.arch, a.jobs)
         Path(a.out).write_text(json.dumps(results))

@@ -251,6 +251,35 @@ def register_tuning(kernel, table: list[dict], interpreter: Sequence[dict] = (),
     return rows
 
 
+_forced_row: int | None = None
+
+
+def gpu_rows(kid: str) -> list[dict]:
+    """The rows of a kernel's tuning table that a GPU launches (interpreter-only ones out)."""
+    return [r for r in TUNING_TABLES[kid] if r not in INTERPRETER_ROWS.get(kid, [])]
+
+
+@contextlib.contextmanager
+def forced_tuning_row(index: int):
+    """Inside the block every launcher takes row ``index`` of its kernel's GPU rows (the
+    last row when the table is shorter) instead of its own pick. Any row computes the same
+    result; one pass per index launches every row (the GPU kit's memory check does this)."""
+    global _forced_row
+    previous, _forced_row = _forced_row, index
+    try:
+        yield
+    finally:
+        _forced_row = previous
+
+
+def pick_tuning(kernel, row: dict) -> dict:
+    """The row a launcher launches: its own pick ``row``, unless ``forced_tuning_row`` is on."""
+    if _forced_row is None:
+        return row
+    rows = gpu_rows(kernel_id(kernel))
+    return rows[min(_forced_row, len(rows) - 1)]
+
+
 def launch(kernel, grid, *args, tuning: dict, **constexprs) -> None:
     """Launch ``kernel[grid](*args, **tuning, **constexprs)`` and record its specialization.
 

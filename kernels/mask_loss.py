@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, is_tracing, launch,
-                     register_tuning, use_triton)
+                     pick_tuning, register_tuning, use_triton)
 from .roi_align import _bilinear_axis, _roi_box
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def mask_loss_forward(logits: Tensor, targets: Tensor, labels: Tensor,
                       compute_grad: bool) -> tuple[Tensor, Tensor]:
     n, _, m, _ = logits.shape
     targets = _kernel_targets(targets)
-    tuning = _pixel_tuning(m * m)
+    tuning = pick_tuning(_mask_loss_fwd_kernel, _pixel_tuning(m * m))
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     partial = torch.empty(n, blocks, dtype=torch.float32, device=logits.device)
     grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
@@ -436,7 +436,7 @@ def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
     """One launch per image (each image has its own mask tensor and size)."""
     n, _, m, _ = logits.shape
     rois = rois.to(torch.float32).contiguous()
-    tuning = _TUNING_SAMPLED[0]
+    tuning = pick_tuning(_mask_loss_sampled_fwd_kernel, _TUNING_SAMPLED[0])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     partial = torch.empty(n, blocks, dtype=torch.float32, device=logits.device)
     grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
@@ -462,7 +462,8 @@ def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(n, classes, m, m, dtype=dtype, device=grad.device,
                       memory_format=fmt)
-    tuning = _TUNING_DENSE[0] if classes * m * m <= 8192 else _TUNING_DENSE[1]
+    tuning = pick_tuning(_mask_loss_bwd_kernel,
+                         _TUNING_DENSE[0] if classes * m * m <= 8192 else _TUNING_DENSE[1])
     launch(_mask_loss_bwd_kernel, (n, cdiv(classes * m * m, tuning["BLOCK"])), grad,
            grad_sel, labels, out, classes, m * m,
            tuning=tuning, CHANNELS_LAST=bool(channels_last))
@@ -475,7 +476,7 @@ def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
     weight = weight.contiguous()
     bias = bias.contiguous()
     targets = _kernel_targets(targets)
-    tuning = _TUNING_PREDICTOR[0]
+    tuning = pick_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR[0])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     partial = torch.empty(n, blocks, dtype=torch.float32, device=features.device)
     dsum = torch.empty(n if compute_grad else 0, blocks, dtype=torch.float32,
@@ -496,7 +497,7 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
     grad_features = torch.empty(features.shape, dtype=features.dtype, device=features.device,
                                 memory_format=_memory_format(features))
     rows = torch.empty(n, c, dtype=torch.float32, device=features.device)
-    tuning = _TUNING_PREDICTOR_BWD[0]
+    tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0])
     launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
            weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
            *grad_features.stride(), tuning=tuning)
@@ -843,26 +844,30 @@ def fused_mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     return loss.to(_loss_dtype(features.dtype, gt_masks.dtype))
 
 
-def _compile_examples() -> None:
-    """Launch every specialization the launchers can pick (for the GPU compile check).
+def _compile_examples(device: str = "cpu") -> None:
+    """Launch every specialization the launchers can pick (for the GPU compile check and
+    the GPU kit's memory check, which runs these on CUDA).
 
     Each dtype and layout of the logits/features, each kind of target (the logits' own
     float dtype, float32, bool, uint8); the compile check expands each over its tuning table.
     """
     n, k, c, m = 2, 3, 5, 4
-    labels = torch.tensor([0, 2])
-    boxes = [torch.tensor([[0.5, 1.0, 8.0, 7.5], [2.0, 0.0, 5.0, 9.0]])]
+    labels = torch.tensor([0, 2], device=device)
+    matched = [torch.tensor([1, 0], device=device)]
+    boxes = [torch.tensor([[0.5, 1.0, 8.0, 7.5], [2.0, 0.0, 5.0, 9.0]], device=device)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for fmt in (torch.contiguous_format, torch.channels_last):
-            logits = torch.randn(n, k, m, m, dtype=dtype).contiguous(memory_format=fmt)
-            features = torch.randn(n, c, m, m, dtype=dtype).contiguous(memory_format=fmt)
-            weight = torch.randn(k, c, 1, 1)
-            bias = torch.randn(k)
+            logits = torch.randn(n, k, m, m, dtype=dtype, device=device).contiguous(
+                memory_format=fmt)
+            features = torch.randn(n, c, m, m, dtype=dtype, device=device).contiguous(
+                memory_format=fmt)
+            weight = torch.randn(k, c, 1, 1, device=device)
+            bias = torch.randn(k, device=device)
             for v in (logits, features, weight, bias):
                 v.requires_grad_()
             for target_dtype in (dtype, torch.float32, torch.bool, torch.uint8):
-                targets = (torch.rand(n, m, m) > 0.5).to(target_dtype)
-                gt = (torch.rand(2, 9, 11) > 0.5).to(target_dtype)
+                targets = (torch.rand(n, m, m, device=device) > 0.5).to(target_dtype)
+                gt = (torch.rand(2, 9, 11, device=device) > 0.5).to(target_dtype)
                 mask_loss(logits, targets, labels).backward()
-                maskrcnn_loss(logits, boxes, [gt], [labels], [torch.tensor([1, 0])]).backward()
+                maskrcnn_loss(logits, boxes, [gt], [labels], matched).backward()
                 fused_mask_predictor_loss(features, weight, bias, targets, labels).backward()

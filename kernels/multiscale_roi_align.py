@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor,
-                     deterministic_algorithms, launch, pair, register_tuning, use_triton)
+                     deterministic_algorithms, launch, pair, pick_tuning, register_tuning,
+                     use_triton)
 from .roi_align import (_bilinear_axis, _check_image_extent, _is_channels_last, _roi_box,
                         boxes_to_rois, roi_align_backward_deterministic)
 
@@ -295,7 +296,8 @@ def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, scales: l
         return out
     for i, f in enumerate(features):
         _check_image_extent(f.shape, f.stride(), f"features[{i}]")
-    tuning = _pick_tuning(c, pooled_h * pooled_w)
+    tuning = pick_tuning(_multiscale_roi_align_fwd_kernel,
+                         _pick_tuning(c, pooled_h * pooled_w))
     grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
     launch(_multiscale_roi_align_fwd_kernel, grid, rois, out, *_level_args(features, scales),
            c, *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
@@ -333,7 +335,8 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
         views = _level_views(acc, batch, channels, heights, widths, channels_last)
         for i, v in enumerate(views):
             _check_image_extent(v.shape, v.stride(), f"features[{i}]")
-        tuning = _pick_tuning(channels, pooled_h * pooled_w)
+        tuning = pick_tuning(_multiscale_roi_align_bwd_kernel,
+                             _pick_tuning(channels, pooled_h * pooled_w))
         grid = (k, cdiv(channels, tuning["BLOCK_C"]),
                 cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
         launch(_multiscale_roi_align_bwd_kernel, grid, grad, rois,
@@ -676,17 +679,18 @@ class MultiScaleRoIAlign(nn.Module):
 # ---------------------------------------------------------------------------------------
 # GPU compile check: launch every specialization the launchers can pick.
 
-def _compile_examples() -> None:
-    """Run forward and backward on tiny CPU tensors: each dtype, every level count, NCHW
+def _compile_examples(device: str = "cpu") -> None:
+    """Run forward and backward on tiny tensors: each dtype, every level count, NCHW
     (P_MAJOR) and channels_last maps, and the deterministic backward. The compile check
-    expands each launch over both tuning rows; sampling ratio and sizes are runtime."""
+    expands each launch over both tuning rows; sampling ratio and sizes are runtime. The
+    GPU kit's memory check runs these on CUDA."""
     image = [(32, 48)]
-    boxes = [torch.tensor([[1.0, 2.0, 30.0, 20.0], [0.0, 0.0, 3.0, 4.0]])]
+    boxes = [torch.tensor([[1.0, 2.0, 30.0, 20.0], [0.0, 0.0, 3.0, 4.0]], device=device)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for num_levels in range(1, MAX_LEVELS + 1):
             for fmt in (torch.contiguous_format, torch.channels_last):
-                feats = [torch.randn(1, 3, max(16 >> lvl, 1), max(24 >> lvl, 1),
-                                     dtype=dtype).to(memory_format=fmt).requires_grad_()
+                feats = [torch.randn(1, 3, max(16 >> lvl, 1), max(24 >> lvl, 1), dtype=dtype,
+                                     device=device).to(memory_format=fmt).requires_grad_()
                          for lvl in range(num_levels)]
                 out = multiscale_roi_align(feats, boxes, image, 2, 2)
                 out.float().sum().backward()

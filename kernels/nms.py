@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device,
-                     check_tensor, launch, register_tuning, use_triton)
+                     check_tensor, launch, pick_tuning, register_tuning, use_triton)
 
 # Memory budget for batched_nms's band of mask words: 16 MiB covers 20 words (1280 boxes)
 # per row at 100k boxes, 104 words at 20k; longer segments compute the rest on the fly.
@@ -278,7 +278,8 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
     mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
     keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
-    tm = _MASK_INTERPRETER if INTERPRET else _MASK_GPU
+    tm = pick_tuning(_nms_mask_kernel, _MASK_INTERPRETER if INTERPRET else _MASK_GPU)
+    tg = pick_tuning(_nms_greedy_kernel, _GREEDY_INTERPRETER if INTERPRET else _GREEDY_GPU)
     # Programs per row block stride over its words: enough to fill the GPU without
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
@@ -288,7 +289,7 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
            threshold, tuning=tm)
     programs = min(n, 4 if INTERPRET else _GREEDY_PROGRAMS) if segmented else 1
     launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
-           n, wcap, threshold, tuning=_GREEDY_INTERPRETER if INTERPRET else _GREEDY_GPU)
+           n, wcap, threshold, tuning=tg)
     return keep
 
 
@@ -498,14 +499,15 @@ def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
     return _batched_nms_mask_op(boxes, scores, idxs, float(iou_threshold))
 
 
-def _compile_examples() -> None:
-    """Launch every specialization the launchers can pick (for the GPU compile check)."""
+def _compile_examples(device: str = "cpu") -> None:
+    """Launch every specialization the launchers can pick (for the GPU compile check and
+    the GPU kit's memory check, which runs these on CUDA)."""
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         xy = torch.rand(70, 2, generator=g) * 50
-        boxes = torch.cat([xy, xy + torch.rand(70, 2, generator=g) * 30], 1).to(dtype)
-        scores = torch.rand(70, generator=g).to(dtype)
-        idxs = torch.randint(0, 3, (70,), generator=g)
+        boxes = torch.cat([xy, xy + torch.rand(70, 2, generator=g) * 30], 1).to(device, dtype)
+        scores = torch.rand(70, generator=g).to(device, dtype)
+        idxs = torch.randint(0, 3, (70,), generator=g).to(device)
         nms(boxes, scores, 0.5)
         batched_nms(boxes, scores, idxs, 0.5)
         batched_nms_mask(boxes, scores, idxs, 0.5)

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, is_tracing, launch,
-                     pair, register_tuning, use_triton)
+                     pair, pick_tuning, register_tuning, use_triton)
 
 # Expanded box coordinates are clamped to this magnitude before the cast to int64 (a no-op
 # for any input that passes the host check); keeps every index finite for unchecked input.
@@ -194,7 +194,7 @@ def paste_masks_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, pa
         expand = boxes.dtype == torch.float32
         box_arg = boxes.contiguous() if expand else expanded_int_boxes(boxes, scale)
         thr = _threshold_in(masks.dtype, threshold) if thresholding else 0.0
-        tuning = _TUNING[1] if thresholding else _TUNING[0]
+        tuning = pick_tuning(_paste_masks_kernel, _TUNING[1] if thresholding else _TUNING[0])
         grid = (n, cdiv(img_h, tuning["BLOCK_H"]), cdiv(img_w, tuning["BLOCK_W"]))
         scale32 = float(torch.tensor(scale, dtype=torch.float32))  # as torch's scalar mul
         launch(_paste_masks_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,
@@ -343,13 +343,14 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
     return _paste_masks_op(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
 
 
-def _compile_examples() -> None:
-    """Launch every specialization the launcher can pick (run under TRITON_INTERPRET=1):
-    each masks dtype x each float output dtype, thresholded, and host-expanded boxes."""
-    boxes = torch.tensor([[1.0, 2.0, 9.0, 7.0], [-3.0, 4.0, 5.5, 12.0]])
+def _compile_examples(device: str = "cpu") -> None:
+    """Launch every specialization the launcher can pick (the GPU compile check runs these
+    under TRITON_INTERPRET=1, the GPU kit's memory check on CUDA): each masks dtype x each
+    float output dtype, thresholded, and host-expanded boxes."""
+    boxes = torch.tensor([[1.0, 2.0, 9.0, 7.0], [-3.0, 4.0, 5.5, 12.0]], device=device)
     floats = (torch.float32, torch.float16, torch.bfloat16)
     for dtype in floats:
-        masks = torch.rand(2, 1, 5, 5).to(dtype)
+        masks = torch.rand(2, 1, 5, 5, device=device).to(dtype)
         for out_dtype in floats:
             paste_masks_in_image(masks, boxes, (10, 12), out_dtype=out_dtype)
         paste_masks_in_image(masks, boxes, (10, 12), threshold=0.5)

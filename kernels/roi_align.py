@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_tensor,
-                     deterministic_algorithms, is_tracing, launch, pair, register_tuning,
-                     use_triton)
+                     deterministic_algorithms, is_tracing, launch, pair, pick_tuning,
+                     register_tuning, use_triton)
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     if k == 0 or c == 0:
         return out
     _check_image_extent(input.shape, input.stride(), "input")
-    tuning = _pick_tuning(c, pooled_h * pooled_w)
+    tuning = pick_tuning(_roi_align_fwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
     grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
     launch(_roi_align_fwd_kernel, grid, input, rois, out, c, h, w, *input.stride(),
            float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
@@ -248,7 +248,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
         memory_format=fmt)
     if k and c and n:
         _check_image_extent(acc.shape, acc.stride(), "input")
-        tuning = _pick_tuning(c, pooled_h * pooled_w)
+        tuning = pick_tuning(_roi_align_bwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
         grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
         launch(_roi_align_bwd_kernel, grid, grad, rois, acc, c, h, w, *acc.stride(),
                *grad.stride(), float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
@@ -282,7 +282,8 @@ def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: 
     weights = weights[order].contiguous()
     start = torch.searchsorted(cols, torch.arange(n * h * w + 1, device=grad.device))
     grad_rows = grad.permute(0, 2, 3, 1).reshape(k * pooled_h * pooled_w, c).contiguous()
-    tuning = _TUNING_DETERMINISTIC[1 if c >= 128 else 0]
+    tuning = pick_tuning(_roi_align_bwd_deterministic_kernel,
+                         _TUNING_DETERMINISTIC[1 if c >= 128 else 0])
     grid = (n * h * w, cdiv(c, tuning["BLOCK_C"]))
     launch(_roi_align_bwd_deterministic_kernel, grid, grad_rows, src, weights, start, out,
            c, h, w, *out.stride(), tuning=tuning)
@@ -436,16 +437,17 @@ class RoIAlign(nn.Module):
                 f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
 
 
-def _compile_examples() -> None:
-    """Launch every specialization the launchers can pick (for the GPU compile check)."""
+def _compile_examples(device: str = "cpu") -> None:
+    """Launch every specialization the launchers can pick (for the GPU compile check and
+    the GPU kit's memory check, which runs these on CUDA)."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for channels_last in (False, True):
             for aligned in (False, True):
-                x = torch.randn(1, 3, 4, 4, dtype=dtype)
+                x = torch.randn(1, 3, 4, 4, dtype=dtype, device=device)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 x.requires_grad_()
-                rois = torch.tensor([[0.0, 0.5, 0.5, 2.5, 3.0]])
+                rois = torch.tensor([[0.0, 0.5, 0.5, 2.5, 3.0]], device=device)
                 roi_align(x, rois, 2, 1.0, -1, aligned).sum().backward()
                 with deterministic_algorithms():
                     roi_align(x, rois, 2, 1.0, -1, aligned).sum().backward()
