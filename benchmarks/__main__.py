@@ -1,33 +1,38 @@
 """The benchmark report: every op (and the model) against torchvision, on the device present.
 
-    python -m benchmarks [--quick | --full] [--ops roi_align,nms] [--dtype float32,bfloat16]
-                         [--out benchmarks/results] [--no-static]
+    python -m benchmarks [--quick | --full | --tiny] [--ops roi_align,nms]
+                         [--dtype float32,bfloat16] [--out benchmarks/results] [--no-static]
+                         [--copy-bandwidth GBPS]
 
-On a CUDA device the default is the full report; on the CPU it is --quick.
+On a CUDA device the default is the full report; on the CPU it is --quick. ``--tiny`` is
+the GPU kit's dry run (``python -m benchmarks.gpu --dry-run``): the smallest shapes, one
+repeat, so every benchmark's code runs in seconds (through Triton's interpreter there).
 
-Writes ``<out>/<device>.json`` (all numbers and the environment), ``<out>/<device>.md``
-(one table per op: ours, the baseline, speed-up, achieved GB/s and its share of the
-device's measured copy bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png``
-(speed-up per shape). Each benchmark checks its result against the baseline before timing.
-The report ends with the static kernel report (``python -m benchmarks.static``: registers,
-spills, shared memory and sm_90 occupancy of every kernel compiled for sm_80/sm_90);
-``--no-static`` leaves it out.
+Writes ``<out>/<device>.json`` (all numbers and the environment; rewritten after each op,
+so a run cut short keeps what it measured), ``<out>/<device>.md`` (one table per op: ours,
+the baseline, speed-up, achieved GB/s and its share of the device's measured copy
+bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png`` (speed-up per shape).
+Each benchmark checks its result against the baseline before timing; a mismatch is
+recorded in the rows it concerns (``parity``) and the report goes on, as it does past an op
+whose benchmark raises (its section holds the error). The report ends with the static
+kernel report (``python -m benchmarks.static``: registers, spills, shared memory and sm_90
+occupancy of every kernel compiled for sm_80/sm_90); ``--no-static`` leaves it out.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import traceback
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from benchmarks import static
-from benchmarks._common import (RESULTS_DIR, default_device, device_name, device_slug,
-                                environment, format_table, time_ms)
+from benchmarks._common import (RESULTS_DIR, copy_bandwidth_gbps, default_device, environment,
+                                format_table, slug)
 
-# op name -> module with run(quick=, dtypes=, device=, write=) -> rows
+# op name -> module with run(quick=, dtypes=, device=, write=, tiny=) -> rows
 OPS = {
     "roi_align": "benchmarks.bench_roi_align",
     "multiscale_roi_align": "benchmarks.bench_multiscale_roi_align",
@@ -52,17 +57,8 @@ def available_ops() -> dict[str, object]:
     return mods
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
-    """Measured device-to-device copy bandwidth (read + write bytes per second)."""
-    n = nbytes // 4 // (16 if device == "cpu" else 1)
-    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = time_ms(lambda: dst.copy_(src), device, reps=5)
-    return 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e9
-
-
 def _label(row: dict) -> str:
-    skip = {"mode", "dtype"}
+    skip = {"mode", "dtype", "parity"}
     parts = [str(v) for k, v in row.items()
              if not any(k.startswith(p) for p in ("ours", "torchvision", "torch_", "speedup",
                                                   "baseline", "size"))
@@ -71,6 +67,7 @@ def _label(row: dict) -> str:
 
 
 def plot(op: str, rows: list[dict], path: Path, device: str) -> Path | None:
+    """Speed-up per shape as a PNG; ``device`` is the device's name for the title."""
     rows = [r for r in rows if isinstance(r.get("speedup"), (int, float))]
     if not rows:
         return None
@@ -86,7 +83,7 @@ def plot(op: str, rows: list[dict], path: Path, device: str) -> Path | None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("speed-up over baseline (x)")
-    ax.set_title(f"{op} on {device_name(device)}")
+    ax.set_title(f"{op} on {device}")
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -95,13 +92,18 @@ def plot(op: str, rows: list[dict], path: Path, device: str) -> Path | None:
     return path
 
 
-def markdown(results: dict, bandwidth: float) -> str:
+def markdown(results: dict) -> str:
     env = results["environment"]
+    bandwidth = results.get("copy_bandwidth_GBps")
     out = [f"# Benchmark report: {env['device']}", "",
            f"torch {env['torch']}, triton {env['triton']}, torchvision {env['torchvision']}, "
-           f"git {env['git_sha']}. Measured copy bandwidth: {bandwidth:.1f} GB/s.", ""]
+           f"git {env['git_sha']}. Measured copy bandwidth: {bandwidth or 0:.1f} GB/s.", ""]
     for op, section in results["benchmarks"].items():
-        rows = section["rows"]
+        out += [f"## {op}", ""]
+        if "error" in section:
+            out += [f"Benchmark failed: `{section['error']}`", ""]
+            continue
+        rows = [dict(r) for r in section["rows"]]
         for r in rows:
             if isinstance(r.get("ours_GBps"), (int, float)) and bandwidth:
                 r["ours_%copy_bw"] = f"{100 * r['ours_GBps'] / bandwidth:.0f}%"
@@ -110,7 +112,7 @@ def markdown(results: dict, bandwidth: float) -> str:
             for k in r:
                 if k not in columns and not k.endswith(_HIDDEN):
                     columns.append(k)
-        out += [f"## {op}", "", format_table(rows, columns), ""]
+        out += [format_table(rows, columns), ""]
         if section.get("plot"):
             out += [f"![{op}]({Path(section['plot']).name})", ""]
     static_section = results.get("static")
@@ -123,21 +125,43 @@ def markdown(results: dict, bandwidth: float) -> str:
     return "\n".join(out)
 
 
+def write_report(results: dict, out: Path, plots: bool = True) -> tuple[Path, Path]:
+    """``<out>/<device>.json`` (atomically), its Markdown and, with ``plots``, the PNGs."""
+    name = results["environment"]["device"]
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        for op, section in results["benchmarks"].items():
+            png = plot(op, section.get("rows", []), out / f"{slug(name)}-{op}.png", name)
+            if png:
+                section["plot"] = str(png)
+    json_path = out / f"{slug(name)}.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    tmp.replace(json_path)
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(markdown(results) + "\n")
+    return json_path, md_path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     p.add_argument("--full", action="store_true",
                    help="full shapes on the CPU too (the CPU default is --quick)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the smallest shapes, one repeat (the GPU kit's dry run)")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--dtype", default="float32,bfloat16")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-static", action="store_true",
                    help="leave out the static kernel report (registers, spills, occupancy)")
+    p.add_argument("--copy-bandwidth", type=float, default=None, metavar="GBPS",
+                   help="the device's copy bandwidth, already measured (default: measure it)")
     a = p.parse_args(argv)
     device = a.device or default_device()
-    quick = a.quick or (device == "cpu" and not a.full)
-    if quick and not a.quick:
+    quick = a.quick or a.tiny or (device == "cpu" and not a.full)
+    if quick and not (a.quick or a.tiny):
         print("no GPU: running the --quick report on the CPU (--full for all shapes)")
     mods = available_ops()
     wanted = a.ops.split(",") if a.ops else list(mods)
@@ -148,29 +172,32 @@ def main(argv=None) -> int:
     if missing:
         p.error(f"--ops: benchmark module(s) not present: {missing}")
     dtypes = a.dtype.split(",")
-    a.out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(device)
-    results = {"environment": environment(device), "quick": quick, "benchmarks": {}}
-    bandwidth = copy_bandwidth_gbps(device)
-    results["copy_bandwidth_GBps"] = bandwidth
+    results = {"environment": environment(device), "quick": quick, "tiny": a.tiny,
+               "benchmarks": {}}
+    results["copy_bandwidth_GBps"] = a.copy_bandwidth or copy_bandwidth_gbps(device)
+    failed = []
     for op in tqdm(wanted, desc="benchmarks", unit="op"):
-        rows = mods[op].run(quick=quick, dtypes=dtypes, device=device, write=False)
-        section = {"rows": rows}
-        png = plot(op, rows, a.out / f"{slug}-{op}.png", device)
-        if png:
-            section["plot"] = str(png)
-        results["benchmarks"][op] = section
+        try:
+            rows = mods[op].run(quick=quick, dtypes=dtypes, device=device, write=False,
+                                tiny=a.tiny)
+            results["benchmarks"][op] = {"rows": rows}
+        except Exception as e:  # one op's failure must not cost the others' numbers
+            traceback.print_exc()
+            failed.append(op)
+            results["benchmarks"][op] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        write_report(results, a.out, plots=False)   # a run cut short keeps what it measured
     if not a.no_static:
         print("compiling every kernel for sm_80/sm_90 (static kernel report)")
         results["static"] = static.report_section()
-    json_path = a.out / f"{slug}.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    tmp.replace(json_path)
-    md_path = a.out / f"{slug}.md"
-    md_path.write_text(markdown(results, bandwidth) + "\n")
+    json_path, md_path = write_report(results, a.out)
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}")
+    mismatches = [r for s in results["benchmarks"].values() for r in s.get("rows", [])
+                  if r.get("parity", "ok") != "ok"]
+    if failed or mismatches:
+        print(f"benchmark errors in {failed or 'no op'}; {len(mismatches)} row(s) mismatch "
+              "their baseline")
+        return 1
     return 0
 
 

@@ -33,8 +33,13 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def slug(name: str) -> str:
+    """A device name as a file name: ``NVIDIA H200`` -> ``nvidia-h200``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
 def device_slug(device: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    return slug(device_name(device))
 
 
 def environment(device: str) -> dict:
@@ -68,6 +73,30 @@ def time_ms(fn: Callable[[], object], device: str, *, reps: int | None = None,
     times.sort()
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second): the
+    ceiling the report's "% of copy bandwidth" is taken against."""
+    n = nbytes // 4 // (16 if device == "cpu" else 1)
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, reps=5)
+    return 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e9
+
+
+def parity(check: Callable[[], object]) -> str:
+    """Run a benchmark's check of ours against the baseline: "ok", or "MISMATCH: <why>".
+
+    A mismatch is recorded in the rows it concerns (``row["parity"]``) and the benchmark
+    goes on: one wrong op must not cost the rest of a GPU run's report.
+    """
+    try:
+        check()
+    except AssertionError as e:
+        first = " ".join(str(e).split())
+        return f"MISMATCH: {first[:300]}"
+    return "ok"
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:

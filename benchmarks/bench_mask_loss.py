@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
 import kernels
-from benchmarks._common import default_device, format_table, measure, write_results
+from benchmarks._common import default_device, format_table, measure, parity, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 M = 28
@@ -115,10 +115,11 @@ def _time_providers(row, providers, mode, device, reps, nbytes):
 
 
 def _check_equal(ours, base, dtype):
-    """Loss and every gradient of ours vs the baseline, before anything is timed."""
+    """Loss and every gradient of ours vs the baseline (each a (forward, params) pair),
+    before anything is timed."""
     atol = 2e-2 if dtype != torch.float32 else 1e-4
-    loss_o, grads_o = ours
-    loss_b, grads_b = base
+    loss_o, grads_o = _loss_and_grads(*ours)
+    loss_b, grads_b = _loss_and_grads(*base)
     torch.testing.assert_close(loss_o.float(), loss_b.float(), rtol=atol, atol=atol)
     for go, gb in zip(grads_o, grads_b):
         scale = gb.float().abs().max().clamp(min=1e-30)
@@ -137,14 +138,15 @@ def _loss_and_grads(forward, params):
 
 
 def run(quick: bool = False, dtypes=None, device: str | None = None,
-        write: bool = True) -> list[dict]:
+        write: bool = True, tiny: bool = False) -> list[dict]:
     """dtypes: default float32 and bfloat16 (float32 only for --quick on the CPU)."""
     device = device or default_device()
     small = quick and device == "cpu"
     dtypes = dtypes or (("float32",) if small else ("float32", "bfloat16"))
-    sizes = (128,) if small else (128, 512)
-    image = (400, 608) if small else IMAGE
-    reps = 3 if device == "cpu" else None
+    sizes = (4,) if tiny else (128,) if small else (128, 512)
+    image = (48, 64) if tiny else (400, 608) if small else IMAGE
+    channels = 8 if tiny else CHANNELS
+    reps = 1 if tiny else 3 if device == "cpu" else None
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -158,10 +160,10 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 # --- mask_loss vs gather + BCE
                 ours = (partial(kernels.mask_loss, x, targets, labels), [x])
                 base = (partial(torch_mask_loss, x, targets, labels), [x])
-                _check_equal(_loss_and_grads(*ours), _loss_and_grads(*base), dtype)
+                match = parity(partial(_check_equal, ours, base, dtype))
                 for mode in ("forward", "forward+backward"):
                     row = {"op": "mask_loss", "dtype": dname, "N": n, "K": k, "M": M,
-                           "mode": mode}
+                           "mode": mode, "parity": match}
                     _time_providers(row, {"ours": ours, "torch": base}, mode, device, reps,
                                     loss_bytes if mode != "forward" else 2 * n * M * M * e)
                     rows.append(row)
@@ -172,10 +174,10 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 if not (device == "cpu" and dtype != torch.float32):
                     ours = (partial(kernels.maskrcnn_loss, x, *inst), [x])
                     base = (partial(tv_maskrcnn_loss, x, *inst), [x])
-                    _check_equal(_loss_and_grads(*ours), _loss_and_grads(*base), dtype)
+                    match = parity(partial(_check_equal, ours, base, dtype))
                     for mode in ("forward", "forward+backward"):
                         row = {"op": "maskrcnn_loss", "dtype": dname, "N": n, "K": k, "M": M,
-                               "mode": mode}
+                               "mode": mode, "parity": match}
                         _time_providers(row, {"ours": ours, "torchvision": base}, mode, device,
                                         reps, loss_bytes if mode != "forward"
                                         else 2 * n * M * M * e)
@@ -183,9 +185,9 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
 
                 # --- fused predictor vs conv2d + gather + BCE
                 g = torch.Generator().manual_seed(1)
-                feats = torch.randn(n, CHANNELS, M, M, generator=g).to(device, dtype)
+                feats = torch.randn(n, channels, M, M, generator=g).to(device, dtype)
                 feats.requires_grad_()
-                weight = (torch.randn(k, CHANNELS, 1, 1, generator=g) / 16).to(device, dtype)
+                weight = (torch.randn(k, channels, 1, 1, generator=g) / 16).to(device, dtype)
                 bias = torch.zeros(k).to(device, dtype)
                 weight.requires_grad_()
                 bias.requires_grad_()
@@ -194,17 +196,17 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                                 labels), params)
                 base = (partial(torch_predictor_loss, feats, weight, bias, targets, labels),
                         params)
-                _check_equal(_loss_and_grads(*ours), _loss_and_grads(*base), dtype)
+                match = parity(partial(_check_equal, ours, base, dtype))
                 fbytes = feats.numel() * e
                 for mode in ("forward", "forward+backward"):
                     row = {"op": "fused_mask_predictor_loss", "dtype": dname, "N": n, "K": k,
-                           "M": M, "C": CHANNELS, "mode": mode}
+                           "M": M, "C": channels, "mode": mode, "parity": match}
                     _time_providers(row, {"ours": ours, "torch": base}, mode, device, reps,
                                     fbytes * (2 if mode != "forward" else 1))
                     rows.append(row)
                 del feats, weight, bias, x, logits
     if write:
-        path = write_results("mask_loss", rows, {"M": M, "channels": CHANNELS,
+        path = write_results("mask_loss", rows, {"M": M, "channels": channels,
                                                  "image": image,
                                                  "masks_per_image": MASKS_PER_IMAGE,
                                                  "images": 2}, device)

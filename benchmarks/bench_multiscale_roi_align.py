@@ -15,13 +15,14 @@ ours is the PyTorch reference path and torchvision its CPU kernel (which has no 
 from __future__ import annotations
 
 import argparse
+import math
 from collections import OrderedDict
 
 import torch
 import torchvision
 
 import kernels
-from benchmarks._common import (default_device, format_table, measure, write_results)
+from benchmarks._common import default_device, format_table, measure, parity, write_results
 
 IMAGE = (800, 1216)
 STRIDES = (4, 8, 16, 32)
@@ -37,21 +38,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def make_inputs(images: int, rois_per_image: int, dtype: torch.dtype, device: str,
-                channels: int = 256, channels_last: bool = False, seed: int = 0):
+                channels: int = 256, channels_last: bool = False, seed: int = 0,
+                image=IMAGE):
     g = torch.Generator().manual_seed(seed)
     x = OrderedDict()
     for name, stride in zip(NAMES, STRIDES):
-        t = torch.randn(images, channels, IMAGE[0] // stride, IMAGE[1] // stride, generator=g)
+        t = torch.randn(images, channels, image[0] // stride, image[1] // stride, generator=g)
         t = t.to(device=device, dtype=dtype)
         x[name] = t.contiguous(memory_format=torch.channels_last) if channels_last else t
     boxes = []
     for _ in range(images):
-        side = torch.exp(torch.empty(rois_per_image).uniform_(3.0, 6.7, generator=g))
+        # log-uniform sides, 20 to 800 px (or the image's size): every level gets RoIs
+        top = min(6.7, math.log(max(image)))
+        side = torch.exp(torch.empty(rois_per_image).uniform_(3.0, top, generator=g))
         aspect = torch.exp(torch.empty(rois_per_image).uniform_(-0.7, 0.7, generator=g))
         wh = torch.stack([side * aspect.sqrt(), side / aspect.sqrt()], 1)
-        xy = torch.rand(rois_per_image, 2, generator=g) * torch.tensor([IMAGE[1], IMAGE[0]])
+        xy = torch.rand(rois_per_image, 2, generator=g) * torch.tensor([image[1], image[0]])
         boxes.append(torch.cat([xy - wh / 2, xy + wh / 2], 1).clamp(min=0).to(device))
-    return x, boxes, [IMAGE] * images
+    return x, boxes, [image] * images
 
 
 def moved_bytes(x: dict, k: int, out_size: int, mode: str) -> int:
@@ -66,31 +70,34 @@ def moved_bytes(x: dict, k: int, out_size: int, mode: str) -> int:
 
 
 def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None = None,
-        channels_last: bool = False, write: bool = True) -> list[dict]:
+        channels_last: bool = False, write: bool = True, tiny: bool = False) -> list[dict]:
     device = device or default_device()
     on_cpu = device == "cpu"
-    reps = 3 if on_cpu else None
-    cases = {k: v for k, v in CASES.items() if not quick or k.startswith("train")}
+    reps = 1 if tiny else 3 if on_cpu else None
+    cases = {k: v for k, v in CASES.items() if not (quick or tiny) or k.startswith("train")}
+    image, channels = ((128, 192), 8) if tiny else (IMAGE, 256)
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
-        # torchvision's CPU kernel has no bfloat16
+        # torchvision's CPU kernel has no bfloat16: compare with it in float32 there
         tv_ok = not (on_cpu and dtype == torch.bfloat16)
         for cname, (images, per_image, size, modes) in cases.items():
-            if quick and on_cpu:   # the CPU reference's cost is mostly the maps' size
+            if tiny:
+                images, per_image = 1, 6
+            elif quick and on_cpu:   # the CPU reference's cost is mostly the maps' size
                 images, per_image = 1, max(per_image // 8, 8)
-            x, boxes, shapes = make_inputs(images, per_image, dtype, device,
-                                           channels_last=channels_last)
+            x, boxes, shapes = make_inputs(images, per_image, dtype, device, channels,
+                                           channels_last=channels_last, image=image)
             ours = kernels.MultiScaleRoIAlign(NAMES, size, 2)
             theirs = torchvision.ops.MultiScaleRoIAlign(NAMES, size, 2)
             out = ours(x, boxes, shapes)
-            if tv_ok:
-                ref = theirs(x, boxes, shapes)
-                torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+            ref = theirs(x if tv_ok else {n: t.float() for n, t in x.items()}, boxes, shapes)
+            match = parity(lambda: torch.testing.assert_close(
+                out.float(), ref.float(), rtol=2e-2, atol=2e-2))
             k = out.shape[0]
             for mode in modes:
                 row = {"dtype": dname, "case": cname, "mode": mode, "rois": k,
-                       "size": f"{size}x{size}"}
+                       "size": f"{size}x{size}", "parity": match}
                 for provider, pooler in (("ours", ours), ("torchvision", theirs)):
                     if provider == "torchvision" and not tv_ok:
                         continue
@@ -110,7 +117,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                 rows.append(row)
     if write:
         path = write_results("multiscale_roi_align", rows, {
-            "image": IMAGE, "channels": 256, "strides": STRIDES, "sampling_ratio": 2,
+            "image": image, "channels": channels, "strides": STRIDES, "sampling_ratio": 2,
             "cases": {k: v[:3] for k, v in cases.items()}, "quick": quick,
             "channels_last": channels_last}, device)
         print(f"results: {path}")

@@ -17,7 +17,7 @@ import torchvision
 
 import kernels
 from kernels._utils import deterministic_algorithms
-from benchmarks._common import (default_device, format_table, measure, write_results)
+from benchmarks._common import default_device, format_table, measure, parity, write_results
 
 IMAGE = (800, 1216)
 LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
@@ -31,15 +31,15 @@ MODES = ("forward", "forward+backward", "forward+backward deterministic")
 
 
 def make_inputs(level_stride: int, dtype: torch.dtype, device: str, rois_per_image=512,
-                images=2, channels=256, channels_last=False, seed=0):
+                images=2, channels=256, channels_last=False, seed=0, image=IMAGE):
     g = torch.Generator().manual_seed(seed)
-    h, w = IMAGE[0] // level_stride, IMAGE[1] // level_stride
+    h, w = image[0] // level_stride, image[1] // level_stride
     x = torch.randn(images, channels, h, w, generator=g).to(device=device, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     k = rois_per_image * images
-    xy = torch.rand(k, 2, generator=g) * torch.tensor([IMAGE[1], IMAGE[0]]) * 0.9
-    wh = (torch.rand(k, 2, generator=g) * 0.25 + 0.02) * torch.tensor([IMAGE[1], IMAGE[0]])
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([image[1], image[0]]) * 0.9
+    wh = (torch.rand(k, 2, generator=g) * 0.25 + 0.02) * torch.tensor([image[1], image[0]])
     batch = torch.arange(images).repeat_interleave(rois_per_image)[:, None].float()
     rois = torch.cat([batch, xy, xy + wh], 1).to(device=device, dtype=torch.float32)
     return x, rois
@@ -55,29 +55,31 @@ def moved_bytes(x: torch.Tensor, k: int, out_size: int, mode: str) -> int:
 
 
 def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None = None,
-        channels_last: bool = False, write: bool = True) -> list[dict]:
+        channels_last: bool = False, write: bool = True, tiny: bool = False) -> list[dict]:
     device = device or default_device()
     small = quick and device == "cpu"
-    levels = ({"P4": 16} if small else {"P2": 4, "P4": 16}) if quick else LEVELS
-    rois_per_image = 64 if small else 512
-    reps = 3 if device == "cpu" else None
+    levels = ({"P4": 16} if small or tiny else {"P2": 4, "P4": 16}) if quick else LEVELS
+    rois_per_image = 4 if tiny else 64 if small else 512
+    image, channels = ((128, 192), 16) if tiny else (IMAGE, 256)
+    reps = 1 if tiny else 3 if device == "cpu" else None
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
         for lname, stride in levels.items():
-            x, rois = make_inputs(stride, dtype, device, rois_per_image,
-                                  channels_last=channels_last)
+            x, rois = make_inputs(stride, dtype, device, rois_per_image, channels=channels,
+                                  channels_last=channels_last, image=image)
             for hname, size in HEADS.items():
                 args = (size, 1.0 / stride, 2, False)
-                # torchvision's CPU kernel has no bfloat16
+                # torchvision's CPU kernel has no bfloat16: compare with it in float32
                 tv_ok = not (device == "cpu" and dtype == torch.bfloat16)
+                ref = torchvision.ops.roi_align(x if tv_ok else x.float(), rois, *args)
                 ours = kernels.roi_align(x, rois, *args)
-                if tv_ok:
-                    ref = torchvision.ops.roi_align(x, rois, *args)
-                    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
+                match = parity(lambda: torch.testing.assert_close(
+                    ours.float(), ref.float(), rtol=2e-2, atol=2e-2))
                 for mode in MODES:
                     row = {"dtype": dname, "level": lname, "head": hname, "mode": mode,
-                           "rois": rois.shape[0], "map": f"{x.shape[2]}x{x.shape[3]}"}
+                           "rois": rois.shape[0], "map": f"{x.shape[2]}x{x.shape[3]}",
+                           "parity": match}
                     for provider, fn in (("ours", kernels.roi_align),
                                          ("torchvision", torchvision.ops.roi_align)):
                         if provider == "torchvision" and not tv_ok:
@@ -98,7 +100,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
                     rows.append(row)
     if write:
-        path = write_results("roi_align", rows, {"image": IMAGE, "channels": 256,
+        path = write_results("roi_align", rows, {"image": image, "channels": channels,
                                                  "images": 2, "rois_per_image": rois_per_image,
                                                  "sampling_ratio": 2, "aligned": False,
                                                  "channels_last": channels_last}, device)

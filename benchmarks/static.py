@@ -58,15 +58,28 @@ def notes_text(rows: list[dict]) -> str:
             + "\n".join(lines))
 
 
-def run(write: bool = True) -> tuple[list[dict], list[dict]]:
-    """Record, compile and summarize (the caller checks can_compile_without_gpu first)."""
-    specs = _aot.record_in_subprocess()
-    results = _aot.compile_in_subprocess(specs)
+def sample(specs: list[dict]) -> list[dict]:
+    """One specialization per kernel and tuning row (the GPU kit's dry run compiles these)."""
+    seen, out = set(), []
+    for spec in specs:
+        key = (spec["kernel"], json.dumps(spec["tunables"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(spec)
+    return out
+
+
+def run(write: bool = True, specs: list[dict] | None = None, archs=_aot.ARCHS,
+        out_dir: Path = RESULTS_DIR) -> tuple[list[dict], list[dict]]:
+    """Record (unless ``specs`` are given), compile and summarize; write ``static.json``
+    into ``out_dir``. The caller checks can_compile_without_gpu first."""
+    specs = _aot.record_in_subprocess() if specs is None else specs
+    results = _aot.compile_in_subprocess(specs, archs)
     rows = summarize(results)
     if write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         failed = [r for r in results if not r["ok"]]
-        (RESULTS_DIR / "static.json").write_text(json.dumps(
+        (out_dir / "static.json").write_text(json.dumps(
             {"rows": rows, "failures": failed, "specializations": len(specs)}, indent=1) + "\n")
     return rows, results
 
@@ -91,20 +104,57 @@ def report_section() -> dict:
     return {"rows": rows, "failures": [r for r in results if not r["ok"]]}
 
 
+def problems(rows: list[dict], results: list[dict]) -> list[str]:
+    """What fails the compile check: compile errors, spills on sm_90, rows a GPU runs below
+    the occupancy target with no stated reason."""
+    out = [f"compile failed: {r['spec']['kernel']} sm_{r['arch']}" for r in results
+           if not r["ok"]]
+    out += [f"spills: {r['kernel']} ({r['tuning']}) {r['spill_bytes']} bytes" for r in rows
+            if r["arch"] == "sm_90" and r["spill_bytes"]]
+    out += [f"occupancy: {r['kernel']} ({r['tuning']}) {r['occupancy_sm90']}" for r in rows
+            if r["note"] == _aot.UNJUSTIFIED]
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--markdown", type=Path, help="also write the table to this file")
+    p.add_argument("--specs", type=Path,
+                   help="compile these specializations (JSON, as `kernels._aot record` or "
+                        "`benchmarks.gpu.launch_all` write them) instead of recording")
+    p.add_argument("--sample", action="store_true",
+                   help="one specialization per kernel and tuning row (a quick check)")
+    p.add_argument("--arch", type=int, nargs="+", default=list(_aot.ARCHS))
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where static.json goes")
+    p.add_argument("--report", type=Path,
+                   help="a benchmark report's JSON: add this table to it (beside the measured "
+                        "times) and rewrite its Markdown")
     a = p.parse_args(argv)
     reason = _aot.can_compile_without_gpu()
     if reason:
         raise SystemExit(reason)
-    rows, results = run()
+    specs = None
+    if a.specs:
+        data = json.loads(a.specs.read_text())
+        specs = data["specs"] if isinstance(data, dict) else data
+    if a.sample:
+        specs = sample(_aot.record_in_subprocess() if specs is None else specs)
+    rows, results = run(specs=specs, archs=a.arch, out_dir=a.out_dir)
     failed = [r for r in results if not r["ok"]]
     table = markdown(rows, failed)
     print(table)
     if a.markdown:
         a.markdown.write_text(table + "\n")
-    raise SystemExit(1 if failed else 0)
+    if a.report:
+        from benchmarks.__main__ import write_report
+        report = json.loads(a.report.read_text())
+        report["static"] = {"rows": rows, "failures": failed}
+        write_report(report, a.report.parent, plots=False)
+        print(f"added to {a.report} and its Markdown")
+    found = problems(rows, results)
+    for line in found:
+        print(line)
+    raise SystemExit(1 if found else 0)
 
 
 if __name__ == "__main__":
