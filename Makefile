@@ -1,5 +1,6 @@
-# Two entry points (see README): `make run` (main job) and `make test` (the test suite).
-# Both create .venv and install the package with its dev extra on first use.
+# Two entry points (see README): `make run` (main job) and `make test` (the test suite);
+# `make gpu` on a GPU machine.
+# run and test create .venv and install the package with its dev extra on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test
+.PHONY: install run test gpu
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -20,3 +21,8 @@ run: $(VENV)/.installed
 # PyTorch reference path and compiles every launched kernel for sm_80/sm_90.
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q -rs
+
+# On a GPU machine, with that machine's own python3 and packages (no venv, nothing
+# installed): the GPU kit. `make gpu GPU_ARGS=--dry-run` rehearses it on a CPU.
+gpu:
+	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu $(GPU_ARGS)
