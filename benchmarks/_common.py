@@ -117,7 +117,10 @@ def gbps(nbytes: int, ms: float) -> float:
 
 def measure(row: dict, provider: str, fn: Callable[[], object], device: str, nbytes: int,
             reps: int | None = None) -> None:
-    """Time ``fn`` and record, under ``<provider>_``: ms, 20/80 quantiles, peak bytes, GB/s."""
+    """Time ``fn`` and record, under ``<provider>_``: ms, 20/80 quantiles, peak bytes, GB/s;
+    and the row's ``min_MB``: the bytes the op must move at least (outputs written, inputs
+    read once), from which GB/s and the share of the copy bandwidth are taken."""
+    row["min_MB"] = nbytes / 1e6
     t = time_ms(fn, device, reps=reps)
     row[f"{provider}_ms"] = t["ms"]
     row[f"{provider}_ms_p20"] = t["ms_p20"]

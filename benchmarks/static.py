@@ -36,6 +36,8 @@ def summarize(results: list[dict]) -> list[dict]:
             "runs_on": "interpreter" if interpreter_only else "GPU", "variants": len(rs),
             "registers": max(r["registers"] for r in rs),
             "spill_bytes": max(r["spill_bytes"] for r in rs),
+            "atomics": max(r.get("atomics", 0) for r in rs),
+            "fences": max(r.get("fences", 0) for r in rs),
             "shared_bytes": max(r["shared_bytes"] for r in rs),
             "num_warps": rs[0]["num_warps"],
             "occupancy_sm90": f"{occupancy:.0%}" if occupancy is not None else None,
@@ -45,7 +47,7 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 COLUMNS = ["kernel", "tuning", "arch", "runs_on", "variants", "registers", "spill_bytes",
-           "shared_bytes", "num_warps", "occupancy_sm90"]
+           "shared_bytes", "num_warps", "occupancy_sm90", "atomics", "fences"]
 
 
 def notes_text(rows: list[dict]) -> str:
@@ -113,6 +115,8 @@ def problems(rows: list[dict], results: list[dict]) -> list[str]:
             if r["arch"] == "sm_90" and r["spill_bytes"]]
     out += [f"occupancy: {r['kernel']} ({r['tuning']}) {r['occupancy_sm90']}" for r in rows
             if r["note"] == _aot.UNJUSTIFIED]
+    out += [f"fenced atomics: {r['kernel']} ({r['tuning']}) {r['fences']} MEMBAR" for r in rows
+            if r["fences"]]
     return out
 
 

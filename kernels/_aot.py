@@ -114,17 +114,29 @@ def _cuobjdump() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
+_SASS_OPCODE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+
+
 def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack, static shared memory and spills from the cubin's resource usage;
+    from its SASS, the global atomics/reductions and the memory fences (``MEMBAR``): a
+    ``tl.atomic_add`` with Triton's default ``acq_rel`` compiles to ``MEMBAR`` + ``ATOMG``,
+    with ``sem="relaxed"`` to a fence-free ``REDG``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name],
                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(_cuobjdump()), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if not m:
         raise RuntimeError(f"cannot read cuobjdump output:\n{text}")
     reg, stack, shared, local = map(int, m.groups())
-    return {"registers": reg, "stack": stack, "static_shared": shared, "spill_bytes": local}
+    opcodes = [op.split(".")[0] for op in _SASS_OPCODE.findall(sass)]
+    return {"registers": reg, "stack": stack, "static_shared": shared, "spill_bytes": local,
+            "atomics": sum(op.startswith(("ATOM", "RED")) for op in opcodes),
+            "fences": opcodes.count("MEMBAR")}
 
 
 def occupancy_sm90(registers: int, num_warps: int, shared_bytes: int) -> float:

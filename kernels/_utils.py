@@ -5,10 +5,11 @@ PyTorch reference, except under ``TRITON_INTERPRET=1`` where they run the same T
 kernels on Triton's interpreter. ``reference_path()`` forces the reference (tests use it
 to check both paths in one process).
 
-Every kernel launch goes through :func:`launch`, which records the specialization it
-compiles to (argument types, constexpr values, num_warps). The GPU compile check
-(``kernels._aot``) compiles exactly those recorded specializations for sm_80/sm_90, each
-expanded over the kernel's tuning table, so it cannot drift from what the ops launch.
+Every kernel launch goes through :func:`launch`, which guards the tensors' CUDA device and,
+while recording (always under the interpreter), records the specialization it compiles to
+(argument types, constexpr values, num_warps). The GPU compile check (``kernels._aot``)
+compiles exactly those recorded specializations for sm_80/sm_90, each expanded over the
+kernel's tuning table, so it cannot drift from what the ops launch.
 """
 from __future__ import annotations
 
@@ -114,6 +115,15 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+MAX_GRID_YZ = 65535   # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1)
+
+
+def row_chunks(k: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most MAX_GRID_YZ rows: one launch each, when a kernel puts
+    its rows (RoIs) on grid axis 2 and its big dimension on axis 0."""
+    return [(s, min(k, s + MAX_GRID_YZ)) for s in range(0, k, MAX_GRID_YZ)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,17 +290,64 @@ def pick_tuning(kernel, row: dict) -> dict:
     return rows[min(_forced_row, len(rows) - 1)]
 
 
-def launch(kernel, grid, *args, tuning: dict, **constexprs) -> None:
-    """Launch ``kernel[grid](*args, **tuning, **constexprs)`` and record its specialization.
+# Launch records cost host time, so they are kept only while recording is on: always under
+# the interpreter (a test session's launches feed the GPU compile check), elsewhere inside
+# record_launches() (the GPU kit's launch_all).
+_recording = INTERPRET
+_ARG_NAMES: dict[str, list[str]] = {}   # kernel id -> its parameter names, read once
 
-    ``tuning`` is a row of the kernel's registered tuning table (block sizes, num_warps);
-    ``constexprs`` are the mode switches and shape constants the call fixes.
-    """
+
+@contextlib.contextmanager
+def record_launches():
+    """Record every launch's specialization into LAUNCHES inside the block."""
+    global _recording
+    previous, _recording = _recording, True
+    try:
+        yield
+    finally:
+        _recording = previous
+
+
+def _record(kernel, args: tuple, tuning: dict, constexprs: dict) -> None:
     kid = kernel_id(kernel)
     if kid in TUNING_TABLES and tuning not in TUNING_TABLES[kid]:
         raise RuntimeError(f"{kid}: tuning row {tuning} is not in its registered table")
-    names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    names = _ARG_NAMES.get(kid)
+    if names is None:
+        names = _ARG_NAMES[kid] = list(
+            inspect.signature(getattr(kernel, "fn", kernel)).parameters)
     signature = tuple((n, _triton_type(a)) for n, a in zip(names, args))
     LAUNCHES.add(Specialization(
         kid, signature, tuple(sorted(constexprs.items())), tuple(sorted(tuning.items()))))
-    kernel[grid](*args, **tuning, **constexprs)
+
+
+def launch_device(args: Sequence[Any]) -> torch.device | None:
+    """The CUDA device of a launch: its first tensor argument's (None off CUDA)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" else None
+    return None
+
+
+def launch(kernel, grid, *args, tuning: dict, **constexprs) -> None:
+    """Launch ``kernel[grid](*args, **tuning, **constexprs)`` on its tensors' device.
+
+    ``tuning`` is a row of the kernel's registered tuning table (block sizes, num_warps);
+    ``constexprs`` are the mode switches and shape constants the call fixes. Triton
+    launches on the current CUDA device, so the launch is guarded to the tensors' device
+    (tensors on cuda:1 with cuda:0 current would otherwise be read from the wrong GPU), as
+    torchvision's kernels guard theirs. While recording, the specialization is kept for the
+    GPU compile check.
+    """
+    if grid[0] >= 2**31 or any(g > MAX_GRID_YZ for g in grid[1:]):
+        raise ValueError(f"{kernel_id(kernel)}: the inputs need a grid of {tuple(grid)} "
+                         "programs, past CUDA's limits (2**31 - 1 on axis 0, 65,535 on "
+                         "axes 1 and 2)")
+    if _recording:
+        _record(kernel, args, tuning, constexprs)
+    device = launch_device(args)
+    if device is None:
+        kernel[grid](*args, **tuning, **constexprs)
+    else:
+        with torch.cuda.device(device):
+            kernel[grid](*args, **tuning, **constexprs)

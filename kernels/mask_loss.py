@@ -74,7 +74,9 @@ def _mask_loss_fwd_kernel(
         tl.store(grad_ptr + n * M * M + offs, dx * inv_count, mask=mask)
 
 
-@triton.jit
+# Each image's gt mask size and strides would otherwise specialize the kernel (== 1,
+# divisible by 16): a new compile per size pattern in the first steps of a run.
+@triton.jit(do_not_specialize=["H", "W", "m_stride_g", "m_stride_h", "m_stride_w"])
 def _mask_loss_sampled_fwd_kernel(
     logits_ptr,  # (R, K, M, M) float, any strides: one image's rows
     rois_ptr,  # (R, 5) float32: gt mask index, x1, y1, x2, y2 (the proposal)

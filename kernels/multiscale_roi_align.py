@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor,
                      deterministic_algorithms, launch, pair, pick_tuning, register_tuning,
-                     use_triton)
-from .roi_align import (_bilinear_axis, _check_image_extent, _is_channels_last, _roi_box,
-                        boxes_to_rois, roi_align_backward_deterministic)
+                     row_chunks, use_triton)
+from .roi_align import (_bilinear_axis, _check_image_extent, _is_channels_last, _roi_and_bins,
+                        _roi_box, boxes_to_rois, roi_align_backward_deterministic)
 
 MAX_LEVELS = 5
 
@@ -119,9 +119,8 @@ def _multiscale_roi_align_fwd_kernel(
     NUM_LEVELS: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_c = offs_c < C
     mask_p = offs_p < PH * PW
     ph = (offs_p // PW).to(tl.float32)
@@ -188,9 +187,8 @@ def _multiscale_roi_align_bwd_kernel(
     NUM_LEVELS: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_c = offs_c < C
     mask_p = offs_p < PH * PW
     ph_i = offs_p // PW
@@ -212,8 +210,10 @@ def _multiscale_roi_align_bwd_kernel(
     grid_h = tl.where(ok, grid_h, 0)
     grid_w = tl.where(ok, grid_w, 0)
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    # int64: the output gradient may be any strided view (its offsets can pass 2**31)
     g_src = ((grad_ptr + r * g_stride_k) + _along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR)
-             + _along_p(ph_i * g_stride_h + pw_i * g_stride_w, P_MAJOR))
+             + _along_p(ph_i.to(tl.int64) * g_stride_h + pw_i.to(tl.int64) * g_stride_w,
+                        P_MAJOR))
     in_tile = _along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
     g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
     base = (gi_ptr + b * stride_n) + _along_c(offs_c * stride_c, P_MAJOR)
@@ -228,15 +228,16 @@ def _multiscale_roi_align_bwd_kernel(
             m = _along_p(valid_y & valid_x, P_MAJOR) & in_tile
             col_lo = x_lo * stride_w
             col_hi = x_hi * stride_w
-            # Atomics: RoIs overlap, so several programs add into the same pixels.
+            # Atomics: RoIs overlap, so several programs add into the same pixels; relaxed
+            # (no fence): nothing reads them before the kernel ends.
             tl.atomic_add(base + _along_p(row_lo + col_lo, P_MAJOR),
-                          g * _along_p(wy_lo * wx_lo, P_MAJOR), mask=m)
+                          g * _along_p(wy_lo * wx_lo, P_MAJOR), mask=m, sem="relaxed")
             tl.atomic_add(base + _along_p(row_lo + col_hi, P_MAJOR),
-                          g * _along_p(wy_lo * wx_hi, P_MAJOR), mask=m)
+                          g * _along_p(wy_lo * wx_hi, P_MAJOR), mask=m, sem="relaxed")
             tl.atomic_add(base + _along_p(row_hi + col_lo, P_MAJOR),
-                          g * _along_p(wy_hi * wx_lo, P_MAJOR), mask=m)
+                          g * _along_p(wy_hi * wx_lo, P_MAJOR), mask=m, sem="relaxed")
             tl.atomic_add(base + _along_p(row_hi + col_hi, P_MAJOR),
-                          g * _along_p(wy_hi * wx_hi, P_MAJOR), mask=m)
+                          g * _along_p(wy_hi * wx_hi, P_MAJOR), mask=m, sem="relaxed")
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
@@ -298,11 +299,13 @@ def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, scales: l
         _check_image_extent(f.shape, f.stride(), f"features[{i}]")
     tuning = pick_tuning(_multiscale_roi_align_fwd_kernel,
                          _pick_tuning(c, pooled_h * pooled_w))
-    grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
-    launch(_multiscale_roi_align_fwd_kernel, grid, rois, out, *_level_args(features, scales),
-           c, *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
-           int(sampling_ratio), pooled_h, pooled_w,
-           tuning=tuning, NUM_LEVELS=len(features), P_MAJOR=_p_major(features))
+    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
+    for start, end in row_chunks(k):   # RoIs on grid axis 2: at most 65,535 a launch
+        launch(_multiscale_roi_align_fwd_kernel, (*blocks, end - start), rois[start:end],
+               out[start:end], *_level_args(features, scales), c,
+               *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
+               int(sampling_ratio), pooled_h, pooled_w,
+               tuning=tuning, NUM_LEVELS=len(features), P_MAJOR=_p_major(features))
     return out
 
 
@@ -337,13 +340,14 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
             _check_image_extent(v.shape, v.stride(), f"features[{i}]")
         tuning = pick_tuning(_multiscale_roi_align_bwd_kernel,
                              _pick_tuning(channels, pooled_h * pooled_w))
-        grid = (k, cdiv(channels, tuning["BLOCK_C"]),
-                cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
-        launch(_multiscale_roi_align_bwd_kernel, grid, grad, rois,
-               *_level_args(views, scales), channels, *grad.stride(),
-               *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
-               int(sampling_ratio), pooled_h, pooled_w,
-               tuning=tuning, NUM_LEVELS=len(heights), P_MAJOR=_p_major(views))
+        blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]),
+                  cdiv(channels, tuning["BLOCK_C"]))
+        for start, end in row_chunks(k):
+            launch(_multiscale_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
+                   rois[start:end], *_level_args(views, scales), channels, *grad.stride(),
+                   *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
+                   int(sampling_ratio), pooled_h, pooled_w,
+                   tuning=tuning, NUM_LEVELS=len(heights), P_MAJOR=_p_major(views))
     return acc.to(grad.dtype)
 
 

@@ -82,7 +82,9 @@ def _store_row(dst, val, mask, threshold, in_dtype, THRESHOLD: tl.constexpr):
         tl.store(dst, val.to(dst.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Each image's size (and the masks' strides) would otherwise specialize the kernel (== 1,
+# divisible by 16): a new compile per size pattern in the first images of a run.
+@triton.jit(do_not_specialize=["H", "W", "stride_n", "stride_h", "stride_w"])
 def _paste_masks_kernel(
     masks_ptr,  # (N, 1, MH, MW) float, any strides: unpadded masks
     boxes_ptr,  # (N, 4): float32 x1, y1, x2, y2 (EXPAND) or int64 expanded boxes

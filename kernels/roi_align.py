@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from . import reference
 from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_tensor,
                      deterministic_algorithms, is_tracing, launch, pair, pick_tuning,
-                     register_tuning, use_triton)
+                     register_tuning, row_chunks, use_triton)
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,6 +47,18 @@ def _roi_box(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
 
 
 @triton.jit
+def _roi_and_bins(PH, PW, BLOCK_P: tl.constexpr):
+    """The RoI (grid axis 2) and the block of output bins (axis 0) of this program. CUDA
+    caps axes 1 and 2 at 65,535 programs: bin blocks pass that at 1024x1024 outputs, so
+    they take axis 0 (2**31 - 1), and launchers split more than 65,535 RoIs into launches
+    (``row_chunks``). Enumerating (RoI, bin block) pairs on axis 0 instead would cost the
+    forward 8 registers for the division (sm_90: 48, 62% occupancy, against 40, 75%)."""
+    r = tl.program_id(2).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return r, offs_p
+
+
+@triton.jit
 def _bilinear_axis(pos, size):
     """torchvision's bilinear rule along one axis for sample positions ``pos``.
 
@@ -64,7 +76,14 @@ def _bilinear_axis(pos, size):
     return low, high, 1.0 - frac, frac, valid
 
 
-@triton.jit
+# Image sizes and strides change from call to call (image sizes, padded batches); specializing
+# on them (== 1, divisible by 16) would compile anew for each pattern, and with two elements
+# per thread nothing in these tiles is vectorized by it.
+_SHAPE_ARGS = ["C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w"]
+_GRAD_STRIDES = ["g_stride_k", "g_stride_c", "g_stride_h", "g_stride_w"]
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _roi_align_fwd_kernel(
     input_ptr,  # (N, C, H, W) float, any strides
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
@@ -73,9 +92,8 @@ def _roi_align_fwd_kernel(
     spatial_scale, sampling_ratio, PH, PW,
     ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_c = offs_c < C
     mask_p = offs_p < PH * PW
     ph = (offs_p // PW).to(tl.float32)
@@ -109,7 +127,7 @@ def _roi_align_fwd_kernel(
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _GRAD_STRIDES)
 def _roi_align_bwd_kernel(
     grad_ptr,  # (K, C, PH, PW) float, any strides: gradient of the output
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
@@ -119,9 +137,8 @@ def _roi_align_bwd_kernel(
     spatial_scale, sampling_ratio, PH, PW,
     ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_c = offs_c < C
     mask_p = offs_p < PH * PW
     ph_i = offs_p // PW
@@ -131,8 +148,9 @@ def _roi_align_bwd_kernel(
     b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
         rois_ptr, r, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    g_src = (grad_ptr + r * g_stride_k + offs_c[None, :] * g_stride_c
-             + (ph_i * g_stride_h + pw_i * g_stride_w)[:, None])
+    # int64: the output gradient may be any strided view (its offsets can pass 2**31)
+    g_src = (grad_ptr + r * g_stride_k + offs_c.to(tl.int64)[None, :] * g_stride_c
+             + (ph_i.to(tl.int64) * g_stride_h + pw_i.to(tl.int64) * g_stride_w)[:, None])
     in_tile = mask_p[:, None] & mask_c[None, :]
     g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
     base = grad_input_ptr + b * stride_n + offs_c[None, :] * stride_c
@@ -147,11 +165,17 @@ def _roi_align_bwd_kernel(
             m = ((valid_y & valid_x)[:, None]) & in_tile
             col_lo = x_lo[:, None] * stride_w
             col_hi = x_hi[:, None] * stride_w
-            # Atomics: RoIs overlap, so several programs add into the same pixels.
-            tl.atomic_add(base + row_lo + col_lo, g * (wy_lo * wx_lo)[:, None], mask=m)
-            tl.atomic_add(base + row_lo + col_hi, g * (wy_lo * wx_hi)[:, None], mask=m)
-            tl.atomic_add(base + row_hi + col_lo, g * (wy_hi * wx_lo)[:, None], mask=m)
-            tl.atomic_add(base + row_hi + col_hi, g * (wy_hi * wx_hi)[:, None], mask=m)
+            # Atomics: RoIs overlap, so several programs add into the same pixels. Relaxed:
+            # nothing here reads what another program adds (the kernel's end orders them),
+            # so each add is a fence-free reduction (RED), not a fenced ATOM.
+            tl.atomic_add(base + row_lo + col_lo, g * (wy_lo * wx_lo)[:, None], mask=m,
+                          sem="relaxed")
+            tl.atomic_add(base + row_lo + col_hi, g * (wy_lo * wx_hi)[:, None], mask=m,
+                          sem="relaxed")
+            tl.atomic_add(base + row_hi + col_lo, g * (wy_hi * wx_lo)[:, None], mask=m,
+                          sem="relaxed")
+            tl.atomic_add(base + row_hi + col_hi, g * (wy_hi * wx_hi)[:, None], mask=m,
+                          sem="relaxed")
 
 
 @triton.jit
@@ -229,10 +253,11 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
         return out
     _check_image_extent(input.shape, input.stride(), "input")
     tuning = pick_tuning(_roi_align_fwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
-    grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
-    launch(_roi_align_fwd_kernel, grid, input, rois, out, c, h, w, *input.stride(),
-           float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
-           tuning=tuning, ALIGNED=bool(aligned))
+    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
+    for start, end in row_chunks(k):
+        launch(_roi_align_fwd_kernel, (*blocks, end - start), input, rois[start:end],
+               out[start:end], c, h, w, *input.stride(), float(spatial_scale),
+               int(sampling_ratio), pooled_h, pooled_w, tuning=tuning, ALIGNED=bool(aligned))
     return out
 
 
@@ -249,10 +274,12 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     if k and c and n:
         _check_image_extent(acc.shape, acc.stride(), "input")
         tuning = pick_tuning(_roi_align_bwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
-        grid = (k, cdiv(c, tuning["BLOCK_C"]), cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]))
-        launch(_roi_align_bwd_kernel, grid, grad, rois, acc, c, h, w, *acc.stride(),
-               *grad.stride(), float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
-               tuning=tuning, ALIGNED=bool(aligned))
+        blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
+        for start, end in row_chunks(k):
+            launch(_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
+                   rois[start:end], acc, c, h, w, *acc.stride(), *grad.stride(),
+                   float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
+                   tuning=tuning, ALIGNED=bool(aligned))
     return acc.to(grad.dtype)
 
 

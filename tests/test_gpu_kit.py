@@ -206,7 +206,7 @@ def test_every_tuning_row_gives_torchvisions_result(backend, row):
                         device=backend.device)
     fwd = importlib.import_module("kernels.roi_align")._roi_align_fwd_kernel
     before = set(_utils.LAUNCHES)
-    with _utils.forced_tuning_row(row):
+    with _utils.forced_tuning_row(row), _utils.record_launches():
         out = kernels.roi_align(x, rois, 7, 1.0, 2)   # 49 bins: its own pick is row 0
     torch.testing.assert_close(out, torchvision.ops.roi_align(x, rois, 7, 1.0, 2))
     if backend.triton:

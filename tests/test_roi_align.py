@@ -54,6 +54,21 @@ def test_parity_with_torchvision(backend, poison, aligned, sampling, scale):
         assert_close(g, gref, **tol(torch.float32))
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling", [-1, 2])
+def test_float32_forward_is_torchvisions_bit_for_bit(backend, poison, aligned, sampling):
+    """Measured, not assumed: the interpreter evaluates the coordinate arithmetic as
+    torchvision's CPU kernel does; on CUDA both compilers may contract it into FMAs, so this
+    case says whether the GPU results are identical too."""
+    if not backend.triton:
+        pytest.skip("the reference path sums samples in another order (a sparse product)")
+    x = torch.randn(2, 4, 13, 17, device=backend.device)
+    rois = random_rois(9, 2, 13, 17, 0.5, backend.device)
+    out = kernels.roi_align(x, rois, (5, 4), 0.5, sampling, aligned)
+    ref = torchvision.ops.roi_align(x, rois, (5, 4), 0.5, sampling, aligned)
+    assert torch.equal(out, ref), (out - ref).abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(backend, poison, dtype):
     n, c, h, w = 2, 5, 9, 17

@@ -27,9 +27,10 @@ def launch_all(device: str, modules: list[str] | None = None) -> dict:
     modules = modules or _aot.op_modules()
     expected = {k for k in _aot.launched_kernels() if k.split(":")[0] in modules}
     depth = max(len(_utils.gpu_rows(k)) for k in _utils.TUNING_TABLES)
-    for index in range(depth):
-        with _utils.forced_tuning_row(index):
-            _aot.run_examples(device, modules)
+    with _utils.record_launches():
+        for index in range(depth):
+            with _utils.forced_tuning_row(index):
+                _aot.run_examples(device, modules)
     if device == "cuda":
         torch.cuda.synchronize()
     launched = [s.as_json() for s in _utils.LAUNCHES]

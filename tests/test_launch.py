@@ -1,0 +1,122 @@
+"""kernels._utils.launch: CUDA's grid limits, the tensors' device, launch records.
+
+The interpreter checks none of CUDA's launch limits and runs every program on the CPU, so
+these tests read what the launchers ask for instead of running it.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torchvision
+
+import kernels
+from kernels import _utils
+
+roi_align_module = importlib.import_module("kernels.roi_align")
+multiscale_module = importlib.import_module("kernels.multiscale_roi_align")
+
+AXIS_0, OTHER_AXES = 2**31 - 1, 65535
+
+
+def _capture(monkeypatch, module) -> list:
+    """Replace the module's launch with one that records (kernel, grid) and runs nothing."""
+    grids = []
+    monkeypatch.setattr(module, "launch", lambda kernel, grid, *a, **k: grids.append(
+        (kernel, tuple(grid))))
+    return grids
+
+
+def _fits(grid) -> bool:
+    return grid[0] <= AXIS_0 and all(g <= OTHER_AXES for g in grid[1:])
+
+
+def test_roi_align_grid_fits_cuda_limits_at_1024x1024(monkeypatch):
+    # 1024 * 1024 bins in blocks of 16 are 65,536 bin blocks: one past axis 2's limit
+    grids = _capture(monkeypatch, roi_align_module)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 7.0, 7.0], [0.0, 1.0, 1.0, 5.0, 6.0]])
+    roi_align_module.roi_align_forward(torch.randn(1, 3, 8, 8), rois, 1.0, 1024, 1024, 1,
+                                       False)
+    roi_align_module.roi_align_backward(torch.zeros(2, 3, 1024, 1024), rois, 1.0, 1024, 1024,
+                                        1, False, (1, 3, 8, 8), False)
+    assert [k for k, _ in grids] == [roi_align_module._roi_align_fwd_kernel,
+                                     roi_align_module._roi_align_bwd_kernel]
+    for _, grid in grids:
+        assert _fits(grid), grid
+        assert grid[0] == 65536 and grid[2] == 2   # bin blocks on axis 0, RoIs on axis 2
+
+
+def test_more_rois_than_a_grid_axis_takes_are_split_into_launches(monkeypatch):
+    k = 2 * 65535 + 7
+    launched = []
+    monkeypatch.setattr(roi_align_module, "launch", lambda kernel, grid, x, rois, out, *a, **kw:
+                        launched.append((tuple(grid), rois.shape[0], out.shape[0])))
+    rois = torch.zeros(k, 5)
+    rois[:, 3:] = 4.0
+    roi_align_module.roi_align_forward(torch.randn(1, 2, 8, 8), rois, 1.0, 2, 2, 1, False)
+    assert [g[2] for g, _, _ in launched] == [65535, 65535, 7]
+    assert all(_fits(g) and g[2] == r == o for g, r, o in launched)
+
+
+def test_multiscale_grid_fits_cuda_limits_at_1024x1024(monkeypatch):
+    grids = _capture(monkeypatch, multiscale_module)
+    feats = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 8, 8)]
+    boxes = [torch.tensor([[0.0, 0.0, 30.0, 30.0]])]
+    pooler = kernels.MultiScaleRoIAlign(["0", "1"], 1024, 1)
+    pooler({"0": feats[0], "1": feats[1]}, boxes, [(64, 64)])
+    assert grids and all(_fits(g) for _, g in grids), grids
+
+
+def test_launch_refuses_a_grid_past_cuda_limits():
+    ran = []
+
+    class Kernel:
+        fn = staticmethod(lambda x: None)
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: ran.append(grid)
+
+    kernel = Kernel()
+    for grid in ((1, OTHER_AXES + 1), (1, 1, OTHER_AXES + 1), (AXIS_0 + 1,)):
+        with pytest.raises(ValueError, match="grid"):
+            _utils.launch(kernel, grid, torch.zeros(1), tuning={"num_warps": 1})
+    _utils.launch(kernel, (AXIS_0, OTHER_AXES, OTHER_AXES), torch.zeros(1),
+                  tuning={"num_warps": 1})
+    assert ran == [(AXIS_0, OTHER_AXES, OTHER_AXES)]
+
+
+def test_launches_are_recorded_only_while_recording(backend, monkeypatch):
+    if not backend.triton:
+        pytest.skip("the reference path launches no kernel")
+    x = torch.randn(1, 2, 6, 6, device=backend.device)
+    rois = torch.tensor([[0.0, 0.5, 0.5, 4.0, 5.0]], device=backend.device)
+    monkeypatch.setattr(_utils, "_recording", False)
+    monkeypatch.setattr(_utils, "LAUNCHES", set())
+    kernels.roi_align(x, rois, 3, 1.0, 2, True)
+    assert _utils.LAUNCHES == set()
+    with _utils.record_launches():
+        kernels.roi_align(x, rois, 3, 1.0, 2, True)
+    assert {s.kernel.split(":")[1] for s in _utils.LAUNCHES} == {"_roi_align_fwd_kernel"}
+
+
+def test_launch_device_is_the_first_tensors_cuda_device():
+    assert _utils.launch_device((torch.zeros(1), 3)) is None
+    assert _utils.launch_device((3, 1.0)) is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_another_gpu_than_the_current_one():
+    # Triton launches on the current device: the launch must be guarded to the tensors'
+    with torch.cuda.device(0):
+        x = torch.randn(2, 8, 20, 24, device="cuda:1", requires_grad=True)
+        rois = torch.tensor([[0, 1.0, 2.0, 15.0, 18.0], [1, 3.0, 0.0, 20.0, 9.0]],
+                            device="cuda:1")
+        out = kernels.roi_align(x, rois, 7, 0.5, 2)
+        ref = torchvision.ops.roi_align(x, rois, 7, 0.5, 2)
+        torch.testing.assert_close(out, ref)
+        boxes = torch.rand(300, 4, device="cuda:1") * 100
+        boxes[:, 2:] += boxes[:, :2]
+        scores = torch.rand(300, device="cuda:1")
+        assert torch.equal(kernels.nms(boxes, scores, 0.5),
+                           torchvision.ops.nms(boxes, scores, 0.5))
