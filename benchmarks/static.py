@@ -50,6 +50,67 @@ COLUMNS = ["kernel", "tuning", "arch", "runs_on", "variants", "registers", "spil
            "shared_bytes", "num_warps", "occupancy_sm90", "atomics", "fences"]
 
 
+LANE_COLUMNS = ["kernel", "runs_on", "layout", "access", "tile", "lanes", "along", "needed",
+                "verdict"]
+
+
+def lane_summary(results: list[dict]) -> list[dict]:
+    """Where warps' lanes run in each hot-loop 2-D access (sm_90 TTGIR), one row per
+    distinct (kernel, layout, access, tile, lanes): ``along`` lanes x elements per thread
+    on the tensor's stride-1 tile axis, ``needed`` what the tile allows there (<= 32)."""
+    seen, out = set(), []
+    for r in _aot.lane_rows(results):
+        key = tuple(r[k] for k in ("kernel", "runs_on", "layout", "access", "tile", "lanes"))
+        if key in seen:
+            continue
+        seen.add(key)
+        verdict = "ok" if r["ok"] else (f"known: {r['note']}" if r["note"] else "WRONG AXIS")
+        out.append({k: r[k] for k in LANE_COLUMNS[:-1]} | {"verdict": verdict})
+    return sorted(out, key=lambda r: tuple(str(r[k]) for k in LANE_COLUMNS))
+
+
+NMS_COLUMNS = ["op", "boxes", "classes", "segments", "band_words", "fly_words",
+               "serial_steps", "greedy_row", "mask_MB"]
+# Serial greedy steps the NMS model allows at one class (a regression fails the check):
+# the 128-word steps give 11,885 at 100k boxes and 865 at 20k (16-word steps: 77k, 5.6k).
+NMS_SERIAL_CEILING = {100_000: 12_500, 20_000: 950}
+
+
+def nms_work() -> list[dict]:
+    """The NMS step-count model (``kernels.nms.work_model``) on the benchmark's own boxes:
+    1k-100k boxes in 1, 5 and 80 classes, for batched_nms (and nms: one class) and for
+    batched_nms_mask, whose band has no sync to size it."""
+    import importlib
+
+    import torch
+
+    from benchmarks.bench_nms import make_inputs
+    nms = importlib.import_module("kernels.nms")
+    rows = []
+    for n in (1000, 5000, 20000, 100_000):
+        for classes in (1, 5, 80):
+            _, _, idxs = make_inputs(n, classes, torch.float32, "cpu")
+            sizes = [int(c) for c in torch.bincount(idxs) if c]
+            for op, known in (("batched_nms", True), ("batched_nms_mask", False)):
+                rows.append({"op": op, "classes": classes}
+                            | nms.work_model(sizes, longest_known=known))
+    return rows
+
+
+def nms_problems(rows: list[dict]) -> list[str]:
+    """On-the-fly words where the op sized its band (nms, batched_nms), or their serial
+    steps past the ceiling. batched_nms_mask (no sync, so a budgeted band) is reported,
+    not checked: its long classes do compute words on the fly."""
+    out = [f"nms: {r['fly_words']} on-the-fly words in batched_nms at {r['boxes']} boxes, "
+           f"{r['classes']} classes" for r in rows if r["op"] == "batched_nms" and r["fly_words"]]
+    out += [f"nms: {r['serial_steps']} serial greedy steps at {r['boxes']} boxes in one class "
+            f"(ceiling {NMS_SERIAL_CEILING[r['boxes']]})" for r in rows
+            if r["op"] == "batched_nms" and r["classes"] == 1
+            and r["boxes"] in NMS_SERIAL_CEILING
+            and r["serial_steps"] > NMS_SERIAL_CEILING[r["boxes"]]]
+    return out
+
+
 def notes_text(rows: list[dict]) -> str:
     """The sm_90 rows below the occupancy target, each with why (Markdown list)."""
     lines = [f"- `{r['kernel']}` ({r['tuning']}, {r['occupancy_sm90']}): {r['note']}"
@@ -82,16 +143,25 @@ def run(write: bool = True, specs: list[dict] | None = None, archs=_aot.ARCHS,
         out_dir.mkdir(parents=True, exist_ok=True)
         failed = [r for r in results if not r["ok"]]
         (out_dir / "static.json").write_text(json.dumps(
-            {"rows": rows, "failures": failed, "specializations": len(specs)}, indent=1) + "\n")
+            {"rows": rows, "lanes": lane_summary(results), "nms_work": nms_work(),
+             "failures": failed, "specializations": len(specs)}, indent=1) + "\n")
     return rows, results
 
 
-def markdown(rows: list[dict], failures: list[dict]) -> str:
-    """The table, the notes on rows below the occupancy target, and any compile failure."""
+def markdown(rows: list[dict], failures: list[dict], lanes: list[dict] | None = None,
+             nms_rows: list[dict] | None = None) -> str:
+    """The table, the notes on rows below the occupancy target, the lane table, the NMS
+    step counts, and any compile failure."""
     out = format_table(rows, COLUMNS)
     notes = notes_text(rows)
     if notes:
         out += "\n\n" + notes
+    if lanes:
+        out += ("\n\nWarp lanes along the stride-1 dimension (hot-loop 2-D accesses, sm_90 "
+                "TTGIR):\n\n" + format_table(lanes, LANE_COLUMNS))
+    if nms_rows:
+        out += ("\n\nNMS work at the benchmark's shapes (kernels.nms.work_model; nms is "
+                "batched_nms with one class):\n\n" + format_table(nms_rows, NMS_COLUMNS))
     for r in failures:
         out += f"\n\nFAILED {r['spec']['kernel']} sm_{r['arch']}: {r['error']}"
     return out
@@ -108,7 +178,8 @@ def report_section() -> dict:
 
 def problems(rows: list[dict], results: list[dict]) -> list[str]:
     """What fails the compile check: compile errors, spills on sm_90, rows a GPU runs below
-    the occupancy target with no stated reason."""
+    the occupancy target with no stated reason, fenced atomics, hot-loop accesses whose
+    lanes miss the stride-1 dimension with no stated reason."""
     out = [f"compile failed: {r['spec']['kernel']} sm_{r['arch']}" for r in results
            if not r["ok"]]
     out += [f"spills: {r['kernel']} ({r['tuning']}) {r['spill_bytes']} bytes" for r in rows
@@ -117,6 +188,9 @@ def problems(rows: list[dict], results: list[dict]) -> list[str]:
             if r["note"] == _aot.UNJUSTIFIED]
     out += [f"fenced atomics: {r['kernel']} ({r['tuning']}) {r['fences']} MEMBAR" for r in rows
             if r["fences"]]
+    out += [f"lanes: {r['kernel']} [{r['spec']}] {r['layout']} {r['access']}: {r['along']} "
+            f"of {r['needed']} along the stride-1 axis ({r['note'] or 'no rule'})"
+            for r in _aot.lane_rows(results) if not r["ok"] and not r["note"]]
     return out
 
 
@@ -145,7 +219,8 @@ def main(argv=None):
         specs = sample(_aot.record_in_subprocess() if specs is None else specs)
     rows, results = run(specs=specs, archs=a.arch, out_dir=a.out_dir)
     failed = [r for r in results if not r["ok"]]
-    table = markdown(rows, failed)
+    nms_rows = nms_work()
+    table = markdown(rows, failed, lane_summary(results), nms_rows)
     print(table)
     if a.markdown:
         a.markdown.write_text(table + "\n")
@@ -155,7 +230,7 @@ def main(argv=None):
         report["static"] = {"rows": rows, "failures": failed}
         write_report(report, a.report.parent, plots=False)
         print(f"added to {a.report} and its Markdown")
-    found = problems(rows, results)
+    found = problems(rows, results) + nms_problems(nms_rows)
     for line in found:
         print(line)
     raise SystemExit(1 if found else 0)

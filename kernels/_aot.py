@@ -139,6 +139,84 @@ def resource_usage(cubin: bytes) -> dict:
             "fences": opcodes.count("MEMBAR")}
 
 
+_LAYOUT = re.compile(r"^#(\w+) = #ttg\.blocked<\{(.*)\}>", re.M)
+_MEMORY_OP = re.compile(r"\b(tt\.load|tt\.store|tt\.atomic_rmw)\b.*?"
+                        r"tensor<([0-9x]+)x!tt\.ptr<[^>]*>, #(\w+)>")
+
+
+def _blocked(fields: str) -> dict:
+    """``sizePerThread = [1, 2], threadsPerWarp = [4, 8], ...`` -> {name: [ints]}."""
+    return {k: [int(v) for v in vals.split(",")]
+            for k, vals in re.findall(r"(\w+) = \[([0-9, ]+)\]", fields)}
+
+
+def memory_ops(ttgir: str) -> list[dict]:
+    """Every 2-D global load, store and atomic in a loop body of the TTGIR, with where a
+    warp's lanes run: ``shape`` (the tile), ``lanes`` (threadsPerWarp per tile axis) and
+    ``per_thread`` (sizePerThread), read from the op's ``#blocked`` layout (None when the
+    compiler gave it another layout). Accesses outside loops run once per program and are
+    not listed."""
+    layouts = {name: _blocked(fields) for name, fields in _LAYOUT.findall(ttgir)}
+    ops, stack = [], []
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            if stack:
+                stack.pop()
+        m = _MEMORY_OP.search(text)
+        if m and "for" in stack:
+            shape = [int(d) for d in m.group(2).split("x")]
+            layout = layouts.get(m.group(3))
+            if len(shape) == 2:
+                ops.append({"op": m.group(1).split(".")[1], "shape": shape,
+                            "lanes": layout and layout["threadsPerWarp"],
+                            "per_thread": layout and layout["sizePerThread"]})
+        if text.endswith("{") and not text.startswith("}"):
+            stack.append("for" if "scf.for" in text or "scf.while" in text else "block")
+        elif text.startswith("}") and text.endswith("{"):
+            stack.append("block")   # } else {
+    return ops
+
+
+def lane_rows(results: list[dict]) -> list[dict]:
+    """For each sm_90 specialization with 2-D accesses in a loop: per input layout and
+    access, the lanes (x elements per thread) a warp puts along the tensor's stride-1 tile
+    axis, against what the tile allows (its extent there, at most 32). ``ok`` when the
+    compiler gave that axis all it could; ``note`` where the kernel says why not."""
+    from kernels import _utils
+    for name in op_modules():
+        importlib.import_module(name)   # tables and lane rules register on import
+    rows = []
+    for r in results:
+        if not r["ok"] or r["arch"] != 90 or not r.get("memory_ops"):
+            continue
+        spec = r["spec"]
+        kid = spec["kernel"]
+        rule = _utils.LANE_RULES.get(kid)
+        base = {"kernel": kid.split(":")[1], "spec": describe(spec),
+                "runs_on": "interpreter" if spec.get("interpreter_only") else "GPU"}
+        if rule is None:
+            rows.append(dict(base, layout="-", access="-", tile="-", lanes="-", along=0,
+                             needed=1, ok=False, note="no lane rule declared"))
+            continue
+        for layout, axes in rule(dict(spec["constexprs"])).items():
+            for op in r["memory_ops"]:
+                axis = axes.get(op["op"])
+                shape = op["shape"]
+                lanes = op["lanes"]
+                if axis is None or lanes is None:
+                    along, needed = 0, 1
+                else:
+                    along = lanes[axis] * op["per_thread"][axis]
+                    needed = min(32, shape[axis])
+                rows.append(dict(base, layout=layout, access=op["op"],
+                                 tile="x".join(map(str, shape)),
+                                 lanes="x".join(map(str, lanes or [])), along=along,
+                                 needed=needed, ok=along >= needed,
+                                 note=_utils.LANE_NOTES.get(kid, {}).get(layout)))
+    return rows
+
+
 def occupancy_sm90(registers: int, num_warps: int, shared_bytes: int) -> float:
     """Theoretical occupancy (resident warps / 64) of one kernel on an H100 SM."""
     unit = SM90["reg_alloc_unit"]
@@ -170,6 +248,7 @@ def compile_one(job: tuple[dict, int]) -> dict:
         compiled = triton.compile(ASTSource(fn, ordered, constexprs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         usage = resource_usage(compiled.asm["cubin"])
+        usage["memory_ops"] = memory_ops(compiled.asm["ttgir"])
         shared = max(int(compiled.metadata.shared), usage["static_shared"])
         result.update(usage, ok=True, num_warps=compiled.metadata.num_warps,
                       shared_bytes=shared,

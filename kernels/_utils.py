@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -259,6 +259,24 @@ def register_tuning(kernel, table: list[dict], interpreter: Sequence[dict] = (),
     if occupancy_note:
         OCCUPANCY_NOTES[kid] = occupancy_note
     return rows
+
+
+# kernel id -> rule(constexprs) -> {input layout: {access: tile axis that must carry the
+# warp's lanes}}; kernel id -> {layout: why that layout's lanes are knowingly elsewhere}
+LANE_RULES: dict[str, Callable[[dict], dict[str, dict[str, int]]]] = {}
+LANE_NOTES: dict[str, dict[str, str]] = {}
+
+
+def register_lanes(kernel, rule: Callable[[dict], dict[str, dict[str, int]]],
+                   notes: dict[str, str] | None = None) -> None:
+    """Declare, for the compile check's lane test, which axis of ``kernel``'s 2-D tiles is
+    the stride-1 dimension of the tensor each hot-loop access touches (``load``, ``store``,
+    ``atomic_rmw``), per input layout the launcher sends to that specialization: ``rule``
+    maps the specialization's constexprs to ``{layout: {access: axis}}``. ``notes``: a
+    layout whose lanes are knowingly elsewhere, and why (the report prints it)."""
+    kid = kernel_id(kernel)
+    LANE_RULES[kid] = rule
+    LANE_NOTES[kid] = dict(notes or {})
 
 
 _forced_row: int | None = None

@@ -10,7 +10,7 @@ Three ops, all ``mean`` binary cross-entropy with logits over each instance's ow
 * :func:`maskrcnn_loss` — torchvision's ``roi_heads.maskrcnn_loss``: the targets (RoI Align
   of the full-image gt masks over the proposals, ``sampling_ratio=-1, aligned=False``) are
   sampled inside the loss kernel from the uint8/bool/float masks, with RoI Align's own
-  ``_roi_box``/``_bilinear_axis`` helpers, instead of being materialized as N x M x M floats.
+  ``roi_box``/``bilinear_axis`` helpers, instead of being materialized as N x M x M floats.
 * :func:`fused_mask_predictor_loss` — the mask predictor's 1x1 conv and the loss in one:
   only row ``W[label]`` of the predictor is applied per instance, so the (N, K, M, M) logits
   never exist. Forward keeps d loss / d logit (N, M*M float32) for the backward, which
@@ -28,8 +28,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, is_tracing, launch,
-                     pick_tuning, register_tuning, use_triton)
-from .roi_align import _bilinear_axis, _roi_box
+                     pick_tuning, register_lanes, register_tuning, use_triton)
+from ._sampling import along_c, along_p, bilinear_axis, p_major, roi_box
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -96,7 +96,7 @@ def _mask_loss_sampled_fwd_kernel(
     w = offs % M
     # The target: torchvision's roi_align(gt_masks[:, None], rois, (M, M), 1.0)[:, 0],
     # i.e. spatial scale 1, adaptive sampling, aligned=False.
-    g, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
+    g, start_h, start_w, bin_h, bin_w, grid_h, grid_w = roi_box(
         rois_ptr, r, 1.0, M, M, -1, False)
     ph = h.to(tl.float32)
     pw = w.to(tl.float32)
@@ -104,12 +104,12 @@ def _mask_loss_sampled_fwd_kernel(
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
+        y_lo, y_hi, wy_lo, wy_hi, valid_y = bilinear_axis(y, H)
         row_lo = y_lo.to(tl.int64) * m_stride_h
         row_hi = y_hi.to(tl.int64) * m_stride_h
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
+            x_lo, x_hi, wx_lo, wx_hi, valid_x = bilinear_axis(x, W)
             m = valid_y & valid_x & mask
             col_lo = x_lo.to(tl.int64) * m_stride_w
             col_hi = x_hi.to(tl.int64) * m_stride_w
@@ -168,7 +168,8 @@ def _mask_predictor_loss_fwd_kernel(
     grad_ptr,  # (N, M*M) float32: d loss / d logit of the instance's class
     C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w, t_stride_n, t_stride_h, t_stride_w,
     inv_count,  # 1 / (N * M * M)
-    WRITE_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -176,17 +177,25 @@ def _mask_predictor_loss_fwd_kernel(
     h = offs_p // M
     w = offs_p % M
     label = tl.load(labels_ptr + n)
-    f_base = features_ptr + n * f_stride_n + (h * f_stride_h + w * f_stride_w)[None, :]
-    # logit = b[label] + sum_c W[label, c] * f[c]: only the instance's own class row
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    f_base = features_ptr + n * f_stride_n + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR)
+    # logit = b[label] + sum_c W[label, c] * f[c]: only the instance's own class row.
+    # Tiles are (C, P) with lanes along pixels for NCHW features (P_MAJOR), (P, C) with
+    # lanes along channels for channels_last ones.
+    acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
+           + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         wv = tl.load(weight_ptr + label * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-        f = tl.load(f_base + offs_c.to(tl.int64)[:, None] * f_stride_c,
-                    mask=mask_c[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-        acc += wv[:, None] * f
-    x = tl.sum(acc, axis=0) + tl.load(bias_ptr + label).to(tl.float32)
+        f = tl.load(f_base + along_c(offs_c.to(tl.int64) * f_stride_c, P_MAJOR),
+                    mask=along_c(mask_c, P_MAJOR) & along_p(mask_p, P_MAJOR),
+                    other=0.0).to(tl.float32)
+        acc += along_c(wv, P_MAJOR) * f
+    if P_MAJOR:
+        x = tl.sum(acc, axis=0)
+    else:
+        x = tl.sum(acc, axis=1)
+    x += tl.load(bias_ptr + label).to(tl.float32)
     t = tl.load(targets_ptr + n * t_stride_n + h * t_stride_h + w * t_stride_w,
                 mask=mask_p, other=0).to(tl.float32)
     loss, dx = _bce_with_logits(x, t)
@@ -209,7 +218,7 @@ def _mask_predictor_loss_bwd_kernel(
     grad_rows_ptr,  # (N, C) float32: d loss / d W[label_n] from instance n alone
     C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
     g_stride_n, g_stride_c, g_stride_h, g_stride_w,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    P_MAJOR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -217,22 +226,30 @@ def _mask_predictor_loss_bwd_kernel(
     label = tl.load(labels_ptr + n)
     g = tl.load(grad_out_ptr).to(tl.float32)
     wv = tl.load(weight_ptr + label * C + offs_c, mask=mask_c, other=0.0).to(tl.float32) * g
-    f_base = features_ptr + n * f_stride_n + offs_c.to(tl.int64)[:, None] * f_stride_c
-    g_base = grad_features_ptr + n * g_stride_n + offs_c.to(tl.int64)[:, None] * g_stride_c
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+    f_base = features_ptr + n * f_stride_n + along_c(offs_c.to(tl.int64) * f_stride_c, P_MAJOR)
+    g_base = (grad_features_ptr + n * g_stride_n
+              + along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR))
+    # (C, P) tiles, lanes along pixels, for NCHW (P_MAJOR); (P, C) for channels_last
+    acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
+           + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for p0 in range(0, M * M, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < M * M
         h = offs_p // M
         w = offs_p % M
-        tile = mask_c[:, None] & mask_p[None, :]
+        tile = along_c(mask_c, P_MAJOR) & along_p(mask_p, P_MAJOR)
         dx = tl.load(grad_sel_ptr + n * M * M + offs_p, mask=mask_p, other=0.0)
-        f = tl.load(f_base + (h * f_stride_h + w * f_stride_w)[None, :], mask=tile,
+        f = tl.load(f_base + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR), mask=tile,
                     other=0.0).to(tl.float32)
-        acc += f * dx[None, :]
-        tl.store(g_base + (h * g_stride_h + w * g_stride_w)[None, :],
-                 (wv[:, None] * dx[None, :]).to(grad_features_ptr.dtype.element_ty), mask=tile)
-    tl.store(grad_rows_ptr + n * C + offs_c, tl.sum(acc, axis=1) * g, mask=mask_c)
+        acc += f * along_p(dx, P_MAJOR)
+        tl.store(g_base + along_p(h * g_stride_h + w * g_stride_w, P_MAJOR),
+                 (along_c(wv, P_MAJOR) * along_p(dx, P_MAJOR)).to(
+                     grad_features_ptr.dtype.element_ty), mask=tile)
+    if P_MAJOR:
+        rows = tl.sum(acc, axis=1)
+    else:
+        rows = tl.sum(acc, axis=0)
+    tl.store(grad_rows_ptr + n * C + offs_c, rows * g, mask=mask_c)
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
@@ -264,6 +281,20 @@ register_tuning(_mask_loss_sampled_fwd_kernel, _TUNING_SAMPLED)
 register_tuning(_mask_loss_bwd_kernel, _TUNING_DENSE)
 register_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR)
 register_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD)
+
+
+
+def _predictor_lanes(constexprs: dict) -> dict:
+    """The predictor's feature tiles: (C, P) for NCHW features (P_MAJOR, lanes along
+    pixels), (P, C) for channels_last ones (lanes along channels); the launcher picks
+    P_MAJOR with ``p_major``. The loss kernels' other accesses are 1-D."""
+    if constexprs["P_MAJOR"]:
+        return {"NCHW": {"load": 1, "store": 1}}
+    return {"channels_last": {"load": 1, "store": 1}}
+
+
+register_lanes(_mask_predictor_loss_fwd_kernel, _predictor_lanes)
+register_lanes(_mask_predictor_loss_bwd_kernel, _predictor_lanes)
 
 
 def _pixel_tuning(pixels: int) -> dict:
@@ -488,7 +519,8 @@ def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
     inv_count = 1.0 / (n * m * m)
     launch(_mask_predictor_loss_fwd_kernel, (n, blocks), features, weight, bias, targets,
            labels, partial, dsum, grad, c, m, *features.stride(), *targets.stride(),
-           inv_count, tuning=tuning, WRITE_GRAD=bool(compute_grad))
+           inv_count, tuning=tuning, WRITE_GRAD=bool(compute_grad),
+           P_MAJOR=p_major([features]))
     return partial.sum() * inv_count, grad, dsum.sum(1)
 
 
@@ -502,7 +534,7 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
     tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0])
     launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
            weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
-           *grad_features.stride(), tuning=tuning)
+           *grad_features.stride(), tuning=tuning, P_MAJOR=p_major([features]))
     # Instances of one class add into the same weight row: an index_add of the (N, C)
     # per-instance rows (exact float32; atomic on CUDA unless deterministic algorithms are
     # on), tiny next to the features.

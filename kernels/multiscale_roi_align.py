@@ -1,12 +1,11 @@
 """FPN multi-level RoI Align (torchvision.ops.MultiScaleRoIAlign) in one kernel launch.
 
 torchvision assigns levels in Python, then runs one ``roi_align`` per level with an index
-gather before and a scatter after. Here one program per (RoI, block of channels, block of
-bins) computes its RoI's level with torchvision's LevelMapper arithmetic, picks that
-level's base pointer, shape, strides and scale from per-level arguments (up to
-``MAX_LEVELS`` maps, passed as separate arguments; ``NUM_LEVELS`` is a constexpr), pools as
-:mod:`kernels.roi_align` does (aligned=False) and writes the output in the original RoI
-order. The backward is the same program layout scattering (atomics) into one float32
+gather before and a scatter after. Here one launch of :mod:`kernels.roi_align`'s kernels
+with ``NUM_LEVELS`` maps (up to ``MAX_LEVELS``) does it all: each program computes its RoI's
+level with torchvision's LevelMapper arithmetic, picks that level's base pointer, shape,
+strides and scale, pools (aligned=False) and writes the output in the original RoI order.
+The backward is the same program layout scattering (atomics) into one float32
 buffer that holds every level's gradient; under ``torch.use_deterministic_algorithms`` it
 is instead kernels.roi_align's atomic-free backward per level (bitwise reproducible).
 
@@ -20,261 +19,18 @@ import math
 from collections.abc import Mapping
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor, nn
 
 from . import reference
-from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor,
-                     deterministic_algorithms, launch, pair, pick_tuning, register_tuning,
-                     row_chunks, use_triton)
-from .roi_align import (_bilinear_axis, _check_image_extent, _is_channels_last, _roi_and_bins,
-                        _roi_box, boxes_to_rois, roi_align_backward_deterministic)
-
-MAX_LEVELS = 5
+from ._sampling import MAX_LEVELS
+from ._utils import (FLOAT_DTYPES, check_same_device, check_tensor, deterministic_algorithms,
+                     pair, use_triton)
+from .roi_align import (_is_channels_last, boxes_to_rois, pool_backward, pool_forward,
+                        roi_align_backward_deterministic)
 
 
 # ---------------------------------------------------------------------------------------
-# Kernels
-
-# Map sizes and strides change with the padded batch size during training; specializing on
-# them (== 1, divisible by 16) would recompile for each new combination, and with two
-# elements per thread nothing in the tile is vectorized by it.
-_SHAPE_ARGS = [f"{a}{i}" for i in range(5) for a in ("H", "W", "sn", "sc", "sh", "sw")]
-
-@triton.jit
-def _pick(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
-    """The per-level argument of level ``lvl`` (a select, so pointers and mixed int widths
-    work; only the first NUM_LEVELS arguments are read)."""
-    v = v0
-    if NUM_LEVELS > 1:
-        v = tl.where(lvl == 1, v1, v)
-    if NUM_LEVELS > 2:
-        v = tl.where(lvl == 2, v2, v)
-    if NUM_LEVELS > 3:
-        v = tl.where(lvl == 3, v3, v)
-    if NUM_LEVELS > 4:
-        v = tl.where(lvl == 4, v4, v)
-    return v
-
-
-@triton.jit
-def _along_p(v, P_MAJOR: tl.constexpr):
-    """A vector over output bins as a tile axis: the fast (lane) axis when P_MAJOR."""
-    if P_MAJOR:
-        return v[None, :]
-    else:
-        return v[:, None]
-
-
-@triton.jit
-def _along_c(v, P_MAJOR: tl.constexpr):
-    """A vector over channels as a tile axis: the fast (lane) axis unless P_MAJOR."""
-    if P_MAJOR:
-        return v[:, None]
-    else:
-        return v[None, :]
-
-
-@triton.jit
-def _roi_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-               r, k_min, k_max, canonical_scale, canonical_level, eps,
-               NUM_LEVELS: tl.constexpr):
-    """torchvision's LevelMapper for RoI r: (level index in [0, NUM_LEVELS), pooled?).
-
-    floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps) clamped to
-    [k_min, k_max], minus k_min, in float32 with IEEE sqrt and division as torch computes
-    it. A NaN level (negative area) or an index outside the maps pools nothing, as in
-    torchvision; so does a RoI with non-finite coordinates.
-    """
-    base = rois_ptr + r * 5
-    x1 = tl.load(base + 1)
-    y1 = tl.load(base + 2)
-    x2 = tl.load(base + 3)
-    y2 = tl.load(base + 4)
-    big = float("inf")
-    ok = (tl.abs(x1) < big) & (tl.abs(y1) < big) & (tl.abs(x2) < big) & (tl.abs(y2) < big)
-    if NUM_LEVELS == 1:
-        lvl = 0
-    else:
-        s = tl.sqrt_rn((x2 - x1) * (y2 - y1))
-        t = tl.floor(canonical_level + tl.log2(tl.div_rn(s, canonical_scale)) + eps)
-        t = tl.minimum(tl.maximum(t, k_min), k_max)
-        ok = ok & (s == s)
-        lvl = (tl.where(ok, t, k_min) - k_min).to(tl.int32)
-        ok = ok & (lvl >= 0) & (lvl < NUM_LEVELS)
-    return lvl, ok
-
-
-@triton.jit(do_not_specialize=_SHAPE_ARGS)
-def _multiscale_roi_align_fwd_kernel(
-    rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-    out_ptr,  # (K, C, PH, PW) contiguous, feature dtype
-    x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0: (N, C, H0, W0), any strides
-    x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # levels 1..4: the same, read only when
-    x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # NUM_LEVELS covers them
-    x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
-    x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-    C, k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask_p = offs_p < PH * PW
-    ph = (offs_p // PW).to(tl.float32)
-    pw = (offs_p % PW).to(tl.float32)
-    lvl, ok = _roi_level(rois_ptr, r, k_min, k_max, canonical_scale, canonical_level, eps,
-                         NUM_LEVELS)
-    x_ptr = _pick(lvl, x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, NUM_LEVELS)
-    H = _pick(lvl, H0, H1, H2, H3, H4, NUM_LEVELS)
-    W = _pick(lvl, W0, W1, W2, W3, W4, NUM_LEVELS)
-    stride_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS)
-    stride_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS)
-    stride_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS)
-    stride_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS)
-    scale = _pick(lvl, scale0, scale1, scale2, scale3, scale4, NUM_LEVELS)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
-        rois_ptr, r, scale, PH, PW, sampling_ratio, False)
-    # an unpooled RoI runs no samples and stores zeros
-    grid_h = tl.where(ok, grid_h, 0)
-    grid_w = tl.where(ok, grid_w, 0)
-    # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
-    base = (x_ptr + b * stride_n) + _along_c(offs_c * stride_c, P_MAJOR)
-    # (BLOCK_P, BLOCK_C), or (BLOCK_C, BLOCK_P) when P_MAJOR
-    acc = (_along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
-           + _along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
-    for iy in range(0, grid_h):
-        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
-        row_lo = y_lo * stride_h
-        row_hi = y_hi * stride_h
-        for ix in range(0, grid_w):
-            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
-            m = _along_p(valid_y & valid_x & mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
-            col_lo = x_lo * stride_w
-            col_hi = x_hi * stride_w
-            v1 = tl.load(base + _along_p(row_lo + col_lo, P_MAJOR), mask=m, other=0.0)
-            v2 = tl.load(base + _along_p(row_lo + col_hi, P_MAJOR), mask=m, other=0.0)
-            v3 = tl.load(base + _along_p(row_hi + col_lo, P_MAJOR), mask=m, other=0.0)
-            v4 = tl.load(base + _along_p(row_hi + col_hi, P_MAJOR), mask=m, other=0.0)
-            acc += (_along_p(wy_lo * wx_lo, P_MAJOR) * v1.to(tl.float32)
-                    + _along_p(wy_lo * wx_hi, P_MAJOR) * v2.to(tl.float32)
-                    + _along_p(wy_hi * wx_lo, P_MAJOR) * v3.to(tl.float32)
-                    + _along_p(wy_hi * wx_hi, P_MAJOR) * v4.to(tl.float32))
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    out = acc / count
-    P = PH * PW
-    dst = (out_ptr + r * C * P) + _along_c(offs_c.to(tl.int64) * P, P_MAJOR) + _along_p(
-        offs_p, P_MAJOR)
-    tl.store(dst, out.to(out_ptr.dtype.element_ty),
-             mask=_along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR))
-
-
-@triton.jit(do_not_specialize=_SHAPE_ARGS)
-def _multiscale_roi_align_bwd_kernel(
-    grad_ptr,  # (K, C, PH, PW) float, any strides: gradient of the output
-    rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-    g0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0 gradient: (N, C, H0, W0) float32
-    g1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # levels 1..4: the same, touched only when
-    g2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # NUM_LEVELS covers them
-    g3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
-    g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-    C, g_stride_k, g_stride_c, g_stride_h, g_stride_w,
-    k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask_p = offs_p < PH * PW
-    ph_i = offs_p // PW
-    pw_i = offs_p % PW
-    ph = ph_i.to(tl.float32)
-    pw = pw_i.to(tl.float32)
-    lvl, ok = _roi_level(rois_ptr, r, k_min, k_max, canonical_scale, canonical_level, eps,
-                         NUM_LEVELS)
-    gi_ptr = _pick(lvl, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, NUM_LEVELS)
-    H = _pick(lvl, H0, H1, H2, H3, H4, NUM_LEVELS)
-    W = _pick(lvl, W0, W1, W2, W3, W4, NUM_LEVELS)
-    stride_n = _pick(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS)
-    stride_c = _pick(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS)
-    stride_h = _pick(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS)
-    stride_w = _pick(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS)
-    scale = _pick(lvl, scale0, scale1, scale2, scale3, scale4, NUM_LEVELS)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
-        rois_ptr, r, scale, PH, PW, sampling_ratio, False)
-    grid_h = tl.where(ok, grid_h, 0)
-    grid_w = tl.where(ok, grid_w, 0)
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    # int64: the output gradient may be any strided view (its offsets can pass 2**31)
-    g_src = ((grad_ptr + r * g_stride_k) + _along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR)
-             + _along_p(ph_i.to(tl.int64) * g_stride_h + pw_i.to(tl.int64) * g_stride_w,
-                        P_MAJOR))
-    in_tile = _along_p(mask_p, P_MAJOR) & _along_c(mask_c, P_MAJOR)
-    g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
-    base = (gi_ptr + b * stride_n) + _along_c(offs_c * stride_c, P_MAJOR)
-    for iy in range(0, grid_h):
-        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
-        row_lo = y_lo * stride_h
-        row_hi = y_hi * stride_h
-        for ix in range(0, grid_w):
-            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
-            m = _along_p(valid_y & valid_x, P_MAJOR) & in_tile
-            col_lo = x_lo * stride_w
-            col_hi = x_hi * stride_w
-            # Atomics: RoIs overlap, so several programs add into the same pixels; relaxed
-            # (no fence): nothing reads them before the kernel ends.
-            tl.atomic_add(base + _along_p(row_lo + col_lo, P_MAJOR),
-                          g * _along_p(wy_lo * wx_lo, P_MAJOR), mask=m, sem="relaxed")
-            tl.atomic_add(base + _along_p(row_lo + col_hi, P_MAJOR),
-                          g * _along_p(wy_lo * wx_hi, P_MAJOR), mask=m, sem="relaxed")
-            tl.atomic_add(base + _along_p(row_hi + col_lo, P_MAJOR),
-                          g * _along_p(wy_hi * wx_lo, P_MAJOR), mask=m, sem="relaxed")
-            tl.atomic_add(base + _along_p(row_hi + col_hi, P_MAJOR),
-                          g * _along_p(wy_hi * wx_hi, P_MAJOR), mask=m, sem="relaxed")
-
-
-# One table per kernel: the launcher picks a row, the GPU compile check builds every row.
-# Two tile elements per thread, as kernels.roi_align: on sm_90 the forward needs 40
-# registers (75% occupancy) and the backward 42 (62%); 4 per thread: 64-101, 8 per
-# thread: 115-180, and larger tiles spill.
-_TUNING = [
-    {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
-    {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
-]
-register_tuning(_multiscale_roi_align_fwd_kernel, _TUNING)
-register_tuning(_multiscale_roi_align_bwd_kernel, _TUNING)
-
-
-def _pick_tuning(channels: int, bins: int) -> dict:
-    return _TUNING[1] if bins <= 8 else _TUNING[0]
-
-
-# ---------------------------------------------------------------------------------------
-# Host launchers
-
-def _level_args(tensors: list[Tensor], scales: list[float]) -> list:
-    """Per-level kernel arguments (pointer, H, W, 4 strides, scale), padded to MAX_LEVELS
-    with copies of level 0 that the kernel never reads."""
-    args = []
-    for i in range(MAX_LEVELS):
-        j = i if i < len(tensors) else 0
-        t = tensors[j]
-        args += [t, t.shape[2], t.shape[3], *t.stride(), float(scales[j])]
-    return args
-
-
-def _p_major(tensors: list[Tensor]) -> bool:
-    """Lanes along output bins unless channels are contiguous (channels_last) in most maps:
-    in NCHW neighbouring bins sample neighbouring pixels of one plane, in channels_last a
-    pixel's channels are one contiguous vector."""
-    return 2 * sum(t.stride(1) == 1 for t in tensors) <= len(tensors)
+# Host launchers: kernels.roi_align's kernels with NUM_LEVELS maps.
 
 
 def _mapper_args(k_min: int, k_max: int, canonical_scale: float, canonical_level: float,
@@ -288,25 +44,9 @@ def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, scales: l
                                  canonical_level: float, eps: float, pooled_h: int,
                                  pooled_w: int, sampling_ratio: int) -> Tensor:
     """Launch the forward kernel once for all levels; inputs already validated."""
-    n, c = features[0].shape[:2]
-    k = rois.shape[0]
-    rois = rois.to(torch.float32).contiguous()
-    out = torch.empty(k, c, pooled_h, pooled_w, dtype=features[0].dtype,
-                      device=features[0].device)
-    if k == 0 or c == 0:
-        return out
-    for i, f in enumerate(features):
-        _check_image_extent(f.shape, f.stride(), f"features[{i}]")
-    tuning = pick_tuning(_multiscale_roi_align_fwd_kernel,
-                         _pick_tuning(c, pooled_h * pooled_w))
-    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
-    for start, end in row_chunks(k):   # RoIs on grid axis 2: at most 65,535 a launch
-        launch(_multiscale_roi_align_fwd_kernel, (*blocks, end - start), rois[start:end],
-               out[start:end], *_level_args(features, scales), c,
-               *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
-               int(sampling_ratio), pooled_h, pooled_w,
-               tuning=tuning, NUM_LEVELS=len(features), P_MAJOR=_p_major(features))
-    return out
+    return pool_forward(features, rois, scales,
+                        _mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
+                        pooled_h, pooled_w, sampling_ratio, False)
 
 
 def _level_views(flat: Tensor, batch: int, channels: int, heights: list[int],
@@ -330,24 +70,12 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float
                                   channels_last: list[bool]) -> Tensor:
     """Every level's input gradient in one flat buffer (see :func:`_level_views`): one
     zero-fill, one kernel launch into float32, one cast to grad's dtype."""
-    k = rois.shape[0]
     total = sum(batch * channels * h * w for h, w in zip(heights, widths))
-    rois = rois.to(torch.float32).contiguous()
     acc = torch.zeros(total, dtype=torch.float32, device=grad.device)
-    if k and channels and batch:
-        views = _level_views(acc, batch, channels, heights, widths, channels_last)
-        for i, v in enumerate(views):
-            _check_image_extent(v.shape, v.stride(), f"features[{i}]")
-        tuning = pick_tuning(_multiscale_roi_align_bwd_kernel,
-                             _pick_tuning(channels, pooled_h * pooled_w))
-        blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]),
-                  cdiv(channels, tuning["BLOCK_C"]))
-        for start, end in row_chunks(k):
-            launch(_multiscale_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
-                   rois[start:end], *_level_args(views, scales), channels, *grad.stride(),
-                   *_mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
-                   int(sampling_ratio), pooled_h, pooled_w,
-                   tuning=tuning, NUM_LEVELS=len(heights), P_MAJOR=_p_major(views))
+    views = _level_views(acc, batch, channels, heights, widths, channels_last)
+    pool_backward(grad, rois, views, scales,
+                  _mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
+                  pooled_h, pooled_w, sampling_ratio, False)
     return acc.to(grad.dtype)
 
 

@@ -9,18 +9,22 @@ segment, so batched NMS never compares boxes of different classes.
    row ``i`` holds, in bit ``k``, whether box ``i`` suppresses box ``64 * (i // 64 + t) + k``
    (IoU > threshold, later in the same segment). A program owns a 64-row block, whose rows
    share their columns, and computes only the words its rows' segments reach, and only the
-   first ``wcap`` words per row (the "band"): the host picks ``wcap`` from N alone, so no
-   host sync is needed to size the mask. ``nms`` stores every word (torchvision's N x N/64
-   mask); ``batched_nms`` caps the band by a memory budget, so 100k boxes in 80 classes
-   allocate 16 MiB, not an N x N / 8-byte mask (1.25 GB).
+   first ``wcap`` words per row (the "band"). ``nms`` and ``batched_nms`` size the band from
+   the longest segment, read in their first host sync: every word a segment needs is
+   stored (one segment: torchvision's N x N/64 mask; 100k boxes in 80 classes: 17 MB, not
+   1.25 GB). ``batched_nms_mask`` never syncs: it sizes the band from N alone under a
+   memory budget.
 2. ``_nms_greedy_kernel`` (one program per segment, segments in parallel) walks its
    segment 64 boxes at a time: it resolves which of the 64 survive with a fixed-point
    iteration on the diagonal mask words (exact: bit ``k`` depends only on bits < k, so the
    iteration settles on the greedy answer in at most 64 steps, usually 2 or 3), then ORs
    the kept rows' band words into the segment's "removed" words, and computes the words
-   beyond the band on the fly (only segments longer than the band need that).
-3. The host compacts the kept flags into indices sorted by score. Its one host sync reads
-   the result size together with the NaN/inf check of the inputs.
+   beyond the band on the fly (only ``batched_nms_mask``'s segments longer than its band
+   need that). With few segments each program gets wide steps (:func:`work_model` counts
+   the steps at given segment sizes).
+3. The host compacts the kept flags into indices sorted by score. Two host syncs: before
+   any launch, the NaN/inf check of the inputs with the longest segment and the segment
+   count; after the kernels, the result size.
 
 IoU uses torchvision's arithmetic in float32 (float64 inputs: the reference in float64):
 areas ``(x2 - x1) * (y2 - y1)`` (computed by torch), ``inter / (area_i + area_j - inter)``
@@ -39,11 +43,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device,
-                     check_tensor, launch, pick_tuning, register_tuning, use_triton)
+                     check_tensor, launch, pick_tuning, register_lanes, register_tuning,
+                     use_triton)
 
-# Memory budget for batched_nms's band of mask words: 16 MiB covers 20 words (1280 boxes)
-# per row at 100k boxes, 104 words at 20k; longer segments compute the rest on the fly.
-# Small inputs store their whole in-segment mask.
+# Memory budget for batched_nms_mask's band of mask words (it never syncs, so it cannot
+# size the band from the longest class): 16 MiB covers 20 words (1280 boxes) per row at
+# 100k boxes, 104 words at 20k; longer segments compute the rest on the fly. nms and
+# batched_nms read the longest segment in their first sync and store every word it needs.
 MASK_BUDGET_BYTES = 16 * 2**20
 
 
@@ -195,12 +201,25 @@ def _nms_greedy_kernel(
 _MASK_GPU = {"BLOCK_T": 1, "BLOCK_K": 4, "num_warps": 2}
 _MASK_INTERPRETER = {"BLOCK_T": 4, "BLOCK_K": 64, "num_warps": 8}
 register_tuning(_nms_mask_kernel, [_MASK_GPU], interpreter=[_MASK_INTERPRETER])
-# Greedy pass: 16 band words per step over 8 warps (59 registers, 50% occupancy; the
-# serial single-segment pass wants wide steps, batched NMS many programs per SM). Words
-# past the band are computed 4 columns per inner step, as in the mask kernel.
+# Greedy pass, one program per segment. Many segments (batched NMS over many classes):
+# 16 band words per step over 8 warps (59 registers, 50% occupancy: many programs per SM).
+# Few segments (nms, few classes): the pass is a serial chain of band steps, so 128 words
+# per step over 16 warps (118 registers, 25%: each program has an SM to itself), which cuts
+# the steps of one class of 100k boxes from 77k to 11k. Words past the band (only
+# batched_nms_mask has any) are computed 4 columns per inner step, as in the mask kernel.
 _GREEDY_GPU = {"BLOCK_T": 16, "BLOCK_K": 4, "num_warps": 8}
+_GREEDY_WIDE = {"BLOCK_T": 128, "BLOCK_K": 4, "num_warps": 16}
 _GREEDY_INTERPRETER = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8}
-register_tuning(_nms_greedy_kernel, [_GREEDY_GPU], interpreter=[_GREEDY_INTERPRETER])
+_WIDE_SEGMENTS = 128   # at most this many segments: the wide row (about one per SM)
+register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
+                interpreter=[_GREEDY_INTERPRETER],
+                occupancy_note="the 128-word row runs only for at most 128 segments, one "
+                               "program each, about one per SM: its serial steps bind, "
+                               "not occupancy")
+# Mask words are (N, wcap) row-major: the greedy pass's [rows, words] tiles want lanes
+# along words (axis 1), the mask kernel's [words, rows] store along words (axis 0).
+register_lanes(_nms_greedy_kernel, lambda constexprs: {"boxes": {"load": 1, "atomic_rmw": 1}})
+register_lanes(_nms_mask_kernel, lambda constexprs: {"boxes": {"store": 0}})
 # Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
 _GREEDY_PROGRAMS = 1024
 
@@ -262,24 +281,39 @@ def _coordinate_rows(boxes: Tensor) -> Tensor:
     return rows
 
 
-def _band_words(n: int, segmented: bool) -> int:
+def _band_words(n: int, longest: int | None) -> int:
+    """Mask words per row. ``longest`` (the longest segment, read in the op's first sync):
+    enough words for every segment, so no word is computed on the fly; one segment is then
+    torchvision's own N x N/64 mask, 80 classes of 100k boxes 17 MB. None (batched_nms_mask,
+    which never syncs): capped by MASK_BUDGET_BYTES."""
     words = cdiv(n, 64)
-    if not segmented:
-        return words
+    if longest is not None:
+        return min(words, cdiv(longest, 64) + 1)
     return max(1, min(words, MASK_BUDGET_BYTES // (8 * n)))
 
 
-def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
-    """Triton path: int8 keep flags of the sorted boxes (1 = kept)."""
+def _greedy_plan(n: int, segments: int | None) -> tuple[dict, int]:
+    """The greedy pass's tuning row and program count for ``segments`` (None: unknown)."""
+    if INTERPRET:
+        return _GREEDY_INTERPRETER, min(n, 4)
+    if segments is not None and segments <= _WIDE_SEGMENTS:
+        return _GREEDY_WIDE, segments
+    return _GREEDY_GPU, min(n, _GREEDY_PROGRAMS)
+
+
+def nms_keep_sorted(p: _Problem, iou_threshold: float, longest: int | None = None,
+                    segments: int | None = None) -> Tensor:
+    """Triton path: int8 keep flags of the sorted boxes (1 = kept). ``longest`` and
+    ``segments``, when the caller read them, size the band and pick the greedy row."""
     n = p.n
-    segmented = p.segmented
     boxes = _coordinate_rows(p.boxes.to(torch.float32))
-    wcap = _band_words(n, segmented)
+    wcap = _band_words(n, longest if p.segmented else n)
     mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
     keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
     tm = pick_tuning(_nms_mask_kernel, _MASK_INTERPRETER if INTERPRET else _MASK_GPU)
-    tg = pick_tuning(_nms_greedy_kernel, _GREEDY_INTERPRETER if INTERPRET else _GREEDY_GPU)
+    row, programs = _greedy_plan(n, segments if p.segmented else 1)
+    tg = pick_tuning(_nms_greedy_kernel, row)
     # Programs per row block stride over its words: enough to fill the GPU without
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
@@ -287,10 +321,49 @@ def nms_keep_sorted(p: _Problem, iou_threshold: float) -> Tensor:
     threshold = float32_threshold(iou_threshold)
     launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
            threshold, tuning=tm)
-    programs = min(n, 4 if INTERPRET else _GREEDY_PROGRAMS) if segmented else 1
     launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
            n, wcap, threshold, tuning=tg)
     return keep
+
+
+def work_model(segment_sizes: list[int], segmented: bool = True,
+               longest_known: bool = True) -> dict:
+    """Step counts of the Triton path for segments of these sizes (in sorted order), from
+    the same band and tuning rules the launcher uses: ``band_words`` the mask kernel
+    computes (one per row), ``fly_words`` the greedy pass computes on the fly (64 rows x 64
+    columns of IoU each; an upper bound: every 64-box block assumed to keep a box),
+    ``serial_steps`` of the longest-running greedy
+    program (per 64-box block: the fixed point, its band steps and its on-the-fly words)."""
+    n = sum(segment_sizes)
+    longest = max(segment_sizes) if longest_known else None
+    wcap = _band_words(n, longest if segmented else n)
+    # the segment count is read in the same sync as the longest segment
+    segments = (len(segment_sizes) if longest_known else None) if segmented else 1
+    if INTERPRET:   # the model describes the GPU launch
+        row, programs = ((_GREEDY_WIDE, segments)
+                         if segments is not None and segments <= _WIDE_SEGMENTS
+                         else (_GREEDY_GPU, min(n, _GREEDY_PROGRAMS)))
+    else:
+        row, programs = _greedy_plan(n, segments)
+    band = fly = 0
+    per_program = [0] * programs
+    lo = 0
+    for g, size in enumerate(segment_sizes):
+        hi = lo + size
+        first, nb = lo // 64, (hi - 1) // 64 - lo // 64 + 1
+        steps = 0
+        for bb in range(nb):
+            band_end = min(nb - bb, wcap)
+            past = nb - bb - band_end
+            rows = min(hi, (first + bb + 1) * 64) - max(lo, (first + bb) * 64)
+            band += band_end * rows
+            fly += past
+            steps += 1 + cdiv(band_end - 1, row["BLOCK_T"]) + past
+        per_program[g % programs] += steps
+        lo = hi
+    return {"boxes": n, "segments": len(segment_sizes), "band_words": band,
+            "fly_words": fly, "serial_steps": max(per_program), "mask_MB": n * wcap * 8 / 1e6,
+            "greedy_row": f"BLOCK_T={row['BLOCK_T']}"}
 
 
 def _iou_over_reference(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor,
@@ -368,24 +441,36 @@ def _data_error(boxes: Tensor, scores: Tensor) -> Tensor:
     return ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
 
 
-def _kept_indices(p: _Problem, keep_sorted: Tensor, boxes: Tensor, scores: Tensor) -> Tensor:
-    """Kept input indices by decreasing score (ties: lower index), after one host sync."""
+def _checked_problem(boxes: Tensor, scores: Tensor, idxs: Tensor | None):
+    """Sort into segments, then the op's first host sync, before any kernel runs: the
+    input check, and the longest segment and segment count that size the mask band and
+    pick the greedy pass's tiles."""
+    p = _Problem(boxes, scores, idxs)
+    bad, longest, segments = torch.stack([
+        _data_error(boxes, scores).long(), (p.seg_hi - p.seg_lo).max().long(),
+        p.nseg[0].long()]).tolist()
+    if bad:
+        raise ValueError("boxes must have finite coordinates and scores must not be NaN")
+    return p, longest, segments
+
+
+def _kept_indices(p: _Problem, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
+    """Kept input indices by decreasing score (ties: lower index): the op's second host
+    sync reads the result size."""
     keep_in = torch.empty(p.n, dtype=torch.bool, device=boxes.device)
     keep_in[p.perm] = keep_sorted.bool()
     flags = keep_in[p.score_order]
-    # The op's one host sync: the result size, read together with the input check.
-    count, bad = torch.stack([flags.sum(), _data_error(boxes, scores).long()]).tolist()
-    if bad:
-        raise ValueError("boxes must have finite coordinates and scores must not be NaN")
+    count = int(flags.sum())
     slot = torch.where(flags, torch.cumsum(flags, 0) - 1, count)
     out = torch.empty(count + 1, dtype=torch.int64, device=boxes.device)
     out.scatter_(0, slot, p.score_order)  # non-kept all land in the spare slot `count`
     return out[:count]
 
 
-def _keep_sorted(p: _Problem, boxes: Tensor, iou_threshold: float) -> Tensor:
+def _keep_sorted(p: _Problem, boxes: Tensor, iou_threshold: float,
+                 longest: int | None = None, segments: int | None = None) -> Tensor:
     if use_triton(boxes):
-        return nms_keep_sorted(p, iou_threshold)
+        return nms_keep_sorted(p, iou_threshold, longest, segments)
     return nms_keep_sorted_reference(p, iou_threshold)
 
 
@@ -396,8 +481,8 @@ def _keep_sorted(p: _Problem, boxes: Tensor, iou_threshold: float) -> Tensor:
 def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    p = _Problem(boxes, scores, None)
-    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold), boxes, scores)
+    p, longest, segments = _checked_problem(boxes, scores, None)
+    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
 
 
 @_nms_op.register_fake
@@ -410,8 +495,8 @@ def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
                     iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    p = _Problem(boxes, scores, idxs)
-    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold), boxes, scores)
+    p, longest, segments = _checked_problem(boxes, scores, idxs)
+    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
 
 
 @_batched_nms_op.register_fake
@@ -470,8 +555,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
     boxes: Tensor[N, 4] (x1, y1, x2, y2), float32/float16/bfloat16 (IoU in float32) or
     float64; scores: Tensor[N] float. Returns the kept indices (int64) by decreasing score,
-    equal scores by lower index. One host sync: the size of the result (the NaN/inf check
-    of boxes and scores rides on it).
+    equal scores by lower index. Two host syncs: the NaN/inf check of boxes and scores
+    before any kernel runs, and the size of the result.
     """
     _check(boxes, scores, None, iou_threshold)
     return _nms_op(boxes, scores, float(iou_threshold))
@@ -480,8 +565,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """Drop-in for ``torchvision.ops.batched_nms``: NMS inside each value of ``idxs``.
 
-    Work and memory follow the per-class counts (no N x N mask, no loop over classes);
-    the only host sync is the size of the result.
+    Work and memory follow the per-class counts (no N x N mask, no loop over classes).
+    Two host syncs: before any kernel runs, the NaN/inf check with the longest class and
+    the class count (they size the mask); after, the size of the result.
     """
     _check(boxes, scores, idxs, iou_threshold)
     return _batched_nms_op(boxes, scores, idxs, float(iou_threshold))

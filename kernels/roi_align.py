@@ -1,9 +1,20 @@
-"""RoI Align (torchvision semantics) as Triton kernels.
+"""RoI Align (torchvision semantics) as Triton kernels, at one level or over an FPN pyramid.
 
 One program per (RoI, block of channels, block of output bins): the box is decoded once,
 sample coordinates and bilinear weights are vectors over the bins, and each corner load is
-a [BLOCK_P, BLOCK_C] gather reused across the channel block (contiguous along channels for
-channels_last input). Any input strides work (NCHW, channels_last, or a strided view).
+a [BLOCK_C, BLOCK_P] or [BLOCK_P, BLOCK_C] gather reused across the channel block. A
+warp's lanes run along the input's stride-1 dimension (``P_MAJOR``): along output bins for
+NCHW, where neighbouring bins sample neighbouring pixels of one plane, and along channels
+for channels_last, where a pixel's channels are one contiguous vector. Any input strides
+work (NCHW, channels_last, or a strided view).
+
+The same two kernels pool from up to ``MAX_LEVELS`` maps (``NUM_LEVELS``, a constexpr): each
+program computes its RoI's level with torchvision's LevelMapper arithmetic and picks that
+level's pointer, shape, strides and scale. RoIAlign is the one-level case (the level pick
+compiles out); :mod:`kernels.multiscale_roi_align` launches the pyramid. Keeping a separate
+single-level kernel would buy nothing: the static kernel report shows the same registers
+and occupancy. The sampling itself (box decode, bilinear rule, level) is
+:mod:`kernels._sampling`, shared with the mask losses' target sampling.
 """
 from __future__ import annotations
 
@@ -13,131 +24,101 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from . import reference
+from ._sampling import (MAX_LEVELS, along_c, along_p, bilinear_axis, check_image_extent,
+                        level_args, p_major, roi_and_bins, roi_on_level, sampling_entries)
 from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_tensor,
                      deterministic_algorithms, is_tracing, launch, pair, pick_tuning,
-                     register_tuning, row_chunks, use_triton)
+                     register_lanes, register_tuning, row_chunks, use_triton)
 
 
 # ---------------------------------------------------------------------------------------
-# Kernels and the @triton.jit helpers other ops reuse (multi-level pooling, mask targets).
+# Kernels. One pair serves RoIAlign (NUM_LEVELS = 1) and MultiScaleRoIAlign (up to
+# MAX_LEVELS maps): with one level the level pick is compiled out, and the static kernel
+# report shows the pyramid kernel needs no more registers than a separate single-level one
+# did (sm_90 forward 40, backward 42-48), so there is one sampling loop, not two.
 
-@triton.jit
-def _roi_box(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-             r, spatial_scale, PH, PW, sampling_ratio, ALIGNED: tl.constexpr):
-    """Decode RoI r: batch index, start (y, x), bin size (y, x), samples per bin (y, x)."""
-    base = rois_ptr + r * 5
-    b = tl.load(base).to(tl.int64)
-    offset = 0.5 if ALIGNED else 0.0
-    start_w = tl.load(base + 1) * spatial_scale - offset
-    start_h = tl.load(base + 2) * spatial_scale - offset
-    roi_w = (tl.load(base + 3) * spatial_scale - offset) - start_w
-    roi_h = (tl.load(base + 4) * spatial_scale - offset) - start_h
-    if not ALIGNED:
-        roi_w = tl.maximum(roi_w, 1.0)
-        roi_h = tl.maximum(roi_h, 1.0)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
-    if sampling_ratio > 0:
-        grid_h = sampling_ratio
-        grid_w = sampling_ratio
-    else:
-        grid_h = tl.ceil(roi_h / PH).to(tl.int32)
-        grid_w = tl.ceil(roi_w / PW).to(tl.int32)
-    return b, start_h, start_w, bin_h, bin_w, grid_h, grid_w
-
-
-@triton.jit
-def _roi_and_bins(PH, PW, BLOCK_P: tl.constexpr):
-    """The RoI (grid axis 2) and the block of output bins (axis 0) of this program. CUDA
-    caps axes 1 and 2 at 65,535 programs: bin blocks pass that at 1024x1024 outputs, so
-    they take axis 0 (2**31 - 1), and launchers split more than 65,535 RoIs into launches
-    (``row_chunks``). Enumerating (RoI, bin block) pairs on axis 0 instead would cost the
-    forward 8 registers for the division (sm_90: 48, 62% occupancy, against 40, 75%)."""
-    r = tl.program_id(2).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return r, offs_p
-
-
-@triton.jit
-def _bilinear_axis(pos, size):
-    """torchvision's bilinear rule along one axis for sample positions ``pos``.
-
-    Returns (low, high, w_low, w_high, valid); a position outside [-1, size] (or NaN) is
-    invalid and must contribute nothing.
-    """
-    valid = (pos >= -1.0) & (pos <= size)
-    pos = tl.where(valid, tl.maximum(pos, 0.0), 0.0)
-    low = pos.to(tl.int32)
-    at_edge = low >= size - 1
-    low = tl.where(at_edge, size - 1, low)
-    high = tl.where(at_edge, low, low + 1)
-    pos = tl.where(at_edge, low.to(tl.float32), pos)
-    frac = pos - low.to(tl.float32)
-    return low, high, 1.0 - frac, frac, valid
-
-
-# Image sizes and strides change from call to call (image sizes, padded batches); specializing
-# on them (== 1, divisible by 16) would compile anew for each pattern, and with two elements
-# per thread nothing in these tiles is vectorized by it.
-_SHAPE_ARGS = ["C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w"]
+# Image sizes and strides change from call to call (image sizes, padded batches);
+# specializing on them (== 1, divisible by 16) would compile anew for each pattern, and
+# with two elements per thread nothing in these tiles is vectorized by it.
+_SHAPE_ARGS = [f"{a}{i}" for i in range(MAX_LEVELS) for a in ("H", "W", "sn", "sc", "sh", "sw")]
 _GRAD_STRIDES = ["g_stride_k", "g_stride_c", "g_stride_h", "g_stride_w"]
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS)
 def _roi_align_fwd_kernel(
-    input_ptr,  # (N, C, H, W) float, any strides
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
     out_ptr,  # (K, C, PH, PW) contiguous, input dtype
-    C, H, W, stride_n, stride_c, stride_h, stride_w,
-    spatial_scale, sampling_ratio, PH, PW,
-    ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0: (N, C, H0, W0), any strides
+    x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # levels 1..4: the same, read only when
+    x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # NUM_LEVELS covers them
+    x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
+    x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
+    C, k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
+    NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
+    r, offs_p = roi_and_bins(PH, PW, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask_p = offs_p < PH * PW
     ph = (offs_p // PW).to(tl.float32)
     pw = (offs_p % PW).to(tl.float32)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
-        rois_ptr, r, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
-    # int64 image offset, int32 offsets inside the image (checked by the launcher)
-    base = input_ptr + b * stride_n + offs_c[None, :] * stride_c
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    # an unpooled RoI gets an empty grid: it runs no samples and stores zeros
+    (x_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
+     grid_h, grid_w) = roi_on_level(
+        rois_ptr, r, x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,
+        x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1, x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,
+        x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3, x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
+        k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
+        NUM_LEVELS, ALIGNED)
+    # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
+    base = (x_ptr + b * stride_n) + along_c(offs_c * stride_c, P_MAJOR)
+    # (BLOCK_P, BLOCK_C), or (BLOCK_C, BLOCK_P) when P_MAJOR
+    acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
+           + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
-        row_lo = y_lo[:, None] * stride_h
-        row_hi = y_hi[:, None] * stride_h
+        y_lo, y_hi, wy_lo, wy_hi, valid_y = bilinear_axis(y, H)
+        row_lo = y_lo * stride_h
+        row_hi = y_hi * stride_h
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
-            m = ((valid_y & valid_x & mask_p)[:, None]) & mask_c[None, :]
-            col_lo = x_lo[:, None] * stride_w
-            col_hi = x_hi[:, None] * stride_w
-            v1 = tl.load(base + row_lo + col_lo, mask=m, other=0.0).to(tl.float32)
-            v2 = tl.load(base + row_lo + col_hi, mask=m, other=0.0).to(tl.float32)
-            v3 = tl.load(base + row_hi + col_lo, mask=m, other=0.0).to(tl.float32)
-            v4 = tl.load(base + row_hi + col_hi, mask=m, other=0.0).to(tl.float32)
-            acc += ((wy_lo * wx_lo)[:, None] * v1 + (wy_lo * wx_hi)[:, None] * v2
-                    + (wy_hi * wx_lo)[:, None] * v3 + (wy_hi * wx_hi)[:, None] * v4)
+            x_lo, x_hi, wx_lo, wx_hi, valid_x = bilinear_axis(x, W)
+            m = along_p(valid_y & valid_x & mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR)
+            col_lo = x_lo * stride_w
+            col_hi = x_hi * stride_w
+            v1 = tl.load(base + along_p(row_lo + col_lo, P_MAJOR), mask=m, other=0.0)
+            v2 = tl.load(base + along_p(row_lo + col_hi, P_MAJOR), mask=m, other=0.0)
+            v3 = tl.load(base + along_p(row_hi + col_lo, P_MAJOR), mask=m, other=0.0)
+            v4 = tl.load(base + along_p(row_hi + col_hi, P_MAJOR), mask=m, other=0.0)
+            acc += (along_p(wy_lo * wx_lo, P_MAJOR) * v1.to(tl.float32)
+                    + along_p(wy_lo * wx_hi, P_MAJOR) * v2.to(tl.float32)
+                    + along_p(wy_hi * wx_lo, P_MAJOR) * v3.to(tl.float32)
+                    + along_p(wy_hi * wx_hi, P_MAJOR) * v4.to(tl.float32))
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
     out = acc / count
     P = PH * PW
-    dst = out_ptr + r * C * P + offs_c[None, :] * P + offs_p[:, None]
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+    dst = (out_ptr + r * C * P) + along_c(offs_c.to(tl.int64) * P, P_MAJOR) + along_p(
+        offs_p, P_MAJOR)
+    tl.store(dst, out.to(out_ptr.dtype.element_ty),
+             mask=along_p(mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR))
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _GRAD_STRIDES)
 def _roi_align_bwd_kernel(
     grad_ptr,  # (K, C, PH, PW) float, any strides: gradient of the output
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-    grad_input_ptr,  # (N, C, H, W) float32 accumulator, strides as given
-    C, H, W, stride_n, stride_c, stride_h, stride_w,
-    g_stride_k, g_stride_c, g_stride_h, g_stride_w,
-    spatial_scale, sampling_ratio, PH, PW,
-    ALIGNED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    g0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0 gradient: (N, C, H0, W0) float32
+    g1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # levels 1..4: the same, touched only when
+    g2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # NUM_LEVELS covers them
+    g3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
+    g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
+    C, g_stride_k, g_stride_c, g_stride_h, g_stride_w,
+    k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
+    NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r, offs_p = _roi_and_bins(PH, PW, BLOCK_P)
+    r, offs_p = roi_and_bins(PH, PW, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask_p = offs_p < PH * PW
@@ -145,37 +126,43 @@ def _roi_align_bwd_kernel(
     pw_i = offs_p % PW
     ph = ph_i.to(tl.float32)
     pw = pw_i.to(tl.float32)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = _roi_box(
-        rois_ptr, r, spatial_scale, PH, PW, sampling_ratio, ALIGNED)
+    (gi_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
+     grid_h, grid_w) = roi_on_level(
+        rois_ptr, r, g0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,
+        g1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1, g2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,
+        g3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3, g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
+        k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
+        NUM_LEVELS, ALIGNED)
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
     # int64: the output gradient may be any strided view (its offsets can pass 2**31)
-    g_src = (grad_ptr + r * g_stride_k + offs_c.to(tl.int64)[None, :] * g_stride_c
-             + (ph_i.to(tl.int64) * g_stride_h + pw_i.to(tl.int64) * g_stride_w)[:, None])
-    in_tile = mask_p[:, None] & mask_c[None, :]
+    g_src = ((grad_ptr + r * g_stride_k) + along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR)
+             + along_p(ph_i.to(tl.int64) * g_stride_h + pw_i.to(tl.int64) * g_stride_w,
+                       P_MAJOR))
+    in_tile = along_p(mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR)
     g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
-    base = grad_input_ptr + b * stride_n + offs_c[None, :] * stride_c
+    base = (gi_ptr + b * stride_n) + along_c(offs_c * stride_c, P_MAJOR)
     for iy in range(0, grid_h):
         y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = _bilinear_axis(y, H)
-        row_lo = y_lo[:, None] * stride_h
-        row_hi = y_hi[:, None] * stride_h
+        y_lo, y_hi, wy_lo, wy_hi, valid_y = bilinear_axis(y, H)
+        row_lo = y_lo * stride_h
+        row_hi = y_hi * stride_h
         for ix in range(0, grid_w):
             x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = _bilinear_axis(x, W)
-            m = ((valid_y & valid_x)[:, None]) & in_tile
-            col_lo = x_lo[:, None] * stride_w
-            col_hi = x_hi[:, None] * stride_w
+            x_lo, x_hi, wx_lo, wx_hi, valid_x = bilinear_axis(x, W)
+            m = along_p(valid_y & valid_x, P_MAJOR) & in_tile
+            col_lo = x_lo * stride_w
+            col_hi = x_hi * stride_w
             # Atomics: RoIs overlap, so several programs add into the same pixels. Relaxed:
             # nothing here reads what another program adds (the kernel's end orders them),
             # so each add is a fence-free reduction (RED), not a fenced ATOM.
-            tl.atomic_add(base + row_lo + col_lo, g * (wy_lo * wx_lo)[:, None], mask=m,
-                          sem="relaxed")
-            tl.atomic_add(base + row_lo + col_hi, g * (wy_lo * wx_hi)[:, None], mask=m,
-                          sem="relaxed")
-            tl.atomic_add(base + row_hi + col_lo, g * (wy_hi * wx_lo)[:, None], mask=m,
-                          sem="relaxed")
-            tl.atomic_add(base + row_hi + col_hi, g * (wy_hi * wx_hi)[:, None], mask=m,
-                          sem="relaxed")
+            tl.atomic_add(base + along_p(row_lo + col_lo, P_MAJOR),
+                          g * along_p(wy_lo * wx_lo, P_MAJOR), mask=m, sem="relaxed")
+            tl.atomic_add(base + along_p(row_lo + col_hi, P_MAJOR),
+                          g * along_p(wy_lo * wx_hi, P_MAJOR), mask=m, sem="relaxed")
+            tl.atomic_add(base + along_p(row_hi + col_lo, P_MAJOR),
+                          g * along_p(wy_hi * wx_lo, P_MAJOR), mask=m, sem="relaxed")
+            tl.atomic_add(base + along_p(row_hi + col_hi, P_MAJOR),
+                          g * along_p(wy_hi * wx_hi, P_MAJOR), mask=m, sem="relaxed")
 
 
 @triton.jit
@@ -210,14 +197,39 @@ def _roi_align_bwd_deterministic_kernel(
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
 # Two tile elements per thread: on sm_90 the forward then needs 40 registers (75%
-# occupancy) and the atomic backward 48 (62%); four per thread needs 64-80 registers and
-# larger tiles pass 100 (see `python -m benchmarks.static`).
+# occupancy) and the atomic backward 42-48 (62%); four per thread needs 64-101 registers
+# and larger tiles spill (see `python -m benchmarks.static`).
 _TUNING = [
     {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
     {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
+    {"BLOCK_P": 256, "BLOCK_C": 1, "num_warps": 4},   # fewer than 8 channels (masks: C = 1)
 ]
 register_tuning(_roi_align_fwd_kernel, _TUNING)
 register_tuning(_roi_align_bwd_kernel, _TUNING)
+
+
+
+def _lanes(constexprs: dict) -> dict:
+    """Tiles are (C, P) when P_MAJOR, else (P, C); the launcher sets P_MAJOR for NCHW maps
+    (``p_major``). The feature gathers and gradient scatters want lanes along bins in NCHW
+    (neighbouring bins: neighbouring x of one plane) and along channels in channels_last;
+    the output and its gradient are (K, C, PH, PW) with bins contiguous."""
+    p_axis, c_axis = (1, 0) if constexprs["P_MAJOR"] else (0, 1)
+    if constexprs["P_MAJOR"]:
+        return {"NCHW": {"load": p_axis, "store": p_axis, "atomic_rmw": p_axis}}
+    # channels_last: the forward's loads gather features; the backward's load reads the
+    # output gradient (bins contiguous) and its atomics scatter into the features' layout
+    return {"channels_last": {"load": c_axis, "store": p_axis, "atomic_rmw": c_axis}}
+
+
+def _lanes_bwd(constexprs: dict) -> dict:
+    rule = _lanes(constexprs)
+    p_axis = 1 if constexprs["P_MAJOR"] else 0
+    return {layout: dict(axes, load=p_axis) for layout, axes in rule.items()}
+
+
+register_lanes(_roi_align_fwd_kernel, _lanes)
+register_lanes(_roi_align_bwd_kernel, _lanes_bwd)
 
 _TUNING_DETERMINISTIC = [
     {"BLOCK_C": 32, "num_warps": 1},
@@ -227,59 +239,82 @@ register_tuning(_roi_align_bwd_deterministic_kernel, _TUNING_DETERMINISTIC)
 
 
 def _pick_tuning(channels: int, bins: int) -> dict:
-    return _TUNING[1] if bins <= 8 else _TUNING[0]
-
-
-def _check_image_extent(shape, strides, name: str) -> None:
-    """Offsets inside one image are int32 in the kernels (fewer registers than int64);
-    the image offset itself is int64. Refuse an image too large for that."""
-    extent = sum((d - 1) * abs(s) for d, s in zip(shape[1:], strides[1:]))
-    if extent >= 2**31:
-        raise ValueError(f"{name}: one image spans {extent} elements; at most 2**31 - 1 "
-                         "are supported per image")
+    if bins <= 8:
+        return _TUNING[1]
+    return _TUNING[2] if channels < 8 else _TUNING[0]
 
 
 # ---------------------------------------------------------------------------------------
-# Host launchers
+# Host launchers. pool_forward / pool_backward launch the kernels over 1..MAX_LEVELS maps;
+# roi_align_* are the single-level case, kernels.multiscale_roi_align the pyramid.
+
+_ONE_LEVEL = [0.0] * 5   # level-mapper constants a single level never reads
+
+
+def pool_forward(features: list[Tensor], rois: Tensor, scales: list[float], mapper: list,
+                 pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """Pool every RoI from its level of ``features`` (one launch per 65,535 RoIs).
+
+    ``mapper``: torchvision's LevelMapper constants (k_min, k_max, canonical_scale,
+    canonical_level, eps); read only with more than one level.
+    """
+    n, c = features[0].shape[:2]
+    k = rois.shape[0]
+    rois = rois.to(torch.float32).contiguous()
+    out = torch.empty(k, c, pooled_h, pooled_w, dtype=features[0].dtype,
+                      device=features[0].device)
+    if k == 0 or c == 0:
+        return out
+    for i, f in enumerate(features):
+        check_image_extent(f.shape, f.stride(), f"features[{i}]" if len(features) > 1
+                           else "input")
+    tuning = pick_tuning(_roi_align_fwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
+    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
+    for start, end in row_chunks(k):
+        launch(_roi_align_fwd_kernel, (*blocks, end - start), rois[start:end],
+               out[start:end], *level_args(features, scales), c, *map(float, mapper),
+               int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
+               NUM_LEVELS=len(features), ALIGNED=bool(aligned), P_MAJOR=p_major(features))
+    return out
+
+
+def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], scales: list[float],
+                  mapper: list, pooled_h: int, pooled_w: int, sampling_ratio: int,
+                  aligned: bool) -> None:
+    """Add each RoI's output gradient into its level's float32 buffer in ``grads``."""
+    k = rois.shape[0]
+    c = grads[0].shape[1]
+    if k == 0 or c == 0 or grads[0].shape[0] == 0:
+        return
+    rois = rois.to(torch.float32).contiguous()
+    for i, g in enumerate(grads):
+        check_image_extent(g.shape, g.stride(), f"features[{i}]" if len(grads) > 1
+                           else "input")
+    tuning = pick_tuning(_roi_align_bwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
+    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
+    for start, end in row_chunks(k):
+        launch(_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
+               rois[start:end], *level_args(grads, scales), c, *grad.stride(),
+               *map(float, mapper), int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
+               NUM_LEVELS=len(grads), ALIGNED=bool(aligned), P_MAJOR=p_major(grads))
+
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Launch the forward kernel; inputs already validated (see :func:`roi_align`)."""
-    n, c, h, w = input.shape
-    k = rois.shape[0]
-    rois = rois.to(torch.float32).contiguous()
-    out = torch.empty(k, c, pooled_h, pooled_w, dtype=input.dtype, device=input.device)
-    if k == 0 or c == 0:
-        return out
-    _check_image_extent(input.shape, input.stride(), "input")
-    tuning = pick_tuning(_roi_align_fwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
-    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
-    for start, end in row_chunks(k):
-        launch(_roi_align_fwd_kernel, (*blocks, end - start), input, rois[start:end],
-               out[start:end], c, h, w, *input.stride(), float(spatial_scale),
-               int(sampling_ratio), pooled_h, pooled_w, tuning=tuning, ALIGNED=bool(aligned))
-    return out
+    return pool_forward([input], rois, [spatial_scale], _ONE_LEVEL, pooled_h, pooled_w,
+                        sampling_ratio, aligned)
 
 
 def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                        pooled_w: int, sampling_ratio: int, aligned: bool,
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
     """Launch the backward kernel into a float32 buffer, then cast once to grad's dtype."""
-    n, c, h, w = input_shape
-    k = rois.shape[0]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    rois = rois.to(torch.float32).contiguous()
-    acc = torch.zeros(n, c, h, w, dtype=torch.float32, device=grad.device).to(
+    acc = torch.zeros(input_shape, dtype=torch.float32, device=grad.device).to(
         memory_format=fmt)
-    if k and c and n:
-        _check_image_extent(acc.shape, acc.stride(), "input")
-        tuning = pick_tuning(_roi_align_bwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
-        blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
-        for start, end in row_chunks(k):
-            launch(_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
-                   rois[start:end], acc, c, h, w, *acc.stride(), *grad.stride(),
-                   float(spatial_scale), int(sampling_ratio), pooled_h, pooled_w,
-                   tuning=tuning, ALIGNED=bool(aligned))
+    pool_backward(grad, rois, [acc], [spatial_scale], _ONE_LEVEL, pooled_h, pooled_w,
+                  sampling_ratio, aligned)
     return acc.to(grad.dtype)
 
 
@@ -300,8 +335,8 @@ def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: 
     out = torch.empty(n, c, h, w, dtype=grad.dtype, device=grad.device).to(memory_format=fmt)
     if out.numel() == 0:
         return out
-    _check_image_extent(out.shape, out.stride(), "input")
-    rows, cols, weights = reference.sampling_entries(
+    check_image_extent(out.shape, out.stride(), "input")
+    rows, cols, weights = sampling_entries(
         rois.to(torch.float32), spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
         input_shape, torch.float32)
     cols, order = torch.sort(cols, stable=True)

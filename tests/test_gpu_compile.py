@@ -9,14 +9,16 @@ prove speed or numerical results on a GPU (the CUDA run of the suite does that).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from kernels import _aot, _utils
+from kernels import _aot, _sampling, _utils
 
 pytestmark = pytest.mark.compile_check
 
@@ -73,11 +75,56 @@ def test_no_fenced_atomics(compiled):
     _, results = compiled
     with_atomics = [r for r in results if r["ok"] and r["atomics"]]
     assert {r["spec"]["kernel"].split(":")[1] for r in with_atomics} >= {
-        "_roi_align_bwd_kernel", "_multiscale_roi_align_bwd_kernel", "_nms_greedy_kernel"}
+        "_roi_align_bwd_kernel", "_nms_greedy_kernel"}
     fenced = [f"{r['spec']['kernel']} [{_aot.describe(r['spec'])}] sm_{r['arch']}: "
               f"{r['fences']} MEMBAR for {r['atomics']} atomics" for r in results
               if r["ok"] and r["fences"]]
     assert not fenced, "memory fences in compiled kernels:\n" + "\n".join(fenced)
+
+
+def test_lanes_run_along_the_stride_1_dimension(compiled):
+    """Every 2-D global access in a hot loop puts a warp's lanes along the stride-1
+    dimension of the tensor it touches, for each input layout, as read from the sm_90
+    TTGIR layouts; an exception needs a note in the kernel's lane rule."""
+    _, results = compiled
+    rows = _aot.lane_rows(results)
+    seen = {(r["kernel"], r["layout"]) for r in rows}
+    for kernel in ("_roi_align_fwd_kernel", "_roi_align_bwd_kernel"):
+        assert {(kernel, "NCHW"), (kernel, "channels_last")} <= seen
+    wrong = [f"{r['kernel']} [{r['spec']}] {r['layout']} {r['access']} tile {r['tile']} "
+             f"lanes {r['lanes']}: {r['along']} of {r['needed']} on the stride-1 axis"
+             for r in rows if not r["ok"] and not r["note"]]
+    assert not wrong, "lanes off the stride-1 dimension:\n" + "\n".join(wrong)
+
+
+def test_lane_check_flags_lanes_along_channels_for_nchw():
+    """What the single-level kernels used to compile to: a warp's 32 lanes along channels,
+    which in NCHW is 32 channel planes per warp load (here a (C, P) tile, lanes on C)."""
+    ttgir = "\n".join([
+        "#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [32, 1], "
+        "warpsPerCTA = [1, 8], order = [0, 1]}>",
+        "scf.for %iy = %c0 to %n step %c1 : i32 {",
+        "  %v = tt.load %p, %m : tensor<32x16x!tt.ptr<f32>, #blocked> loc(#loc1)",
+        "} loc(#loc2)",
+        "tt.store %q, %v : tensor<32x16x!tt.ptr<f32>, #blocked> loc(#loc3)",
+    ])
+    ops = _aot.memory_ops(ttgir)   # the store is outside the loop: not a hot access
+    assert ops == [{"op": "load", "shape": [32, 16], "lanes": [32, 1], "per_thread": [1, 1]}]
+    kernel = _utils.kernel_id(importlib.import_module("kernels.roi_align")._roi_align_fwd_kernel)
+    # P_MAJOR=True (the NCHW specialization) declares (C, P) tiles: bins on axis 1
+    spec = {"kernel": kernel, "signature": [], "tunables": [["num_warps", 8]],
+            "constexprs": [["P_MAJOR", True]]}
+    [row] = _aot.lane_rows([{"ok": True, "arch": 90, "spec": spec, "memory_ops": ops}])
+    assert row["layout"] == "NCHW" and row["along"] == 1 and row["needed"] == 16
+    assert not row["ok"] and row["note"] is None
+
+
+def test_the_launcher_picks_the_layout_the_lane_rule_checks():
+    """The lane rule checks P_MAJOR specializations as NCHW and the others as
+    channels_last: that is what the launchers choose."""
+    x = torch.randn(2, 16, 8, 8)
+    assert _sampling.p_major([x]) is True
+    assert _sampling.p_major([x.contiguous(memory_format=torch.channels_last)]) is False
 
 
 def test_compile_check_catches_what_the_interpreter_accepts(tmp_path):

@@ -159,29 +159,50 @@ def test_dtypes(backend, poison, dtype):
                     _batched_nms_vanilla(boxes.to(wide), scores.to(wide), idxs, thr), scores)
 
 
+def _mask_keeps(mask, ref, scores):
+    """A keep mask (input order) holds exactly the reference's kept set."""
+    assert mask.dtype == torch.bool and mask.shape == scores.shape
+    assert_same(mask.nonzero().flatten()[scores[mask].argsort(descending=True, stable=True)],
+                ref, scores)
+
+
 def test_band_overflow_computes_on_the_fly(backend, poison, monkeypatch):
-    # A tiny mask budget: segments longer than the band take the on-the-fly path.
+    # batched_nms_mask never syncs, so a memory budget caps its band; a tiny one sends
+    # segments longer than the band down the on-the-fly path.
     monkeypatch.setattr(nms_module, "MASK_BUDGET_BYTES", 8 * 400)
     boxes, scores = random_boxes(400, backend.device)
     idxs = torch.randint(0, 2, (400,), device=backend.device)
     for thr in (0.2, 0.6):
-        assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
+        _mask_keeps(kernels.batched_nms_mask(boxes, scores, idxs, thr),
                     _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
 
 
+def test_band_covers_the_longest_segment():
+    """nms and batched_nms size the band from the longest segment: no word on the fly."""
+    for sizes in ([100_000], [1250] * 80, [7, 64, 65, 130]):
+        assert nms_module.work_model(sizes)["fly_words"] == 0
+    # without the sync (batched_nms_mask), one class of 100k boxes passes the budget
+    assert nms_module.work_model([100_000], longest_known=False)["fly_words"] > 0
+
+
+@pytest.mark.parametrize("greedy", ["_GREEDY_GPU", "_GREEDY_WIDE"])
 @pytest.mark.parametrize("budget_words", [None, 2])
-def test_gpu_tiles(backend, poison, monkeypatch, budget_words):
+def test_gpu_tiles(backend, poison, monkeypatch, budget_words, greedy):
     # The interpreter launches whole-word tiles; run the GPU rows (inner loops over column
-    # chunks, narrower band steps) here too, so their code is checked without a GPU. A
-    # two-word band sends long segments down the on-the-fly path.
+    # chunks, narrower or wider band steps) here too, so their code is checked without a
+    # GPU. A two-word band sends batched_nms_mask's long segments down the on-the-fly path.
     monkeypatch.setattr(nms_module, "_MASK_INTERPRETER", nms_module._MASK_GPU)
-    monkeypatch.setattr(nms_module, "_GREEDY_INTERPRETER", nms_module._GREEDY_GPU)
+    monkeypatch.setattr(nms_module, "_GREEDY_INTERPRETER", getattr(nms_module, greedy))
     n = 400
     if budget_words:
         monkeypatch.setattr(nms_module, "MASK_BUDGET_BYTES", 8 * n * budget_words)
     boxes, scores = random_boxes(n, backend.device)
     idxs = torch.randint(0, 2, (n,), device=backend.device)
     for thr in (0.3, 0.6):
+        if budget_words:
+            _mask_keeps(kernels.batched_nms_mask(boxes, scores, idxs, thr),
+                        _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+            continue
         assert_same(kernels.nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr),
                     scores)
         assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
@@ -285,3 +306,18 @@ def test_nan_raises_on_every_backend(backend):
     with pytest.raises(ValueError, match="boxes"):
         kernels.batched_nms(boxes, scores, torch.zeros(70, dtype=torch.long,
                                                         device=backend.device), 0.5)
+
+
+def test_nms_work_at_the_benchmark_shapes():
+    """The static NMS check: at every benchmarked shape (1k-100k boxes; 1, 5 and 80
+    classes, the benchmark's own boxes) batched_nms computes no word on the fly and one
+    class stays under the serial-step ceiling; the check flags either regression."""
+    from benchmarks import static
+    rows = static.nms_work()
+    assert {(r["boxes"], r["classes"]) for r in rows} == {
+        (n, c) for n in (1000, 5000, 20000, 100_000) for c in (1, 5, 80)}
+    assert static.nms_problems(rows) == []
+    one = next(r for r in rows if r["op"] == "batched_nms" and r["boxes"] == 100_000
+               and r["classes"] == 1)
+    assert static.nms_problems([dict(one, fly_words=5)])
+    assert static.nms_problems([dict(one, serial_steps=76_800)])
