@@ -121,6 +121,8 @@ def markdown(results: dict) -> str:
         if "skipped" in static_section:
             out += [f"Skipped: {static_section['skipped']}", ""]
         else:
+            if static_section.get("sampled"):
+                out += ["One specialization per kernel and tuning row (--tiny).", ""]
             out += [static.markdown(static_section["rows"], static_section["failures"]), ""]
     return "\n".join(out)
 
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true",
                    help="full shapes on the CPU too (the CPU default is --quick)")
     p.add_argument("--tiny", action="store_true",
-                   help="the smallest shapes, one repeat (the GPU kit's dry run)")
+                   help="the smallest shapes, one repeat, a sampled static section (the GPU "
+                        "kit's dry run, the report's test)")
     p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--dtype", default="float32,bfloat16")
     p.add_argument("--device", default=None)
@@ -187,8 +190,9 @@ def main(argv=None) -> int:
             results["benchmarks"][op] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         write_report(results, a.out, plots=False)   # a run cut short keeps what it measured
     if not a.no_static:
-        print("compiling every kernel for sm_80/sm_90 (static kernel report)")
-        results["static"] = static.report_section()
+        print("compiling every kernel for sm_80/sm_90 (static kernel report"
+              + (", one specialization per kernel and tuning row)" if a.tiny else ")"))
+        results["static"] = static.report_section(sampled=a.tiny)
     json_path, md_path = write_report(results, a.out)
     print(md_path.read_text())
     print(f"wrote {json_path}, {md_path}")

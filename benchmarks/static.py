@@ -167,13 +167,16 @@ def markdown(rows: list[dict], failures: list[dict], lanes: list[dict] | None = 
     return out
 
 
-def report_section() -> dict:
-    """The benchmark report's static section: rows and failures, or why it was skipped."""
+def report_section(sampled: bool = False) -> dict:
+    """The benchmark report's static section: rows and failures, or why it was skipped.
+    ``sampled``: one specialization per kernel and tuning row (the --tiny report's)."""
     reason = _aot.can_compile_without_gpu()
     if reason:
         return {"skipped": reason}
-    rows, results = run(write=False)
-    return {"rows": rows, "failures": [r for r in results if not r["ok"]]}
+    specs = sample(_aot.record_in_subprocess()) if sampled else None
+    rows, results = run(write=False, specs=specs)
+    return {"rows": rows, "failures": [r for r in results if not r["ok"]],
+            "sampled": sampled}
 
 
 def problems(rows: list[dict], results: list[dict]) -> list[str]:
