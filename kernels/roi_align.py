@@ -34,8 +34,9 @@ from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_t
 # ---------------------------------------------------------------------------------------
 # Kernels. One pair serves RoIAlign (NUM_LEVELS = 1) and MultiScaleRoIAlign (up to
 # MAX_LEVELS maps): with one level the level pick is compiled out, and the static kernel
-# report shows the pyramid kernel needs no more registers than a separate single-level one
-# did (sm_90 forward 40, backward 42-48), so there is one sampling loop, not two.
+# report shows the pyramid kernel needs no more registers than the separate single-level
+# kernels did (sm_90 forward 40-48 then, 40 now; backward 48 then, 40-42 now), so there is
+# one sampling loop, not two.
 
 # Image sizes and strides change from call to call (image sizes, padded batches);
 # specializing on them (== 1, divisible by 16) would compile anew for each pattern, and
@@ -197,7 +198,7 @@ def _roi_align_bwd_deterministic_kernel(
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
 # Two tile elements per thread: on sm_90 the forward then needs 40 registers (75%
-# occupancy) and the atomic backward 42-48 (62%); four per thread needs 64-101 registers
+# occupancy) and the atomic backward 40-42 (62-75%); four per thread needs 64-101 registers
 # and larger tiles spill (see `python -m benchmarks.static`).
 _TUNING = [
     {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
