@@ -292,9 +292,10 @@ def _band_words(n: int, longest: int | None) -> int:
     return max(1, min(words, MASK_BUDGET_BYTES // (8 * n)))
 
 
-def _greedy_plan(n: int, segments: int | None) -> tuple[dict, int]:
+def _greedy_plan(n: int, segments: int | None,
+                 interpreter: bool = INTERPRET) -> tuple[dict, int]:
     """The greedy pass's tuning row and program count for ``segments`` (None: unknown)."""
-    if INTERPRET:
+    if interpreter:
         return _GREEDY_INTERPRETER, min(n, 4)
     if segments is not None and segments <= _WIDE_SEGMENTS:
         return _GREEDY_WIDE, segments
@@ -339,12 +340,7 @@ def work_model(segment_sizes: list[int], segmented: bool = True,
     wcap = _band_words(n, longest if segmented else n)
     # the segment count is read in the same sync as the longest segment
     segments = (len(segment_sizes) if longest_known else None) if segmented else 1
-    if INTERPRET:   # the model describes the GPU launch
-        row, programs = ((_GREEDY_WIDE, segments)
-                         if segments is not None and segments <= _WIDE_SEGMENTS
-                         else (_GREEDY_GPU, min(n, _GREEDY_PROGRAMS)))
-    else:
-        row, programs = _greedy_plan(n, segments)
+    row, programs = _greedy_plan(n, segments, interpreter=False)   # the GPU launch
     band = fly = 0
     per_program = [0] * programs
     lo = 0
