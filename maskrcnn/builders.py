@@ -46,6 +46,19 @@ _DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def small_anchor_generator() -> AnchorGenerator:
+    """Anchors for ~100-200 px images (FPN levels "0".."3" and "pool"): the CPU training
+    default's images (``maskrcnn.data.SyntheticShapes``)."""
+    return AnchorGenerator(((12,), (24,), (48,), (96,), (160,)), ((0.5, 1.0, 2.0),) * 5)
+
+
+def _part(given: dict, name: str, default):
+    """The module passed as ``name``, or ``default()`` when none was (``None``): an empty
+    ``nn.Sequential`` is falsy but is still a module the caller chose."""
+    part = given[name]
+    return default() if part is None else part
+
+
 def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
                            ops: Union[str, Ops] = "kernels", **kwargs) -> MaskRCNN:
     """Compose a Mask R-CNN on ``backbone`` (which has ``out_channels`` and returns an
@@ -62,9 +75,10 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
     ops = resolve_ops(ops)
     ch = backbone.out_channels
 
-    anchor_generator = a["rpn_anchor_generator"] or AnchorGenerator(
-        ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-    rpn_head = a["rpn_head"] or RPNHead(ch, anchor_generator.num_anchors_per_location()[0])
+    anchor_generator = _part(a, "rpn_anchor_generator", lambda: AnchorGenerator(
+        ((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5))
+    rpn_head = _part(a, "rpn_head", lambda: RPNHead(
+        ch, anchor_generator.num_anchors_per_location()[0]))
     rpn = RPN(anchor_generator=anchor_generator, head=rpn_head, nms=ops.batched_nms,
               fg_iou_thresh=a["rpn_fg_iou_thresh"], bg_iou_thresh=a["rpn_bg_iou_thresh"],
               batch_size_per_image=a["rpn_batch_size_per_image"],
@@ -76,14 +90,14 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
               nms_thresh=a["rpn_nms_thresh"], score_thresh=a["rpn_score_thresh"])
 
     levels = ["0", "1", "2", "3"]
-    box_roi_pool = a["box_roi_pool"] or ops.multiscale_roi_align(levels, 7, 2)
-    box_head = a["box_head"] or TwoMLPHead(ch * 7 * 7, a["representation_size"])
-    box_predictor = a["box_predictor"] or FastRCNNPredictor(a["representation_size"],
-                                                            num_classes)
-    mask_roi_pool = a["mask_roi_pool"] or ops.multiscale_roi_align(levels, 14, 2)
-    mask_head = a["mask_head"] or MaskRCNNHeads(ch, list(a["mask_layers"]), 1)
-    mask_predictor = a["mask_predictor"] or MaskRCNNPredictor(
-        list(a["mask_layers"])[-1], a["mask_dim_reduced"], num_classes)
+    box_roi_pool = _part(a, "box_roi_pool", lambda: ops.multiscale_roi_align(levels, 7, 2))
+    box_head = _part(a, "box_head", lambda: TwoMLPHead(ch * 7 * 7, a["representation_size"]))
+    box_predictor = _part(a, "box_predictor", lambda: FastRCNNPredictor(
+        a["representation_size"], num_classes))
+    mask_roi_pool = _part(a, "mask_roi_pool", lambda: ops.multiscale_roi_align(levels, 14, 2))
+    mask_head = _part(a, "mask_head", lambda: MaskRCNNHeads(ch, list(a["mask_layers"]), 1))
+    mask_predictor = _part(a, "mask_predictor", lambda: MaskRCNNPredictor(
+        list(a["mask_layers"])[-1], a["mask_dim_reduced"], num_classes))
     roi_heads = RoIHeads(
         box_roi_pool=box_roi_pool, box_head=box_head, box_predictor=box_predictor,
         mask_roi_pool=mask_roi_pool, mask_head=mask_head, mask_predictor=mask_predictor,
@@ -96,8 +110,8 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
 
     transform = DetectionTransform(
         min_size=a["min_size"], max_size=a["max_size"],
-        image_mean=a["image_mean"] or [0.485, 0.456, 0.406],
-        image_std=a["image_std"] or [0.229, 0.224, 0.225],
+        image_mean=_part(a, "image_mean", lambda: [0.485, 0.456, 0.406]),
+        image_std=_part(a, "image_std", lambda: [0.229, 0.224, 0.225]),
         paste_masks=ops.paste_masks_in_image, mask_threshold=a["mask_threshold"])
     return MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, roi_heads=roi_heads)
 

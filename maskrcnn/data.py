@@ -16,7 +16,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 
 class DataError(ValueError):
@@ -34,11 +33,6 @@ def require_pycocotools():
 
 
 SHAPES = ("rectangle", "ellipse", "triangle")
-
-
-def small_anchor_generator() -> AnchorGenerator:
-    """Anchors for ~100-200 px images (FPN levels "0".."3" and "pool")."""
-    return AnchorGenerator(((12,), (24,), (48,), (96,), (160,)), ((0.5, 1.0, 2.0),) * 5)
 
 
 class SyntheticShapes(torch.utils.data.Dataset):

@@ -41,7 +41,7 @@ def build_model(config: dict, ops="kernels"):
     kwargs = dict(config["kwargs"])
     if config["arch"] == "resnet18_fpn":
         if "rpn_anchor_generator" not in kwargs:
-            kwargs["rpn_anchor_generator"] = data.small_anchor_generator()
+            kwargs["rpn_anchor_generator"] = builders.small_anchor_generator()
         return builders.maskrcnn_resnet18_fpn(num_classes=config["num_classes"], ops=ops, **kwargs)
     return builders.maskrcnn_resnet50_fpn(num_classes=config["num_classes"], ops=ops, **kwargs)
 
@@ -202,9 +202,11 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
             with torch.autocast(device.type, enabled=use_amp):
                 loss_dict = ddp_model(images, targets)
                 loss = sum(loss_dict.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: "
-                                         f"{ {k: v.item() for k, v in loss_dict.items()} }")
+            # every logged value in one host sync: the losses, read once per step
+            values = dict(zip([*loss_dict, "loss"], torch.stack(
+                [v.detach().float() for v in (*loss_dict.values(), loss)]).tolist()))
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss is {values['loss']} at step {step}: {values}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # from-scratch training spikes early on; clipping keeps it from diverging
@@ -214,10 +216,9 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
             scaler.update()
             step += 1
             count += 1
-            for k, v in loss_dict.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", mask=f"{loss_dict['loss_mask'].item():.3f}",
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.4f}")
         averages = {k: v / max(1, count) for k, v in sums.items()}
         if rank == 0:
