@@ -32,13 +32,15 @@ from benchmarks import static
 from benchmarks._common import (RESULTS_DIR, copy_bandwidth_gbps, default_device, environment,
                                 format_table, slug)
 
-# op name -> module with run(quick=, dtypes=, device=, write=, tiny=) -> rows
+# op name -> module with run(quick=, device=, write=, tiny=[, dtypes=]) -> rows; the model
+# runs in float32 and takes no dtypes
 OPS = {
     "roi_align": "benchmarks.bench_roi_align",
     "multiscale_roi_align": "benchmarks.bench_multiscale_roi_align",
     "nms": "benchmarks.bench_nms",
     "mask_loss": "benchmarks.bench_mask_loss",
-    "paste": "benchmarks.bench_paste",
+    "mask_predictor_loss": "benchmarks.bench_mask_predictor_loss",
+    "paste_masks_in_image": "benchmarks.bench_paste_masks_in_image",
     "model": "benchmarks.bench_model",
 }
 
@@ -181,8 +183,8 @@ def main(argv=None) -> int:
     failed = []
     for op in tqdm(wanted, desc="benchmarks", unit="op"):
         try:
-            rows = mods[op].run(quick=quick, dtypes=dtypes, device=device, write=False,
-                                tiny=a.tiny)
+            kwargs = {} if op == "model" else {"dtypes": dtypes}
+            rows = mods[op].run(quick=quick, device=device, write=False, tiny=a.tiny, **kwargs)
             results["benchmarks"][op] = {"rows": rows}
         except Exception as e:  # one op's failure must not cost the others' numbers
             traceback.print_exc()

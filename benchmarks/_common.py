@@ -8,6 +8,7 @@ environment (device, torch/triton/torchvision versions, git sha).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +22,9 @@ from typing import Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+IMAGE = (800, 1216)   # (height, width): a COCO image as Mask R-CNN's transform resizes it
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> str:
@@ -154,3 +158,22 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def cli(doc: str, run: Callable[..., list[dict]], columns: list[str], *,
+        dtype: str | None = "float32,bfloat16", quick_help: str = "fewer shapes and repeats",
+        channels_last: bool = False, shown: Callable[[dict], dict] = lambda r: r):
+    """The ``main(argv)`` of a benchmark module: --quick, --dtype, --device (and
+    --channels-last where the op takes layouts), then ``run`` and a table of ``columns``."""
+    def main(argv=None):
+        p = argparse.ArgumentParser(description=doc.splitlines()[0])
+        p.add_argument("--quick", action="store_true", help=quick_help)
+        p.add_argument("--dtype", default=dtype, help="comma-separated: float32,bfloat16,float16")
+        p.add_argument("--device", default=None)
+        if channels_last:
+            p.add_argument("--channels-last", action="store_true")
+        a = p.parse_args(argv)
+        extra = {"channels_last": a.channels_last} if channels_last else {}
+        rows = run(a.quick, a.dtype.split(",") if a.dtype else None, a.device, **extra)
+        print(format_table([shown(r) for r in rows], columns))
+    return main

@@ -1,17 +1,15 @@
 """Mask losses: ours vs the PyTorch / torchvision paths at Mask R-CNN training shapes.
 
-Three comparisons, each forward and forward+backward, at N in {128, 512} instances,
-K in {2, 91} classes, M = 28:
+Two comparisons, each forward and forward+backward, at N in {128, 512} instances,
+K in {2, 91} classes, M = 28 (the fused predictor + loss: ``bench_mask_predictor_loss``):
 
 * ``mask_loss``: ours vs gather + ``F.binary_cross_entropy_with_logits`` (provider "torch").
 * ``maskrcnn_loss``: ours (targets sampled inside the loss kernel) vs torchvision's
   ``roi_heads.maskrcnn_loss`` (roi_align of the gt masks, then the loss), 2 images of
   800x1216 with 16 uint8 gt masks each and N/2 proposals per image.
-* ``fused_mask_predictor_loss``: ours vs ``F.conv2d`` (1x1, 256 channels) + gather + BCE.
-  Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what existed
-  before; ``*_scratch_bytes``, that peak less the parameter gradients every provider must
-  return (the features' gradient alone is N x 256 x M x M); ``*_held_bytes``, what the
-  forward keeps alive for the backward.
+Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what existed
+before; ``*_scratch_bytes``, that peak less the gradients every provider must return;
+``*_held_bytes``, what the forward keeps alive for the backward.
 
 On CUDA every provider runs its CUDA kernels; on the CPU ours is the PyTorch reference path
 (or the Triton interpreter under TRITON_INTERPRET=1, very slow) and peak memory is not
@@ -21,7 +19,6 @@ measured.
 """
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
@@ -29,12 +26,10 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
 import kernels
-from benchmarks._common import default_device, format_table, measure, parity, write_results
+from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+                                write_results)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 M = 28
-CHANNELS = 256
-IMAGE = (800, 1216)
 MASKS_PER_IMAGE = 16
 
 
@@ -42,10 +37,6 @@ def torch_mask_loss(logits, targets, labels):
     n = logits.shape[0]
     return F.binary_cross_entropy_with_logits(
         logits[torch.arange(n, device=labels.device), labels], targets)
-
-
-def torch_predictor_loss(features, weight, bias, targets, labels):
-    return torch_mask_loss(F.conv2d(features, weight, bias), targets, labels)
 
 
 def make_instances(n: int, k: int, dtype, device, images: int = 2, seed: int = 0,
@@ -88,7 +79,7 @@ def held_bytes(forward, device: str) -> int | None:
     return held
 
 
-def _time_providers(row, providers, mode, device, reps, nbytes):
+def time_providers(row, providers, mode, device, reps, nbytes):
     for name, (forward, params) in providers.items():
         def step(forward=forward, params=params):
             loss = forward()
@@ -114,7 +105,7 @@ def _time_providers(row, providers, mode, device, reps, nbytes):
         row["held_ratio"] = row[f"{base}_held_bytes"] / row["ours_held_bytes"]
 
 
-def _check_equal(ours, base, dtype):
+def check_equal(ours, base, dtype):
     """Loss and every gradient of ours vs the baseline (each a (forward, params) pair),
     before anything is timed."""
     atol = 2e-2 if dtype != torch.float32 else 1e-4
@@ -137,16 +128,22 @@ def _loss_and_grads(forward, params):
     return loss.detach(), grads
 
 
-def run(quick: bool = False, dtypes=None, device: str | None = None,
-        write: bool = True, tiny: bool = False) -> list[dict]:
-    """dtypes: default float32 and bfloat16 (float32 only for --quick on the CPU)."""
+def settings(quick: bool, dtypes, device: str | None, tiny: bool):
+    """(device, dtypes, instance counts, repeats) of both mask-loss benchmarks: float32 and
+    bfloat16 by default (float32 only for --quick on the CPU)."""
     device = device or default_device()
     small = quick and device == "cpu"
     dtypes = dtypes or (("float32",) if small else ("float32", "bfloat16"))
     sizes = (4,) if tiny else (128,) if small else (128, 512)
+    return device, dtypes, sizes, 1 if tiny else 3 if device == "cpu" else None
+
+
+def run(quick: bool = False, dtypes=None, device: str | None = None,
+        write: bool = True, tiny: bool = False) -> list[dict]:
+    """dtypes: default float32 and bfloat16 (float32 only for --quick on the CPU)."""
+    device, dtypes, sizes, reps = settings(quick, dtypes, device, tiny)
+    small = quick and device == "cpu"
     image = (48, 64) if tiny else (400, 608) if small else IMAGE
-    channels = 8 if tiny else CHANNELS
-    reps = 1 if tiny else 3 if device == "cpu" else None
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -160,11 +157,11 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 # --- mask_loss vs gather + BCE
                 ours = (partial(kernels.mask_loss, x, targets, labels), [x])
                 base = (partial(torch_mask_loss, x, targets, labels), [x])
-                match = parity(partial(_check_equal, ours, base, dtype))
+                match = parity(partial(check_equal, ours, base, dtype))
                 for mode in ("forward", "forward+backward"):
                     row = {"op": "mask_loss", "dtype": dname, "N": n, "K": k, "M": M,
                            "mode": mode, "parity": match}
-                    _time_providers(row, {"ours": ours, "torch": base}, mode, device, reps,
+                    time_providers(row, {"ours": ours, "torch": base}, mode, device, reps,
                                     loss_bytes if mode != "forward" else 2 * n * M * M * e)
                     rows.append(row)
 
@@ -174,56 +171,27 @@ def run(quick: bool = False, dtypes=None, device: str | None = None,
                 if not (device == "cpu" and dtype != torch.float32):
                     ours = (partial(kernels.maskrcnn_loss, x, *inst), [x])
                     base = (partial(tv_maskrcnn_loss, x, *inst), [x])
-                    match = parity(partial(_check_equal, ours, base, dtype))
+                    match = parity(partial(check_equal, ours, base, dtype))
                     for mode in ("forward", "forward+backward"):
                         row = {"op": "maskrcnn_loss", "dtype": dname, "N": n, "K": k, "M": M,
                                "mode": mode, "parity": match}
-                        _time_providers(row, {"ours": ours, "torchvision": base}, mode, device,
+                        time_providers(row, {"ours": ours, "torchvision": base}, mode, device,
                                         reps, loss_bytes if mode != "forward"
                                         else 2 * n * M * M * e)
                         rows.append(row)
 
-                # --- fused predictor vs conv2d + gather + BCE
-                g = torch.Generator().manual_seed(1)
-                feats = torch.randn(n, channels, M, M, generator=g).to(device, dtype)
-                feats.requires_grad_()
-                weight = (torch.randn(k, channels, 1, 1, generator=g) / 16).to(device, dtype)
-                bias = torch.zeros(k).to(device, dtype)
-                weight.requires_grad_()
-                bias.requires_grad_()
-                params = [feats, weight, bias]
-                ours = (partial(kernels.fused_mask_predictor_loss, feats, weight, bias, targets,
-                                labels), params)
-                base = (partial(torch_predictor_loss, feats, weight, bias, targets, labels),
-                        params)
-                match = parity(partial(_check_equal, ours, base, dtype))
-                fbytes = feats.numel() * e
-                for mode in ("forward", "forward+backward"):
-                    row = {"op": "fused_mask_predictor_loss", "dtype": dname, "N": n, "K": k,
-                           "M": M, "C": channels, "mode": mode, "parity": match}
-                    _time_providers(row, {"ours": ours, "torch": base}, mode, device, reps,
-                                    fbytes * (2 if mode != "forward" else 1))
-                    rows.append(row)
-                del feats, weight, bias, x, logits
+                del x, logits
     if write:
-        path = write_results("mask_loss", rows, {"M": M, "channels": channels,
-                                                 "image": image,
+        path = write_results("mask_loss", rows, {"M": M, "image": image,
                                                  "masks_per_image": MASKS_PER_IMAGE,
                                                  "images": 2}, device)
         print(f"results: {path}")
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    p.add_argument("--dtype", default=None, help="default: float32,bfloat16")
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    rows = run(a.quick, a.dtype.split(",") if a.dtype else None, a.device)
-    print(format_table(rows, ["op", "dtype", "N", "K", "mode", "baseline", "ours_ms",
-                              "torch_ms", "torchvision_ms", "speedup", "ours_peak_bytes",
-                              "memory_ratio", "scratch_ratio", "held_ratio", "ours_GBps"]))
+main = cli(__doc__, run, ["op", "dtype", "N", "K", "mode", "baseline", "ours_ms", "torch_ms",
+                          "torchvision_ms", "speedup", "ours_peak_bytes", "ours_GBps"],
+           dtype=None)
 
 
 if __name__ == "__main__":

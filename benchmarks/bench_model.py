@@ -53,10 +53,9 @@ def build_pair(device: str, **kwargs):
     return tv.to(device), ours.to(device)
 
 
-def run(quick: bool = False, dtypes=("float32",), device: str | None = None,
-        write: bool = True, amp: bool = False, tiny: bool = False) -> list[dict]:
-    """``dtypes`` is accepted for the report's common call; the model runs in float32
-    (``amp``: bfloat16 autocast on CUDA)."""
+def run(quick: bool = False, device: str | None = None, write: bool = True,
+        amp: bool = False, tiny: bool = False) -> list[dict]:
+    """The model in float32 (``amp``: bfloat16 autocast on CUDA)."""
     device = device or default_device()
     if device == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
         # shared CPU: multi-threaded kernels mostly wait at barriers (both sides alike)

@@ -14,7 +14,6 @@ ours is the PyTorch reference path and torchvision its CPU kernel (which has no 
 """
 from __future__ import annotations
 
-import argparse
 import math
 from collections import OrderedDict
 
@@ -22,9 +21,9 @@ import torch
 import torchvision
 
 import kernels
-from benchmarks._common import default_device, format_table, measure, parity, write_results
+from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+                                write_results)
 
-IMAGE = (800, 1216)
 STRIDES = (4, 8, 16, 32)
 NAMES = ["0", "1", "2", "3"]
 # name: (images, RoIs per image, output size, modes)
@@ -34,7 +33,6 @@ CASES = {
     "infer box": (1, 1000, 7, ("forward",)),
     "infer mask": (1, 100, 14, ("forward",)),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_inputs(images: int, rois_per_image: int, dtype: torch.dtype, device: str,
@@ -124,18 +122,10 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="training cases only; on the CPU one image and 1/8 of the RoIs")
-    p.add_argument("--dtype", default="float32,bfloat16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--channels-last", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.quick, a.dtype.split(","), a.device, a.channels_last)
-    print(format_table(rows, ["dtype", "case", "mode", "rois", "ours_ms", "torchvision_ms",
-                              "speedup", "ours_peak_bytes", "torchvision_peak_bytes",
-                              "ours_GBps"]))
+main = cli(__doc__, run, ["dtype", "case", "mode", "rois", "ours_ms", "torchvision_ms",
+                          "speedup", "ours_peak_bytes", "torchvision_peak_bytes", "ours_GBps"],
+           quick_help="training cases only; on the CPU one image and 1/8 of the RoIs",
+           channels_last=True)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ class-offset boxes up to 25k boxes (CUDA; 1k on the CPU) and loops over classes 
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torchvision
 
 import kernels
-from benchmarks._common import default_device, format_table, measure, parity, write_results
+from benchmarks._common import (DTYPES, IMAGE, cli, default_device, format_table, measure,
+                                parity, write_results)
 
-IMAGE = (800, 1216)
 SIZES = (1000, 5000, 20000, 100000)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 THRESHOLD = 0.5
 
 
@@ -91,14 +89,7 @@ COLUMNS = ["dtype", "op", "classes", "boxes", "kept", "parity", "ours_ms", "torc
            "speedup", "ours_peak_bytes", "torchvision_peak_bytes"]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1k and 5k boxes only")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    rows = run(a.quick, a.dtype.split(","), a.device)
-    print(format_table(rows, COLUMNS))
+main = cli(__doc__, run, COLUMNS, dtype="float32", quick_help="1k and 5k boxes only")
 
 
 if __name__ == "__main__":

@@ -10,19 +10,17 @@ is the PyTorch reference path and torchvision its CPU kernel (which has no bfloa
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torchvision
 
 import kernels
 from kernels._utils import deterministic_algorithms
-from benchmarks._common import default_device, format_table, measure, parity, write_results
+from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+                                write_results)
 
-IMAGE = (800, 1216)
 LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
 HEADS = {"box 7x7": 7, "mask 14x14": 14}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # "deterministic": torch.use_deterministic_algorithms(True) — our atomic-free backward;
@@ -108,16 +106,8 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    p.add_argument("--dtype", default="float32,bfloat16")
-    p.add_argument("--device", default=None)
-    p.add_argument("--channels-last", action="store_true")
-    a = p.parse_args(argv)
-    rows = run(a.quick, a.dtype.split(","), a.device, a.channels_last)
-    print(format_table(rows, ["dtype", "level", "head", "mode", "ours_ms", "torchvision_ms",
-                              "speedup", "ours_GBps", "torchvision_GBps"]))
+main = cli(__doc__, run, ["dtype", "level", "head", "mode", "ours_ms", "torchvision_ms",
+                          "speedup", "ours_GBps", "torchvision_GBps"], channels_last=True)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ NMS_SERIAL_CEILING = {100_000: 12_500, 20_000: 950}
 
 
 def nms_work() -> list[dict]:
-    """The NMS step-count model (``kernels.nms.work_model``) on the benchmark's own boxes:
+    """The NMS step-count model (``kernels.ops.nms.work_model``) on the benchmark's own boxes:
     1k-100k boxes in 1, 5 and 80 classes, for batched_nms (and nms: one class) and for
     batched_nms_mask, whose band has no sync to size it."""
     import importlib
@@ -85,7 +85,7 @@ def nms_work() -> list[dict]:
     import torch
 
     from benchmarks.bench_nms import make_inputs
-    nms = importlib.import_module("kernels.nms")
+    nms = importlib.import_module("kernels.ops.nms")
     rows = []
     for n in (1000, 5000, 20000, 100_000):
         for classes in (1, 5, 80):
@@ -160,7 +160,7 @@ def markdown(rows: list[dict], failures: list[dict], lanes: list[dict] | None = 
         out += ("\n\nWarp lanes along the stride-1 dimension (hot-loop 2-D accesses, sm_90 "
                 "TTGIR):\n\n" + format_table(lanes, LANE_COLUMNS))
     if nms_rows:
-        out += ("\n\nNMS work at the benchmark's shapes (kernels.nms.work_model; nms is "
+        out += ("\n\nNMS work at the benchmark's shapes (kernels.ops.nms.work_model; nms is "
                 "batched_nms with one class):\n\n" + format_table(nms_rows, NMS_COLUMNS))
     for r in failures:
         out += f"\n\nFAILED {r['spec']['kernel']} sm_{r['arch']}: {r['error']}"

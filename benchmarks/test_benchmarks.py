@@ -13,7 +13,7 @@ import torchvision
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import kernels
-from benchmarks import bench_mask_loss, bench_multiscale_roi_align, bench_paste
+from benchmarks import bench_mask_loss, bench_multiscale_roi_align, bench_paste_masks_in_image
 from benchmarks import bench_roi_align
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,9 +89,9 @@ def test_mask_loss(benchmark, provider):
     benchmark(synced(step))
 
 
-def test_paste(benchmark, provider):
-    image = bench_paste.IMAGE
-    masks, boxes = bench_paste.make_inputs(bench_paste.MASKS, image, torch.float32, DEVICE)[:2]
+def test_paste_masks_in_image(benchmark, provider):
+    image = bench_paste_masks_in_image.IMAGE
+    masks, boxes = bench_paste_masks_in_image.make_inputs(bench_paste_masks_in_image.MASKS, image, torch.float32, DEVICE)[:2]
     fn = kernels.paste_masks_in_image if provider == "ours" else tv_paste
     torch.testing.assert_close(kernels.paste_masks_in_image(masks, boxes, image),
                                tv_paste(masks, boxes, image), rtol=1e-5, atol=1e-5)

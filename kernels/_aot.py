@@ -35,9 +35,8 @@ SM90 = {"regs": 65536, "threads": 2048, "warps": 64, "blocks": 32,
 
 
 def op_modules() -> list[str]:
-    import kernels
-    return [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)
-            if not m.name.startswith("_") and m.name != "reference"]
+    import kernels.ops
+    return [f"kernels.ops.{m.name}" for m in pkgutil.iter_modules(kernels.ops.__path__)]
 
 
 def launched_kernels() -> set[str]:

@@ -2,20 +2,25 @@
 mask targets of the fused mask losses) and by the atomic-free backward's host side.
 
 Device side (``@triton.jit``): the RoI's box decode (:func:`roi_box`), torchvision's
-bilinear rule along one axis (:func:`bilinear_axis`), the FPN level of a RoI and the
+bilinear rule along one axis (:func:`bilinear_axis`, :func:`sample_rows`), the FPN level of a RoI and the
 per-level argument pick (:func:`roi_level`, :func:`pick_level`, both in
 :func:`roi_on_level`), and the tile orientation
-helpers (:func:`along_p`, :func:`along_c`). Host side: the per-level kernel arguments, the
-lane orientation a layout wants, the int32 extent check, and the list of sampling entries
-(output bin, input pixel, weight) that the deterministic backward sorts and the reference
-path multiplies (:func:`sampling_entries`).
+helpers (:func:`along_p`, :func:`along_c`). Host side: the description of the maps pooled
+from (:class:`Pyramid`: scales, torchvision's level mapper, the maps' shapes and layouts),
+the per-level kernel arguments, the lane orientation a layout wants, the int32 extent
+check, and the list of sampling entries (output bin, input pixel, weight) that the
+deterministic backward sorts and the reference path multiplies (:func:`sampling_entries`).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._utils import is_channels_last
 
 
 MAX_LEVELS = 5
@@ -26,15 +31,18 @@ MAX_LEVELS = 5
 
 
 @triton.jit
-def roi_and_bins(PH, PW, BLOCK_P: tl.constexpr):
-    """The RoI (grid axis 2) and the block of output bins (axis 0) of this program. CUDA
-    caps axes 1 and 2 at 65,535 programs: bin blocks pass that at 1024x1024 outputs, so
-    they take axis 0 (2**31 - 1), and launchers split more than 65,535 RoIs into launches
-    (``row_chunks``). Enumerating (RoI, bin block) pairs on axis 0 instead would cost the
-    forward 8 registers for the division (sm_90: 48, 62% occupancy, against 40, 75%)."""
+def roi_tile(C, PH, PW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's RoI (grid axis 2), block of output bins (axis 0) and block of
+    channels (axis 1): the RoI, bin and channel offsets, their masks, and each bin's (row,
+    column). CUDA caps axes 1 and 2 at 65,535 programs: bin blocks pass that at 1024x1024
+    outputs, so they take axis 0 (2**31 - 1), and launchers split more than 65,535 RoIs
+    into launches (``row_chunks``). Enumerating (RoI, bin block) pairs on axis 0 instead
+    would cost the forward 8 registers for the division (sm_90: 48, 62% occupancy, against
+    40, 75%)."""
     r = tl.program_id(2).to(tl.int64)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return r, offs_p
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, offs_p, offs_c, offs_p < PH * PW, offs_c < C, offs_p // PW, offs_p % PW
 
 
 @triton.jit
@@ -78,6 +86,17 @@ def bilinear_axis(pos, size):
     pos = tl.where(at_edge, low.to(tl.float32), pos)
     frac = pos - low.to(tl.float32)
     return low, high, 1.0 - frac, frac, valid
+
+
+@triton.jit
+def sample_rows(start, p, bin_size, i, grid, size, stride):
+    """Sample i of bin p along one axis, at torchvision's position
+    ``start + p * bin + (i + 0.5) * bin / grid``, as its two bilinear neighbours' offsets
+    (index times ``stride``: pass an int64 stride for int64 offsets), their weights and
+    whether the sample counts."""
+    pos = start + p * bin_size + (i + 0.5) * bin_size / grid
+    lo, hi, w_lo, w_hi, valid = bilinear_axis(pos, size)
+    return lo * stride, hi * stride, w_lo, w_hi, valid
 
 
 @triton.jit
@@ -178,8 +197,75 @@ def along_c(v, P_MAJOR: tl.constexpr):
 # ---------------------------------------------------------------------------------------
 # Host helpers
 
+@dataclasses.dataclass(frozen=True)
+class Pyramid:
+    """The maps RoI Align pools from, as its launchers and references take them: one scale
+    per level and torchvision's LevelMapper constants (read only with more than one level;
+    RoIAlign is ``Pyramid((spatial_scale,))``). A backward also needs the maps' shapes
+    and layouts (``shapes``, ``channels_last``): :meth:`of` records them."""
+    scales: tuple[float, ...]
+    k_min: int = 0
+    k_max: int = 0
+    canonical_scale: float = 224.0
+    canonical_level: float = 4.0
+    eps: float = 1e-6
+    shapes: tuple[tuple[int, int, int, int], ...] = ()
+    channels_last: tuple[bool, ...] = ()
 
-def level_args(tensors: list[Tensor], scales: list[float]) -> list:
+    @property
+    def num_levels(self) -> int:
+        return len(self.scales)
+
+    def of(self, maps: list[Tensor]) -> "Pyramid":
+        """This pyramid with the shapes and layouts of ``maps``."""
+        return dataclasses.replace(self, shapes=tuple(tuple(m.shape) for m in maps),
+                                   channels_last=tuple(is_channels_last(m) for m in maps))
+
+    def mapper_args(self) -> list[float]:
+        """The level-mapper kernel arguments."""
+        return [float(self.k_min), float(self.k_max), float(self.canonical_scale),
+                float(self.canonical_level), float(self.eps)]
+
+    def levels(self, rois: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(K,) int64 level index of each RoI (torchvision's LevelMapper, computed in
+        ``dtype``), -1 where none is pooled: a NaN level (negative area), an index outside
+        the maps, non-finite coordinates. The host twin of :func:`roi_level`."""
+        r = rois.to(dtype)
+        ok = torch.isfinite(r[:, 1:]).all(1)
+        if self.num_levels == 1:
+            lvl = torch.zeros(r.shape[0], dtype=torch.int64, device=r.device)
+        else:
+            s = torch.sqrt((r[:, 3] - r[:, 1]) * (r[:, 4] - r[:, 2]))
+            t = torch.floor(self.canonical_level + torch.log2(s / self.canonical_scale)
+                            + torch.tensor(self.eps, dtype=dtype))
+            t = torch.clamp(t, min=self.k_min, max=self.k_max)
+            ok = ok & ~torch.isnan(t)
+            lvl = torch.where(ok, t, torch.full_like(t, self.k_min)).to(torch.int64) - self.k_min
+            ok = ok & (lvl >= 0) & (lvl < self.num_levels)
+        return torch.where(ok, lvl, torch.full_like(lvl, -1))
+
+    def grad_numel(self) -> int:
+        return sum(n * c * h * w for n, c, h, w in self.shapes)
+
+    def level_views(self, flat: Tensor) -> list[Tensor]:
+        """Per-level (N, C, H, W) views of one flat buffer of :meth:`grad_numel` elements,
+        each in its map's layout."""
+        views, offset = [], 0
+        for (n, c, h, w), cl in zip(self.shapes, self.channels_last):
+            chunk = flat[offset:offset + n * c * h * w]
+            views.append(chunk.view(n, h, w, c).permute(0, 3, 1, 2) if cl
+                         else chunk.view(n, c, h, w))
+            offset += n * c * h * w
+        return views
+
+    def flatten(self, grads: list[Tensor]) -> Tensor:
+        """The inverse of :meth:`level_views`: per-level gradients into one flat buffer."""
+        return torch.cat([(g.permute(0, 2, 3, 1) if cl else g).reshape(-1)
+                          for g, cl in zip(grads, self.channels_last)])
+
+
+
+def level_args(tensors: list[Tensor], scales: tuple[float, ...]) -> list:
     """Per-level kernel arguments (pointer, H, W, 4 strides, scale), padded to MAX_LEVELS
     with copies of level 0 that the kernel never reads."""
     args = []
@@ -210,7 +296,7 @@ def check_image_extent(shape, strides, name: str) -> None:
 _ENTRY_BUDGET = 1 << 22
 
 
-def _axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int,
+def axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int,
                   g_max: int, dtype: torch.dtype):
     """torchvision's per-axis bilinear rule for every sample of every bin.
 
@@ -289,9 +375,9 @@ def sampling_entries(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w
         for idx in members.split(step):
             gh_max, gw_max = (max(int(v), 1) for v in torch.stack(
                 [grid_h[idx].max(), grid_w[idx].max()]).tolist())
-            iy, wy = _axis_samples(start_h[idx], bin_h[idx], grid_h[idx], pooled_h, h,
+            iy, wy = axis_samples(start_h[idx], bin_h[idx], grid_h[idx], pooled_h, h,
                                    gh_max, dtype)
-            ix, wx = _axis_samples(start_w[idx], bin_w[idx], grid_w[idx], pooled_w, w,
+            ix, wx = axis_samples(start_w[idx], bin_w[idx], grid_w[idx], pooled_w, w,
                                    gw_max, dtype)
             # broadcast to (k, PH, PW, gh, 2, gw, 2)
             iy, wy = iy[:, :, None, :, :, None, None], wy[:, :, None, :, :, None, None]

@@ -37,10 +37,13 @@ def _patch_interpreter() -> None:
     import copy
 
     import numpy as np
+    import triton
     from triton.runtime import interpreter
 
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch_tensor is not None and not getattr(patch_tensor, "squeezes_index", False):
+    if (version < (3, 7) and patch_tensor is not None
+            and not getattr(patch_tensor, "squeezes_index", False)):
         def patched(tensor, scope):
             patch_tensor(tensor, scope)
             scope.set_attr(tensor, "__index__",
@@ -61,6 +64,8 @@ def _patch_interpreter() -> None:
         wrapper.bool_mask = True
         return wrapper
 
+    if version < (3, 9):
+        return
     builder = interpreter.InterpreterBuilder
     for name, position in (("create_masked_load", 1), ("create_masked_store", 2),
                            ("create_atomic_rmw", 3)):
@@ -109,8 +114,35 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
 
 
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+def pick_path(t: torch.Tensor, kernel: Callable, ref: Callable,
+              deterministic: Callable | None = None) -> Callable:
+    """The launcher a custom op's body runs for ``t``: ``kernel`` (Triton), ``deterministic``
+    (Triton without atomics, under ``torch.use_deterministic_algorithms``) or ``ref`` (the
+    reference path: CPU tensors, float64, inside ``reference_path()``)."""
+    if not use_triton(t):
+        return ref
+    if deterministic is not None and torch.are_deterministic_algorithms_enabled():
+        return deterministic
+    return kernel
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a reference computes (and a loss accumulates) in: float64 stays float64,
+    every other float type accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """True for a 4-D tensor in channels_last that is not also plain contiguous."""
+    return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -151,6 +183,18 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def check_float_dtype(name: str, t: torch.Tensor) -> None:
+    """One of the dtypes the ops take: the kernels' three and float64 (reference path)."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_integer(name: str, t: torch.Tensor) -> None:
+    """An integer dtype other than bool (labels, class indices)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
     if not items:
@@ -161,6 +205,45 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{name} is on {t.device} but {first_name} is on {first.device}; "
                 "all tensors must be on the same device")
+
+
+# How far past [0, 1] a float target may stray (float32 rounding of bilinear weights).
+_UNIT_SLACK = 1e-6
+
+
+def check_values(indices=(), unit=(), finite=()) -> None:
+    """Value checks in one host sync (skipped while tracing).
+
+    indices: (name, integer tensor, bound) — every value in [0, bound);
+    unit: (name, mask tensor) — float values in [0, 1]; finite: (name, tensor).
+    """
+    if is_tracing():
+        return
+    stats, checks = [], []       # stats: two float64 values per check
+    for name, t, bound in indices:
+        if t.numel():
+            stats.append(torch.stack(torch.aminmax(t)).double())
+            checks.append(("index", name, bound))
+    for name, t in unit:
+        if t.numel() and t.is_floating_point():
+            stats.append(torch.stack(torch.aminmax(t)).double())
+            checks.append(("unit", name, None))
+    for name, t in finite:
+        if t.numel():
+            stats.append(torch.isfinite(t).all().double().expand(2))
+            checks.append(("finite", name, None))
+    if not stats:
+        return
+    values = torch.cat(stats).tolist()
+    for i, (kind, name, bound) in enumerate(checks):
+        lo, hi = values[2 * i], values[2 * i + 1]
+        if kind == "index" and not (lo >= 0 and hi < bound):
+            raise ValueError(f"{name} must be in [0, {bound}), got values in [{lo:g}, {hi:g}]")
+        # a few ulps of slack: bilinear targets (RoI Align of 0/1 masks) can round past 1
+        if kind == "unit" and not (lo >= -_UNIT_SLACK and hi <= 1 + _UNIT_SLACK):
+            raise ValueError(f"{name} must be in [0, 1], got values in [{lo!r}, {hi!r}]")
+        if kind == "finite" and not lo:
+            raise ValueError(f"{name} must be finite, got NaN or infinite values")
 
 
 def pair(name: str, value: Any) -> tuple[int, int]:

@@ -11,11 +11,11 @@ import importlib
 
 from torch import Tensor
 
-from .mask_loss import maskrcnn_loss
-from .multiscale_roi_align import _pool
-from .nms import batched_nms, nms
-from .paste import paste_masks_in_image
-from .roi_align import boxes_to_rois, roi_align
+from .ops.mask_loss import maskrcnn_loss
+from .ops.multiscale_roi_align import _pool
+from .ops.nms import batched_nms, nms
+from .ops.paste_masks_in_image import paste_masks_in_image
+from .ops.roi_align import boxes_to_rois, roi_align
 
 
 def _multiscale_roi_align(x_filtered: list[Tensor], boxes: list[Tensor], output_size,

@@ -18,8 +18,8 @@ from torchvision.models.detection import roi_heads as _tv_roi_heads
 import kernels
 
 
-def mask_predictor_loss_reference(features: Tensor, weight: Tensor, bias: Tensor,
-                                  targets: Tensor, labels: Tensor) -> Tensor:
+def mask_predictor_loss_torchvision(features: Tensor, weight: Tensor, bias: Tensor,
+                                    targets: Tensor, labels: Tensor) -> Tensor:
     """torchvision's computation: the full (N, K, M, M) 1x1-conv logits, gather, BCE."""
     if labels.numel() == 0:
         return features.sum() * 0 + weight.sum() * 0 + bias.sum() * 0
@@ -56,7 +56,7 @@ KERNELS = Ops(
     multiscale_roi_align=kernels.MultiScaleRoIAlign,
     batched_nms=kernels.batched_nms,
     paste_masks_in_image=kernels.paste_masks_in_image,
-    mask_predictor_loss=kernels.fused_mask_predictor_loss,
+    mask_predictor_loss=kernels.mask_predictor_loss,
 )
 
 TORCHVISION = Ops(
@@ -65,7 +65,7 @@ TORCHVISION = Ops(
     multiscale_roi_align=torchvision.ops.MultiScaleRoIAlign,
     batched_nms=torchvision.ops.batched_nms,
     paste_masks_in_image=paste_masks_torchvision,
-    mask_predictor_loss=mask_predictor_loss_reference,
+    mask_predictor_loss=mask_predictor_loss_torchvision,
 )
 
 _BY_NAME = {"kernels": KERNELS, "torchvision": TORCHVISION}

@@ -9,7 +9,6 @@ prove speed or numerical results on a GPU (the CUDA run of the suite does that).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from kernels import _aot, _sampling, _utils
+from kernels.ops import roi_align as roi_align_ops
 
 pytestmark = pytest.mark.compile_check
 
@@ -110,7 +110,7 @@ def test_lane_check_flags_lanes_along_channels_for_nchw():
     ])
     ops = _aot.memory_ops(ttgir)   # the store is outside the loop: not a hot access
     assert ops == [{"op": "load", "shape": [32, 16], "lanes": [32, 1], "per_thread": [1, 1]}]
-    kernel = _utils.kernel_id(importlib.import_module("kernels.roi_align")._roi_align_fwd_kernel)
+    kernel = _utils.kernel_id(roi_align_ops._roi_align_fwd_kernel)
     # P_MAJOR=True (the NCHW specialization) declares (C, P) tiles: bins on axis 1
     spec = {"kernel": kernel, "signature": [], "tunables": [["num_warps", 8]],
             "constexprs": [["P_MAJOR", True]]}

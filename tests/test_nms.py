@@ -10,7 +10,6 @@ batched cases whose segments are that large; the reference and CUDA backends run
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torchvision.ops.boxes import _batched_nms_vanilla
 
 import kernels
 
-nms_module = importlib.import_module("kernels.nms")  # `kernels.nms` is the function
+from kernels.ops import nms as nms_module
 
 # Two zero-area boxes give IoU 0 / 0 = NaN (never > threshold), as in torchvision; the
 # interpreter's numpy says so in a warning.

@@ -61,7 +61,7 @@ MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
 # The dry run at tiny sizes: the test step runs a few parity tests on the interpreter
 # backend; the memory check's stand-in launches one op family's specializations.
 DRY_RUN_TESTS = ["tests/test_mask_loss.py", "-k", "target_dtypes or layouts"]
-DRY_RUN_MODULES = "kernels.paste"
+DRY_RUN_MODULES = "kernels.ops.paste_masks_in_image"
 STATUSES = ("passed", "failed", "skipped", "timed-out")
 
 

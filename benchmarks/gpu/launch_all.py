@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--modules", default=None,
-                   help="comma-separated op modules (default: all, e.g. kernels.nms)")
+                   help="comma-separated op modules (default: all, e.g. kernels.ops.nms)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     result = launch_all(a.device, a.modules.split(",") if a.modules else None)

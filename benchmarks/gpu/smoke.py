@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import kernels
-from benchmarks import (bench_mask_loss, bench_model, bench_multiscale_roi_align, bench_nms,
-                        bench_paste, bench_roi_align)
+from benchmarks import (bench_mask_loss, bench_mask_predictor_loss, bench_model,
+                        bench_multiscale_roi_align, bench_nms, bench_paste_masks_in_image,
+                        bench_roi_align)
 from kernels._utils import deterministic_algorithms, reference_path
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -169,7 +169,7 @@ class Smoke:
                       close(ours_x.grad, ref_x.grad, dtype, f"{name} gradient"))
         return err
 
-    def fused_mask_predictor_loss(self, dtype):
+    def mask_predictor_loss(self, dtype):
         n, c = self.size.instances, self.size.channels
         g = torch.Generator().manual_seed(1)
         feats = torch.randn(n, c, 28, 28, generator=g).to(self.device, dtype)
@@ -179,23 +179,23 @@ class Smoke:
         labels = torch.randint(0, 91, (n,), generator=g).to(self.device)
         ours_p = leaves(feats, weight, bias)
         ref_p = leaves(feats.float(), weight.float(), bias.float())
-        ours = kernels.fused_mask_predictor_loss(*ours_p, targets, labels)
+        ours = kernels.mask_predictor_loss(*ours_p, targets, labels)
         ours.backward()
-        ref = bench_mask_loss.torch_predictor_loss(*ref_p, targets.float(), labels)
+        ref = bench_mask_predictor_loss.torch_predictor_loss(*ref_p, targets.float(), labels)
         ref.backward()
         err = close(ours, ref, dtype, "loss")
         for what, o, r in zip(("features", "weight", "bias"), ours_p, ref_p):
             err = max(err, close(o.grad, r.grad, dtype, f"{what} gradient"))
         return err
 
-    def paste(self, dtype):
+    def paste_masks_in_image(self, dtype):
         image = self.size.paste_image
-        masks, boxes = bench_paste.make_inputs(self.size.masks, image, dtype, self.device)
+        masks, boxes = bench_paste_masks_in_image.make_inputs(self.size.masks, image, dtype, self.device)
         ours = kernels.paste_masks_in_image(masks, boxes, image, 1)
         ref = tv_paste(masks.float(), boxes, image, 1)
         err = close(ours, ref, dtype, "pasted masks")
         binary = kernels.paste_masks_in_image(masks, boxes, image, 1, threshold=0.5)
-        bench_paste.check_equal(binary, ref > 0.5, "threshold", dtype, masks, boxes, image)
+        bench_paste_masks_in_image.check_equal(binary, ref > 0.5, "threshold", dtype, masks, boxes, image)
         return err
 
     def patch_torchvision(self):
@@ -265,9 +265,9 @@ class Smoke:
             self.check(f"nms, batched_nms, batched_nms_mask {d}", lambda: self.nms(dtype))
             self.check(f"mask_loss, maskrcnn_loss forward+backward {d}",
                        lambda: self.mask_loss(dtype))
-            self.check(f"fused_mask_predictor_loss forward+backward {d}",
-                       lambda: self.fused_mask_predictor_loss(dtype))
-            self.check(f"paste_masks_in_image float and threshold {d}", lambda: self.paste(dtype))
+            self.check(f"mask_predictor_loss forward+backward {d}",
+                       lambda: self.mask_predictor_loss(dtype))
+            self.check(f"paste_masks_in_image float and threshold {d}", lambda: self.paste_masks_in_image(dtype))
         self.check("roi_align channels_last float32",
                    lambda: self.roi_align(torch.float32, channels_last=True))
         self.check("roi_align deterministic backward float32",

@@ -42,9 +42,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (FLOAT_DTYPES, INTERPRET, cdiv, check_float, check_same_device,
-                     check_tensor, launch, pick_tuning, register_lanes, register_tuning,
-                     use_triton)
+from .. import reference
+from .._boxes import Segments, coordinate_rows, float32_threshold
+from .._utils import (INTERPRET, cdiv, check_float, check_float_dtype, check_integer,
+                      check_same_device, check_tensor, launch, pick_tuning, register_lanes,
+                      register_tuning, use_triton)
 
 # Memory budget for batched_nms_mask's band of mask words (it never syncs, so it cannot
 # size the band from the longest class): 16 MiB covers 20 words (1280 boxes) per row at
@@ -225,61 +227,7 @@ _GREEDY_PROGRAMS = 1024
 
 
 # ---------------------------------------------------------------------------------------
-# Host side: sorting into segments (shared by both paths), launchers, the reference.
-
-class _Problem:
-    """Boxes sorted into contiguous segments by (class, score desc, index)."""
-
-    def __init__(self, boxes: Tensor, scores: Tensor, idxs: Tensor | None):
-        n = boxes.shape[0]
-        dev = boxes.device
-        self.n = n
-        self.segmented = idxs is not None
-        # Stable sorts: equal scores keep the lower index first, as torchvision's sort does.
-        self.score_order = torch.argsort(scores, descending=True, stable=True)
-        if idxs is None:
-            self.perm = self.score_order
-            self.bounds = torch.arange(2, dtype=torch.int32, device=dev) * n  # no host copy
-            self.nseg = torch.ones(1, dtype=torch.int32, device=dev)
-            self.seg_lo = torch.zeros(n, dtype=torch.int32, device=dev)  # the reference's
-            self.seg_hi = torch.full((n,), n, dtype=torch.int32, device=dev)
-        else:
-            by_class = torch.argsort(idxs[self.score_order], stable=True)
-            self.perm = self.score_order[by_class]
-            cls = idxs[self.perm]
-            start = torch.ones(n, dtype=torch.bool, device=dev)
-            start[1:] = cls[1:] != cls[:-1]
-            seg = torch.cumsum(start, 0) - 1
-            # bounds[g] = first position of segment g; bounds[nseg] = n; slot n + 1 is a
-            # dump for the non-start positions.
-            self.bounds = torch.full((n + 2,), n, dtype=torch.int32, device=dev)
-            self.bounds.scatter_(0, torch.where(start, seg, n + 1),
-                                 torch.arange(n, dtype=torch.int32, device=dev))
-            self.nseg = (seg[-1:] + 1).to(torch.int32)
-            self.seg_lo = self.bounds[seg]
-            self.seg_hi = self.bounds[seg + 1]
-        self.boxes = boxes[self.perm]
-
-
-def float32_threshold(iou_threshold: float) -> float:
-    """The float32 t with ``f > t  <=>  f > iou_threshold`` for every float32 f.
-
-    torchvision compares its float32 IoU with the double threshold; rounding the threshold
-    to nearest could move it above the double and flip a box whose IoU sits right there.
-    """
-    t = torch.tensor(iou_threshold, dtype=torch.float32)
-    if float(t) > iou_threshold:
-        t = torch.nextafter(t, torch.tensor(float("-inf")))
-    return float(t)
-
-
-def _coordinate_rows(boxes: Tensor) -> Tensor:
-    """(5, N): x1, y1, x2, y2 and torchvision's area ``(x2 - x1) * (y2 - y1)``."""
-    rows = torch.empty(5, boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
-    rows[:4] = boxes.t()
-    torch.mul(rows[2] - rows[0], rows[3] - rows[1], out=rows[4])
-    return rows
-
+# Host side: the launcher, its step model, the sorting and result around both paths.
 
 def _band_words(n: int, longest: int | None) -> int:
     """Mask words per row. ``longest`` (the longest segment, read in the op's first sync):
@@ -302,12 +250,12 @@ def _greedy_plan(n: int, segments: int | None,
     return _GREEDY_GPU, min(n, _GREEDY_PROGRAMS)
 
 
-def nms_keep_sorted(p: _Problem, iou_threshold: float, longest: int | None = None,
+def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None,
                     segments: int | None = None) -> Tensor:
     """Triton path: int8 keep flags of the sorted boxes (1 = kept). ``longest`` and
     ``segments``, when the caller read them, size the band and pick the greedy row."""
     n = p.n
-    boxes = _coordinate_rows(p.boxes.to(torch.float32))
+    boxes = coordinate_rows(p.boxes.to(torch.float32))
     wcap = _band_words(n, longest if p.segmented else n)
     mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
@@ -362,77 +310,6 @@ def work_model(segment_sizes: list[int], segmented: bool = True,
             "greedy_row": f"BLOCK_T={row['BLOCK_T']}"}
 
 
-def _iou_over_reference(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor,
-                        iou_threshold: float) -> Tensor:
-    """(len(a), len(b)) bool: IoU > threshold, with torchvision's arithmetic.
-
-    ``a``, ``b``: (4, K) coordinate rows x1, y1, x2, y2; areas ``(x2 - x1) * (y2 - y1)``.
-    """
-    w = (torch.minimum(a[2, :, None], b[2, None, :])
-         - torch.maximum(a[0, :, None], b[0, None, :])).clamp_(min=0)
-    h = (torch.minimum(a[3, :, None], b[3, None, :])
-         - torch.maximum(a[1, :, None], b[1, None, :])).clamp_(min=0)
-    inter = w.mul_(h)  # w = 0 gives 0 where torchvision could give NaN (0 * inf): both keep
-    union = (area_a[:, None] + area_b[None, :]).sub_(inter)
-    return inter.div_(union) > iou_threshold
-
-
-def nms_keep_sorted_reference(p: _Problem, iou_threshold: float) -> Tensor:
-    """PyTorch path, the same algorithm: 64-box blocks, fixed point, forward suppression.
-
-    Boxes of different segments never meet: a block's suppression only reaches the
-    columns up to the end of its rows' segments, and the segment test masks the rest.
-    Columns already removed are skipped (the kernels skip whole removed words).
-    """
-    n = p.n
-    if p.boxes.dtype == torch.float64:
-        boxes = _coordinate_rows(p.boxes)
-    else:
-        boxes = _coordinate_rows(p.boxes.to(torch.float32))
-        iou_threshold = float32_threshold(iou_threshold)
-    area = boxes[4]
-    seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
-    removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
-    keep = torch.zeros(n, dtype=torch.int8, device=boxes.device)
-    upper = torch.ones(64, 64, dtype=torch.bool, device=boxes.device).triu_(1)
-    for start in range(0, n, 64):
-        stop = min(start + 64, n)
-        cand = ~removed[start:stop]
-        if not bool(cand.any()):
-            continue
-        m = stop - start
-        lo = seg_lo[start:stop]
-        over = _iou_over_reference(boxes[:, start:stop], area[start:stop],
-                                   boxes[:, start:stop], area[start:stop], iou_threshold)
-        diag = over & (lo[:, None] == lo[None, :]) & upper[:m, :m]
-        kept = cand
-        while True:  # fixed point: settles in at most 64 rounds
-            new = cand & ~(diag & kept[:, None]).amax(0)
-            if torch.equal(new, kept):
-                break
-            kept = new
-        keep[start:stop] = kept.to(torch.int8)
-        end = int(seg_hi[stop - 1])  # the last row's segment ends last
-        if end > stop and bool(kept.any()):
-            alive = stop + torch.nonzero(~removed[stop:end]).flatten()
-            rows = start + torch.nonzero(kept).flatten()
-            # Kept rows from an earlier segment than the block's last row must not reach
-            # the last row's segment.
-            mixed = p.segmented and bool(seg_lo[rows[0]] != seg_lo[stop - 1])
-            row_boxes = boxes.index_select(1, rows)  # index_select: [:, idx] is 100x slower
-            # Chunks under torch's parallel grain (32768 elements): these ops are too small
-            # to gain from threads, and on a busy CPU waking them costs more than the work.
-            step = max(64, 32767 // len(rows))
-            for c in range(0, len(alive), step):
-                cols = alive[c:c + step]
-                hit = _iou_over_reference(row_boxes, area[rows], boxes.index_select(1, cols),
-                                          area[cols], iou_threshold)
-                if mixed:
-                    hit &= seg_lo[rows][:, None] == seg_lo[cols][None, :]
-                removed[cols] |= hit.amax(0)  # amax: any(0) is 20x slower on CPU
-    return keep
-
-
 def _data_error(boxes: Tensor, scores: Tensor) -> Tensor:
     return ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
 
@@ -441,7 +318,7 @@ def _checked_problem(boxes: Tensor, scores: Tensor, idxs: Tensor | None):
     """Sort into segments, then the op's first host sync, before any kernel runs: the
     input check, and the longest segment and segment count that size the mask band and
     pick the greedy pass's tiles."""
-    p = _Problem(boxes, scores, idxs)
+    p = Segments(boxes, scores, idxs)
     bad, longest, segments = torch.stack([
         _data_error(boxes, scores).long(), (p.seg_hi - p.seg_lo).max().long(),
         p.nseg[0].long()]).tolist()
@@ -450,7 +327,7 @@ def _checked_problem(boxes: Tensor, scores: Tensor, idxs: Tensor | None):
     return p, longest, segments
 
 
-def _kept_indices(p: _Problem, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
+def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
     """Kept input indices by decreasing score (ties: lower index): the op's second host
     sync reads the result size."""
     keep_in = torch.empty(p.n, dtype=torch.bool, device=boxes.device)
@@ -463,11 +340,11 @@ def _kept_indices(p: _Problem, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
     return out[:count]
 
 
-def _keep_sorted(p: _Problem, boxes: Tensor, iou_threshold: float,
+def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float,
                  longest: int | None = None, segments: int | None = None) -> Tensor:
     if use_triton(boxes):
-        return nms_keep_sorted(p, iou_threshold, longest, segments)
-    return nms_keep_sorted_reference(p, iou_threshold)
+        return nms_forward(p, iou_threshold, longest, segments)
+    return reference.nms_forward(p, iou_threshold)
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,7 +382,7 @@ def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
                          iou_threshold: float) -> Tensor:
     keep_in = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     if boxes.shape[0]:
-        p = _Problem(boxes, scores, idxs)
+        p = Segments(boxes, scores, idxs)
         keep_in[p.perm] = _keep_sorted(p, boxes, iou_threshold).bool()
     return keep_in
 
@@ -522,8 +399,7 @@ def _check(boxes, scores, idxs, iou_threshold) -> None:
     check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]")
     if boxes.shape[1] != 4:
         raise ValueError(f"boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
-    if boxes.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"boxes must be float32, float16, bfloat16 or float64, got {boxes.dtype}")
+    check_float_dtype("boxes", boxes)
     check_tensor("scores", scores, ndim=1, what="Tensor[N]")
     check_float("scores", scores)
     if scores.shape[0] != boxes.shape[0]:
@@ -532,8 +408,7 @@ def _check(boxes, scores, idxs, iou_threshold) -> None:
     check_same_device(boxes=boxes, scores=scores)
     if idxs is not None:
         check_tensor("idxs", idxs, ndim=1, what="Tensor[N]")
-        if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
-            raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+        check_integer("idxs", idxs)
         if idxs.shape[0] != boxes.shape[0]:
             raise ValueError(f"idxs must have one entry per box: got {idxs.shape[0]} idxs "
                              f"for {boxes.shape[0]} boxes")

@@ -15,18 +15,17 @@ Inference only: the op has no autograd formula (calling backward through it rais
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, is_tracing, launch,
-                     pair, pick_tuning, register_tuning, use_triton)
+from .. import reference
+from .._boxes import COORD_LIMIT, expand_scale, expanded_int_boxes, threshold_in
+from .._utils import (FLOAT_DTYPES, cdiv, check_float, check_float_dtype, check_same_device,
+                      check_tensor, is_tracing, launch, pair, pick_path, pick_tuning,
+                      register_tuning)
 
-# Expanded box coordinates are clamped to this magnitude before the cast to int64 (a no-op
-# for any input that passes the host check); keeps every index finite for unchecked input.
-_COORD_LIMIT = 2.0**31
-_COORD_LIMIT_K = tl.constexpr(_COORD_LIMIT)
+_COORD_LIMIT_K = tl.constexpr(COORD_LIMIT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +84,7 @@ def _store_row(dst, val, mask, threshold, in_dtype, THRESHOLD: tl.constexpr):
 # Each image's size (and the masks' strides) would otherwise specialize the kernel (== 1,
 # divisible by 16): a new compile per size pattern in the first images of a run.
 @triton.jit(do_not_specialize=["H", "W", "stride_n", "stride_h", "stride_w"])
-def _paste_masks_kernel(
+def _paste_masks_in_image_kernel(
     masks_ptr,  # (N, 1, MH, MW) float, any strides: unpadded masks
     boxes_ptr,  # (N, 4): float32 x1, y1, x2, y2 (EXPAND) or int64 expanded boxes
     out_ptr,  # (N, 1, H, W) contiguous: output dtype, or uint8 0/1 when THRESHOLD
@@ -162,29 +161,13 @@ _TUNING = [
     {"BLOCK_H": 16, "BLOCK_W": 256, "num_warps": 4},   # float output
     {"BLOCK_H": 16, "BLOCK_W": 512, "num_warps": 8},   # uint8/bool output
 ]
-register_tuning(_paste_masks_kernel, _TUNING)
+register_tuning(_paste_masks_in_image_kernel, _TUNING)
 
 
 # ---------------------------------------------------------------------------------------
-# Host launcher and the PyTorch reference
+# Host launcher
 
-def expand_scale(mask_width: int, padding: int) -> float:
-    """torchvision's ``expand_masks`` factor (from the mask width, for both axes)."""
-    return float(mask_width + 2 * padding) / mask_width
-
-
-def expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
-    """torchvision's ``expand_boxes(boxes, scale).to(torch.int64)``: the same elementwise
-    operations in the boxes' dtype, so the same rounding, batched over both axes."""
-    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5
-    center = (boxes[:, 2:] + boxes[:, :2]) * 0.5
-    half = half * scale
-    out = torch.cat([center - half, center + half], 1)
-    out = out.to(torch.float64).nan_to_num(0.0)  # exact; float16 cannot hold the limit
-    return out.clamp(-_COORD_LIMIT, _COORD_LIMIT).to(torch.int64)
-
-
-def paste_masks_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
+def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
                         threshold: float | None, out_dtype: torch.dtype) -> Tensor:
     """Launch the paste kernel; inputs already validated (see :func:`paste_masks_in_image`)."""
     n, _, mh, mw = masks.shape
@@ -195,71 +178,14 @@ def paste_masks_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, pa
         scale = expand_scale(mw, padding)
         expand = boxes.dtype == torch.float32
         box_arg = boxes.contiguous() if expand else expanded_int_boxes(boxes, scale)
-        thr = _threshold_in(masks.dtype, threshold) if thresholding else 0.0
-        tuning = pick_tuning(_paste_masks_kernel, _TUNING[1] if thresholding else _TUNING[0])
+        thr = threshold_in(masks.dtype, threshold) if thresholding else 0.0
+        tuning = pick_tuning(_paste_masks_in_image_kernel, _TUNING[1] if thresholding else _TUNING[0])
         grid = (n, cdiv(img_h, tuning["BLOCK_H"]), cdiv(img_w, tuning["BLOCK_W"]))
         scale32 = float(torch.tensor(scale, dtype=torch.float32))  # as torch's scalar mul
-        launch(_paste_masks_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,
+        launch(_paste_masks_in_image_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,
                masks.stride(0), masks.stride(2), masks.stride(3), padding, scale32, thr,
                tuning=tuning, EXPAND=expand, THRESHOLD=thresholding)
     return out.view(out_dtype) if thresholding and out_dtype == torch.bool else out
-
-
-def _threshold_in(dtype: torch.dtype, threshold: float) -> float:
-    """The threshold as ``tensor_of_dtype > threshold`` compares: rounded to ``dtype``
-    (the comparison happens in the tensor's dtype), then held exactly in float32."""
-    if dtype == torch.float64:
-        return float(threshold)
-    return float(torch.tensor(threshold, dtype=dtype).float())
-
-
-def _axis_matrix(lo: Tensor, hi: Tensor, size: int, mp: int, dtype: torch.dtype) -> Tensor:
-    """(N, size, mp) interpolation matrices along one axis: row p holds the two weights
-    F.interpolate(align_corners=False) gives output pixel p of the box lo..hi (resized to
-    max(hi - lo + 1, 1) pixels) over the mp padded-mask pixels; rows outside the box are 0."""
-    pos = torch.arange(size, device=lo.device)
-    length = (hi - lo + 1).clamp(min=1).to(dtype)
-    scale = torch.full_like(length, float(mp)) / length
-    d = pos[None, :] - lo[:, None]
-    inside = ((d >= 0) & (pos[None, :] <= hi[:, None])).to(dtype)
-    src = (scale[:, None] * (d.to(dtype) + 0.5) - 0.5).clamp(min=0)
-    i0 = src.floor().clamp(max=mp - 1).long()
-    i1 = (i0 + 1).clamp(max=mp - 1)
-    l1 = src - i0.to(dtype)
-    mat = torch.zeros(lo.shape[0], size, mp, dtype=dtype, device=lo.device)
-    mat.scatter_add_(2, i0[..., None], ((1 - l1) * inside)[..., None])
-    mat.scatter_add_(2, i1[..., None], (l1 * inside)[..., None])
-    return mat
-
-
-def paste_masks_reference(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
-                          threshold: float | None, out_dtype: torch.dtype) -> Tensor:
-    """Vectorized PyTorch paste: the CPU path. Bilinear resizing is separable, so each mask's
-    image is ``Ay @ padded_mask @ Ax^T`` with sparse-in-effect interpolation matrices Ay
-    (H x MPH) and Ax (W x MPW); masks are processed in chunks so the float image of all N
-    masks never exists when thresholding."""
-    n, _, mh, mw = masks.shape
-    out = torch.empty(n, 1, img_h, img_w, dtype=out_dtype, device=masks.device)
-    if n == 0:
-        return out
-    compute = torch.float64 if masks.dtype == torch.float64 else torch.float32
-    ib = expanded_int_boxes(boxes, expand_scale(mw, padding))
-    thr = None if threshold is None else _threshold_in(masks.dtype, threshold)
-    chunk = max(1, (1 << 24) // (img_h * img_w))  # about 64 MiB of float32 per step
-    for s in range(0, n, chunk):
-        b = ib[s:s + chunk]
-        padded = F.pad(masks[s:s + chunk, 0].to(compute), (padding,) * 4)
-        ay = _axis_matrix(b[:, 1], b[:, 3], img_h, mh + 2 * padding, compute)
-        ax = _axis_matrix(b[:, 0], b[:, 2], img_w, mw + 2 * padding, compute)
-        rows = torch.bmm(ay, padded)
-        if thr is None and out_dtype == compute:
-            torch.bmm(rows, ax.transpose(1, 2), out=out[s:s + chunk, 0])
-        elif thr is None:
-            out[s:s + chunk, 0] = torch.bmm(rows, ax.transpose(1, 2))
-        else:
-            img = torch.bmm(rows, ax.transpose(1, 2))
-            out[s:s + chunk, 0] = img.to(masks.dtype).to(compute) > thr
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,20 +196,21 @@ def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
     if boxes.numel() == 0 or is_tracing():
         return
     biggest = float(boxes.detach().abs().max())  # NaN propagates through max
-    if not biggest < _COORD_LIMIT:
+    if not biggest < COORD_LIMIT:
         raise ValueError(f"{name} must be finite with |coordinates| < 2**31, "
                          f"got max |coordinate| {biggest:g}")
 
 
 @torch.library.custom_op("maskrcnn_triton::paste_masks_in_image", mutates_args=())
-def _paste_masks_op(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
+def _paste_masks_in_image_op(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
                     threshold: float | None, out_dtype: torch.dtype) -> Tensor:
     check_boxes_data(boxes)
-    impl = paste_masks_forward if use_triton(masks) else paste_masks_reference
+    impl = pick_path(masks, paste_masks_in_image_forward,
+                     reference.paste_masks_in_image_forward)
     return impl(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
 
 
-@_paste_masks_op.register_fake
+@_paste_masks_in_image_op.register_fake
 def _(masks, boxes, img_h, img_w, padding, threshold, out_dtype):
     return masks.new_empty(masks.shape[0], 1, img_h, img_w, dtype=out_dtype)
 
@@ -311,9 +238,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
     float dtype of the result. Inference only: no gradient is defined.
     """
     check_tensor("masks", masks, ndim=4, what="a 4-D (N, 1, M, M) tensor")
-    if masks.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"masks must be float32, float16, bfloat16 or float64, "
-                        f"got {masks.dtype}")
+    check_float_dtype("masks", masks)
     if masks.shape[1] != 1 or masks.shape[2] < 1 or masks.shape[3] < 1:
         raise ValueError(f"masks must be (N, 1, M, M) with M >= 1, got shape "
                          f"{tuple(masks.shape)}")
@@ -321,8 +246,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
     if boxes.shape != (masks.shape[0], 4):
         raise ValueError(f"boxes must be (N, 4) with N = masks.shape[0] = {masks.shape[0]}, "
                          f"got shape {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise TypeError(f"boxes must be a floating-point tensor, got {boxes.dtype}")
+    check_float("boxes", boxes)
     check_same_device(masks=masks, boxes=boxes)
     img_h, img_w = pair("img_shape", img_shape)
     if not isinstance(padding, int) or isinstance(padding, bool):
@@ -342,7 +266,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
             raise TypeError(f"out_dtype must be torch.bool or torch.uint8 with a threshold, "
                             f"got {out_dtype}")
         threshold = float(threshold)
-    return _paste_masks_op(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
+    return _paste_masks_in_image_op(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
 
 
 def _compile_examples(device: str = "cpu") -> None:

@@ -7,23 +7,21 @@ Modes: "float" returns the (N, 1, H, W) probabilities; "threshold" returns the b
 On CUDA ours is the Triton kernel; on the CPU it is the PyTorch reference path (--quick on
 the CPU uses a 200x304 image).
 
-    python -m benchmarks.bench_paste [--quick] [--dtype float32,bfloat16]
+    python -m benchmarks.bench_paste_masks_in_image [--quick] [--dtype float32,bfloat16]
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import kernels
-from benchmarks._common import default_device, format_table, measure, parity, write_results
+from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+                                write_results)
 
-IMAGE = (800, 1216)
 MASKS = 100
 MASK_SIZE = 28
 THRESHOLD = 0.5
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_inputs(n: int, image: tuple[int, int], dtype: torch.dtype, device: str, seed=0):
@@ -95,26 +93,21 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
             row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
             rows.append(row)
     if write:
-        path = write_results("paste_masks", rows, {"image": image, "masks": count,
+        path = write_results("paste_masks_in_image", rows, {"image": image, "masks": count,
                                                    "mask_size": MASK_SIZE, "padding": 1,
                                                    "threshold": THRESHOLD}, device)
         print(f"results: {path}")
     return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller image on the CPU, fewer repeats")
-    p.add_argument("--dtype", default="float32,bfloat16")
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    rows = run(a.quick, a.dtype.split(","), a.device)
-    for r in rows:
-        for k in ("ours_peak_bytes", "torchvision_peak_bytes"):
-            r[k.replace("_bytes", "_MiB")] = None if r[k] is None else r[k] / 2**20
-    print(format_table(rows, ["dtype", "mode", "image", "out_dtype", "ours_ms",
-                              "torchvision_ms", "speedup", "ours_GBps", "ours_peak_MiB",
-                              "torchvision_peak_MiB"]))
+def _in_mib(row: dict) -> dict:
+    return {**row, **{k.replace("_bytes", "_MiB"): None if row[k] is None else row[k] / 2**20
+                      for k in ("ours_peak_bytes", "torchvision_peak_bytes")}}
+
+
+main = cli(__doc__, run, ["dtype", "mode", "image", "out_dtype", "ours_ms", "torchvision_ms",
+                          "speedup", "ours_GBps", "ours_peak_MiB", "torchvision_peak_MiB"],
+           quick_help="smaller image on the CPU, fewer repeats", shown=_in_mib)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """FPN multi-level RoI Align (torchvision.ops.MultiScaleRoIAlign) in one kernel launch.
 
 torchvision assigns levels in Python, then runs one ``roi_align`` per level with an index
-gather before and a scatter after. Here one launch of :mod:`kernels.roi_align`'s kernels
+gather before and a scatter after. Here one launch of :mod:`kernels.ops.roi_align`'s kernels
 with ``NUM_LEVELS`` maps (up to ``MAX_LEVELS``) does it all: each program computes its RoI's
 level with torchvision's LevelMapper arithmetic, picks that level's base pointer, shape,
 strides and scale, pools (aligned=False) and writes the output in the original RoI order.
 The backward is the same program layout scattering (atomics) into one float32
 buffer that holds every level's gradient; under ``torch.use_deterministic_algorithms`` it
-is instead kernels.roi_align's atomic-free backward per level (bitwise reproducible).
+is instead kernels.ops.roi_align's atomic-free backward per level (bitwise reproducible).
 
 RoIs torchvision leaves at zero (a negative box area gives a NaN level that matches no
 level) are zero here too; so are RoIs with non-finite coordinates (torchvision's result
@@ -21,161 +21,68 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from ._sampling import MAX_LEVELS
-from ._utils import (FLOAT_DTYPES, check_same_device, check_tensor, deterministic_algorithms,
-                     pair, use_triton)
-from .roi_align import (_is_channels_last, boxes_to_rois, pool_backward, pool_forward,
+from .. import reference
+from .._sampling import MAX_LEVELS, Pyramid
+from .._utils import (check_float_dtype, check_same_device, check_tensor,
+                      deterministic_algorithms, pair, pick_path)
+from .roi_align import (boxes_to_rois, pool_backward, pool_forward,
                         roi_align_backward_deterministic)
 
 
 # ---------------------------------------------------------------------------------------
-# Host launchers: kernels.roi_align's kernels with NUM_LEVELS maps.
+# Host launchers: kernels.ops.roi_align's kernels over every map of the Pyramid.
 
-
-def _mapper_args(k_min: int, k_max: int, canonical_scale: float, canonical_level: float,
-                 eps: float) -> list:
-    return [float(k_min), float(k_max), float(canonical_scale), float(canonical_level),
-            float(eps)]
-
-
-def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, scales: list[float],
-                                 k_min: int, k_max: int, canonical_scale: float,
-                                 canonical_level: float, eps: float, pooled_h: int,
-                                 pooled_w: int, sampling_ratio: int) -> Tensor:
+def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
+                                 pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
     """Launch the forward kernel once for all levels; inputs already validated."""
-    return pool_forward(features, rois, scales,
-                        _mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
-                        pooled_h, pooled_w, sampling_ratio, False)
+    return pool_forward(features, rois, pyramid, pooled_h, pooled_w, sampling_ratio, False)
 
 
-def _level_views(flat: Tensor, batch: int, channels: int, heights: list[int],
-                 widths: list[int], channels_last: list[bool]) -> list[Tensor]:
-    """Per-level (N, C, H, W) views of one flat buffer, each in its level's layout."""
-    views, offset = [], 0
-    for h, w, cl in zip(heights, widths, channels_last):
-        size = batch * channels * h * w
-        chunk = flat[offset:offset + size]
-        views.append(chunk.view(batch, h, w, channels).permute(0, 3, 1, 2) if cl
-                     else chunk.view(batch, channels, h, w))
-        offset += size
-    return views
-
-
-def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, scales: list[float],
-                                  k_min: int, k_max: int, canonical_scale: float,
-                                  canonical_level: float, eps: float, pooled_h: int,
-                                  pooled_w: int, sampling_ratio: int, batch: int,
-                                  channels: int, heights: list[int], widths: list[int],
-                                  channels_last: list[bool]) -> Tensor:
-    """Every level's input gradient in one flat buffer (see :func:`_level_views`): one
+def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, pyramid: Pyramid,
+                                  pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
+    """Every level's input gradient in one flat buffer (``Pyramid.level_views``): one
     zero-fill, one kernel launch into float32, one cast to grad's dtype."""
-    total = sum(batch * channels * h * w for h, w in zip(heights, widths))
-    acc = torch.zeros(total, dtype=torch.float32, device=grad.device)
-    views = _level_views(acc, batch, channels, heights, widths, channels_last)
-    pool_backward(grad, rois, views, scales,
-                  _mapper_args(k_min, k_max, canonical_scale, canonical_level, eps),
-                  pooled_h, pooled_w, sampling_ratio, False)
+    acc = torch.zeros(pyramid.grad_numel(), dtype=torch.float32, device=grad.device)
+    pool_backward(grad, rois, pyramid.level_views(acc), pyramid, pooled_h, pooled_w,
+                  sampling_ratio, False)
     return acc.to(grad.dtype)
 
 
-def _flatten_levels(grads: list[Tensor], channels_last: list[bool]) -> Tensor:
-    """The inverse of :func:`_level_views`: per-level gradients into one flat buffer."""
-    parts = [(g.permute(0, 2, 3, 1) if cl else g).reshape(-1)
-             for g, cl in zip(grads, channels_last)]
-    return torch.cat(parts)
-
-
-def multiscale_roi_align_backward_deterministic(
-        grad: Tensor, rois: Tensor, scales: list[float], k_min: int, k_max: int,
-        canonical_scale: float, canonical_level: float, eps: float, pooled_h: int,
-        pooled_w: int, sampling_ratio: int, batch: int, channels: int, heights: list[int],
-        widths: list[int], channels_last: list[bool]) -> Tensor:
+def multiscale_roi_align_backward_deterministic(grad: Tensor, rois: Tensor, pyramid: Pyramid,
+                                                pooled_h: int, pooled_w: int,
+                                                sampling_ratio: int) -> Tensor:
     """Bitwise-reproducible backward (under ``torch.use_deterministic_algorithms``): RoIs
-    grouped by level on the host side, then kernels.roi_align's atomic-free backward per
-    level. Opt-in: it gathers RoIs per level and syncs, which the atomic kernel avoids."""
-    levels = roi_levels(rois, len(heights), k_min, k_max, canonical_scale, canonical_level,
-                        eps)
+    grouped by level on the host side, then kernels.ops.roi_align's atomic-free backward
+    per level. Opt-in: it gathers RoIs per level and syncs, which the atomic kernel avoids."""
+    levels = pyramid.levels(rois)
     grads = []
-    for lvl, (scale, h, w, cl) in enumerate(zip(scales, heights, widths, channels_last)):
+    for lvl, (scale, shape, cl) in enumerate(zip(pyramid.scales, pyramid.shapes,
+                                                 pyramid.channels_last)):
         idx = (levels == lvl).nonzero().flatten()
         if idx.numel():
-            g = roi_align_backward_deterministic(
-                grad[idx], rois[idx], scale, pooled_h, pooled_w, sampling_ratio, False,
-                (batch, channels, h, w), cl)
+            g = roi_align_backward_deterministic(grad[idx], rois[idx], scale, pooled_h,
+                                                 pooled_w, sampling_ratio, False, shape, cl)
         else:
-            g = grad.new_zeros(batch, h, w, channels).permute(0, 3, 1, 2) if cl else \
-                grad.new_zeros(batch, channels, h, w)
+            n, c, h, w = shape
+            g = grad.new_zeros(n, h, w, c).permute(0, 3, 1, 2) if cl else \
+                grad.new_zeros(n, c, h, w)
         grads.append(g)
-    return _flatten_levels(grads, channels_last)
+    return pyramid.flatten(grads)
 
 
 # ---------------------------------------------------------------------------------------
-# Reference path: levels computed vectorized, then the reference RoI Align per level.
-
-def roi_levels(rois: Tensor, num_levels: int, k_min: int, k_max: int,
-               canonical_scale: float, canonical_level: float, eps: float,
-               dtype: torch.dtype = torch.float32) -> Tensor:
-    """(K,) int64 level index of each RoI (torchvision's LevelMapper), -1 where none is
-    pooled: a NaN level (negative area), an index outside the maps, non-finite coordinates."""
-    r = rois.to(dtype)
-    ok = torch.isfinite(r[:, 1:]).all(1)
-    if num_levels == 1:
-        lvl = torch.zeros(r.shape[0], dtype=torch.int64, device=r.device)
-    else:
-        s = torch.sqrt((r[:, 3] - r[:, 1]) * (r[:, 4] - r[:, 2]))
-        t = torch.floor(canonical_level + torch.log2(s / canonical_scale)
-                        + torch.tensor(eps, dtype=dtype))
-        t = torch.clamp(t, min=k_min, max=k_max)
-        ok = ok & ~torch.isnan(t)
-        lvl = torch.where(ok, t, torch.full_like(t, k_min)).to(torch.int64) - k_min
-        ok = ok & (lvl >= 0) & (lvl < num_levels)
-    return torch.where(ok, lvl, torch.full_like(lvl, -1))
-
-
-def _reference_forward(features, rois, scales, k_min, k_max, canonical_scale,
-                       canonical_level, eps, pooled_h, pooled_w, sampling_ratio):
-    n, c = features[0].shape[:2]
-    compute = torch.float64 if features[0].dtype == torch.float64 else torch.float32
-    levels = roi_levels(rois, len(features), k_min, k_max, canonical_scale, canonical_level,
-                        eps, compute)
-    out = torch.zeros(rois.shape[0], c, pooled_h, pooled_w, dtype=features[0].dtype,
-                      device=features[0].device)
-    for lvl, (feature, scale) in enumerate(zip(features, scales)):
-        idx = (levels == lvl).nonzero().flatten()
-        if idx.numel():
-            out[idx] = reference.roi_align_forward(feature, rois[idx], scale, pooled_h,
-                                                   pooled_w, sampling_ratio, False)
-    return out
-
-
-def _reference_backward(grad, rois, scales, k_min, k_max, canonical_scale, canonical_level,
-                        eps, pooled_h, pooled_w, sampling_ratio, batch, channels, heights,
-                        widths, channels_last):
-    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    levels = roi_levels(rois, len(heights), k_min, k_max, canonical_scale, canonical_level,
-                        eps, compute)
-    grads = []
-    for lvl, (scale, h, w) in enumerate(zip(scales, heights, widths)):
-        idx = (levels == lvl).nonzero().flatten()
-        grads.append(reference.roi_align_backward(grad[idx], rois[idx], scale, pooled_h,
-                                                  pooled_w, sampling_ratio, False,
-                                                  (batch, channels, h, w)))
-    return _flatten_levels(grads, channels_last)
-
-
-# ---------------------------------------------------------------------------------------
-# torch.library registration and autograd
+# torch.library registration and autograd. The ops take the pyramid as flat arguments
+# (torch.library's schema has no records); the bodies rebuild the Pyramid.
 
 @torch.library.custom_op("maskrcnn_triton::multiscale_roi_align", mutates_args=())
 def _multiscale_roi_align_op(features: list[Tensor], rois: Tensor, scales: list[float],
                              k_min: int, k_max: int, canonical_scale: float,
                              canonical_level: float, eps: float, pooled_h: int,
                              pooled_w: int, sampling_ratio: int) -> Tensor:
-    impl = (multiscale_roi_align_forward if use_triton(features[0])
-            else _reference_forward)
-    return impl(features, rois, scales, k_min, k_max, canonical_scale, canonical_level, eps,
-                pooled_h, pooled_w, sampling_ratio)
+    pyramid = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps)
+    impl = pick_path(features[0], multiscale_roi_align_forward,
+                     reference.multiscale_roi_align_forward)
+    return impl(features, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
 
 
 @_multiscale_roi_align_op.register_fake
@@ -190,15 +97,13 @@ def _multiscale_roi_align_backward_op(
         canonical_scale: float, canonical_level: float, eps: float, pooled_h: int,
         pooled_w: int, sampling_ratio: int, batch: int, channels: int, heights: list[int],
         widths: list[int], channels_last: list[bool]) -> Tensor:
-    if not use_triton(grad):
-        impl = _reference_backward
-    elif torch.are_deterministic_algorithms_enabled():
-        impl = multiscale_roi_align_backward_deterministic
-    else:
-        impl = multiscale_roi_align_backward
-    return impl(grad, rois, scales, k_min, k_max, canonical_scale, canonical_level, eps,
-                pooled_h, pooled_w, sampling_ratio, batch, channels, heights, widths,
-                channels_last)
+    pyramid = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps,
+                      tuple((batch, channels, h, w) for h, w in zip(heights, widths)),
+                      tuple(channels_last))
+    impl = pick_path(grad, multiscale_roi_align_backward,
+                     reference.multiscale_roi_align_backward,
+                     multiscale_roi_align_backward_deterministic)
+    return impl(grad, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
 
 
 @_multiscale_roi_align_backward_op.register_fake
@@ -211,19 +116,16 @@ def _setup_context(ctx, inputs, output):
     features, rois, *args = inputs
     ctx.save_for_backward(rois)
     ctx.args = args
-    ctx.batch, ctx.channels = features[0].shape[:2]
-    ctx.heights = [f.shape[2] for f in features]
-    ctx.widths = [f.shape[3] for f in features]
-    ctx.channels_last = [_is_channels_last(f) for f in features]
+    ctx.pyramid = Pyramid(tuple(args[0])).of(features)
 
 
 def _backward(ctx, grad):
     (rois,) = ctx.saved_tensors
-    flat = _multiscale_roi_align_backward_op(grad, rois, *ctx.args, ctx.batch, ctx.channels,
-                                             ctx.heights, ctx.widths, ctx.channels_last)
-    grads = _level_views(flat, ctx.batch, ctx.channels, ctx.heights, ctx.widths,
-                         ctx.channels_last)
-    return (grads,) + (None,) * (1 + len(ctx.args))
+    p = ctx.pyramid
+    flat = _multiscale_roi_align_backward_op(
+        grad, rois, *ctx.args, p.shapes[0][0], p.shapes[0][1], [s[2] for s in p.shapes],
+        [s[3] for s in p.shapes], list(p.channels_last))
+    return (p.level_views(flat),) + (None,) * (1 + len(ctx.args))
 
 
 _multiscale_roi_align_op.register_autograd(_backward, setup_context=_setup_context)
@@ -252,9 +154,13 @@ class LevelMapper:
         self.s0, self.lvl0, self.eps = canonical_scale, canonical_level, eps
 
     def __call__(self, boxlists: list[Tensor]) -> Tensor:
-        rois = boxes_to_rois(boxlists)
-        return roi_levels(rois, self.k_max - self.k_min + 1, self.k_min, self.k_max,
-                          self.s0, self.lvl0, self.eps)
+        return self.pyramid((1.0,) * (self.k_max - self.k_min + 1)).levels(
+            boxes_to_rois(boxlists))
+
+    def pyramid(self, scales) -> Pyramid:
+        """The Pyramid of maps at ``scales`` that this mapper assigns RoIs to."""
+        return Pyramid(tuple(float(s) for s in scales), int(self.k_min), int(self.k_max),
+                       float(self.s0), float(self.lvl0), float(self.eps))
 
     def __repr__(self) -> str:
         return (f"LevelMapper(k_min={self.k_min}, k_max={self.k_max}, "
@@ -285,9 +191,7 @@ def _check_features(features, name: str, names: list[str]) -> None:
     first = features[0]
     for label, f in zip(names, features):
         check_tensor(label, f, ndim=4, what="a 4-D (N, C, H, W) tensor")
-        if f.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{label} must be float32, float16, bfloat16 or float64, "
-                            f"got {f.dtype}")
+        check_float_dtype(label, f)
         if f.dtype != first.dtype:
             raise ValueError(f"{label} has dtype {f.dtype} but {names[0]} has {first.dtype}; "
                              "all feature maps must share one dtype")
@@ -334,10 +238,10 @@ def _pool(features: list[Tensor], rois: Tensor, output_size, sampling_ratio, sca
     pooled_h, pooled_w = pair("output_size", output_size)
     if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
-    return _multiscale_roi_align_op(
-        list(features), rois, [float(s) for s in scales], int(mapper.k_min),
-        int(mapper.k_max), float(mapper.s0), float(mapper.lvl0), float(mapper.eps),
-        pooled_h, pooled_w, int(sampling_ratio))
+    p = LevelMapper.pyramid(mapper, scales)     # ours or torchvision's mapper: same fields
+    return _multiscale_roi_align_op(list(features), rois, list(p.scales), p.k_min, p.k_max,
+                                    p.canonical_scale, p.canonical_level, p.eps, pooled_h,
+                                    pooled_w, int(sampling_ratio))
 
 
 def multiscale_roi_align(features: list[Tensor], boxes: list[Tensor], image_shapes,

@@ -11,7 +11,7 @@ work (NCHW, channels_last, or a strided view).
 The same two kernels pool from up to ``MAX_LEVELS`` maps (``NUM_LEVELS``, a constexpr): each
 program computes its RoI's level with torchvision's LevelMapper arithmetic and picks that
 level's pointer, shape, strides and scale. RoIAlign is the one-level case (the level pick
-compiles out); :mod:`kernels.multiscale_roi_align` launches the pyramid. Keeping a separate
+compiles out); :mod:`kernels.ops.multiscale_roi_align` launches the pyramid. Keeping a separate
 single-level kernel would buy nothing: the static kernel report shows the same registers
 and occupancy. The sampling itself (box decode, bilinear rule, level) is
 :mod:`kernels._sampling`, shared with the mask losses' target sampling.
@@ -23,12 +23,12 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from . import reference
-from ._sampling import (MAX_LEVELS, along_c, along_p, bilinear_axis, check_image_extent,
-                        level_args, p_major, roi_and_bins, roi_on_level, sampling_entries)
-from ._utils import (FLOAT_DTYPES, cdiv, check_float, check_same_device, check_tensor,
-                     deterministic_algorithms, is_tracing, launch, pair, pick_tuning,
-                     register_lanes, register_tuning, row_chunks, use_triton)
+from .. import reference
+from .._sampling import (MAX_LEVELS, along_c, along_p, check_image_extent, level_args, p_major,
+                         Pyramid, roi_on_level, roi_tile, sample_rows, sampling_entries)
+from .._utils import (cdiv, check_float, check_float_dtype, check_same_device, check_tensor,
+                      deterministic_algorithms, is_channels_last, is_tracing, launch, pair,
+                      pick_path, pick_tuning, register_lanes, register_tuning, row_chunks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -58,12 +58,9 @@ def _roi_align_fwd_kernel(
     NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r, offs_p = roi_and_bins(PH, PW, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask_p = offs_p < PH * PW
-    ph = (offs_p // PW).to(tl.float32)
-    pw = (offs_p % PW).to(tl.float32)
+    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C)
+    ph = ph_i.to(tl.float32)
+    pw = pw_i.to(tl.float32)
     # an unpooled RoI gets an empty grid: it runs no samples and stores zeros
     (x_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
      grid_h, grid_w) = roi_on_level(
@@ -78,16 +75,12 @@ def _roi_align_fwd_kernel(
     acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
            + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for iy in range(0, grid_h):
-        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = bilinear_axis(y, H)
-        row_lo = y_lo * stride_h
-        row_hi = y_hi * stride_h
+        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
+                                                            stride_h)
         for ix in range(0, grid_w):
-            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = bilinear_axis(x, W)
+            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
+                                                                W, stride_w)
             m = along_p(valid_y & valid_x & mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR)
-            col_lo = x_lo * stride_w
-            col_hi = x_hi * stride_w
             v1 = tl.load(base + along_p(row_lo + col_lo, P_MAJOR), mask=m, other=0.0)
             v2 = tl.load(base + along_p(row_lo + col_hi, P_MAJOR), mask=m, other=0.0)
             v3 = tl.load(base + along_p(row_hi + col_lo, P_MAJOR), mask=m, other=0.0)
@@ -119,12 +112,7 @@ def _roi_align_bwd_kernel(
     NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r, offs_p = roi_and_bins(PH, PW, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask_p = offs_p < PH * PW
-    ph_i = offs_p // PW
-    pw_i = offs_p % PW
+    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C)
     ph = ph_i.to(tl.float32)
     pw = pw_i.to(tl.float32)
     (gi_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
@@ -143,16 +131,12 @@ def _roi_align_bwd_kernel(
     g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
     base = (gi_ptr + b * stride_n) + along_c(offs_c * stride_c, P_MAJOR)
     for iy in range(0, grid_h):
-        y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-        y_lo, y_hi, wy_lo, wy_hi, valid_y = bilinear_axis(y, H)
-        row_lo = y_lo * stride_h
-        row_hi = y_hi * stride_h
+        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
+                                                            stride_h)
         for ix in range(0, grid_w):
-            x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-            x_lo, x_hi, wx_lo, wx_hi, valid_x = bilinear_axis(x, W)
+            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
+                                                                W, stride_w)
             m = along_p(valid_y & valid_x, P_MAJOR) & in_tile
-            col_lo = x_lo * stride_w
-            col_hi = x_hi * stride_w
             # Atomics: RoIs overlap, so several programs add into the same pixels. Relaxed:
             # nothing here reads what another program adds (the kernel's end orders them),
             # so each add is a fence-free reduction (RED), not a fenced ATOM.
@@ -239,26 +223,24 @@ _TUNING_DETERMINISTIC = [
 register_tuning(_roi_align_bwd_deterministic_kernel, _TUNING_DETERMINISTIC)
 
 
-def _pick_tuning(channels: int, bins: int) -> dict:
+# ---------------------------------------------------------------------------------------
+# Host launchers. pool_forward / pool_backward launch the kernels over the maps of a
+# Pyramid (1..MAX_LEVELS); roi_align_* are the single-level case,
+# kernels.ops.multiscale_roi_align the pyramid.
+
+def _tuning_row(channels: int, bins: int) -> dict:
     if bins <= 8:
         return _TUNING[1]
     return _TUNING[2] if channels < 8 else _TUNING[0]
 
 
-# ---------------------------------------------------------------------------------------
-# Host launchers. pool_forward / pool_backward launch the kernels over 1..MAX_LEVELS maps;
-# roi_align_* are the single-level case, kernels.multiscale_roi_align the pyramid.
-
-_ONE_LEVEL = [0.0] * 5   # level-mapper constants a single level never reads
+def _map_names(count: int) -> list[str]:
+    return ["input"] if count == 1 else [f"features[{i}]" for i in range(count)]
 
 
-def pool_forward(features: list[Tensor], rois: Tensor, scales: list[float], mapper: list,
-                 pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
-    """Pool every RoI from its level of ``features`` (one launch per 65,535 RoIs).
-
-    ``mapper``: torchvision's LevelMapper constants (k_min, k_max, canonical_scale,
-    canonical_level, eps); read only with more than one level.
-    """
+def pool_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid, pooled_h: int,
+                 pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    """Pool every RoI from its level of ``features`` (one launch per 65,535 RoIs)."""
     n, c = features[0].shape[:2]
     k = rois.shape[0]
     rois = rois.to(torch.float32).contiguous()
@@ -266,44 +248,42 @@ def pool_forward(features: list[Tensor], rois: Tensor, scales: list[float], mapp
                       device=features[0].device)
     if k == 0 or c == 0:
         return out
-    for i, f in enumerate(features):
-        check_image_extent(f.shape, f.stride(), f"features[{i}]" if len(features) > 1
-                           else "input")
-    tuning = pick_tuning(_roi_align_fwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
+    for f, name in zip(features, _map_names(len(features))):
+        check_image_extent(f.shape, f.stride(), name)
+    tuning = pick_tuning(_roi_align_fwd_kernel, _tuning_row(c, pooled_h * pooled_w))
     blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
     for start, end in row_chunks(k):
         launch(_roi_align_fwd_kernel, (*blocks, end - start), rois[start:end],
-               out[start:end], *level_args(features, scales), c, *map(float, mapper),
-               int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
+               out[start:end], *level_args(features, pyramid.scales), c,
+               *pyramid.mapper_args(), int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
                NUM_LEVELS=len(features), ALIGNED=bool(aligned), P_MAJOR=p_major(features))
     return out
 
 
-def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], scales: list[float],
-                  mapper: list, pooled_h: int, pooled_w: int, sampling_ratio: int,
-                  aligned: bool) -> None:
+def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], pyramid: Pyramid,
+                  pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool) -> None:
     """Add each RoI's output gradient into its level's float32 buffer in ``grads``."""
     k = rois.shape[0]
     c = grads[0].shape[1]
     if k == 0 or c == 0 or grads[0].shape[0] == 0:
         return
     rois = rois.to(torch.float32).contiguous()
-    for i, g in enumerate(grads):
-        check_image_extent(g.shape, g.stride(), f"features[{i}]" if len(grads) > 1
-                           else "input")
-    tuning = pick_tuning(_roi_align_bwd_kernel, _pick_tuning(c, pooled_h * pooled_w))
+    for g, name in zip(grads, _map_names(len(grads))):
+        check_image_extent(g.shape, g.stride(), name)
+    tuning = pick_tuning(_roi_align_bwd_kernel, _tuning_row(c, pooled_h * pooled_w))
     blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
     for start, end in row_chunks(k):
         launch(_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
-               rois[start:end], *level_args(grads, scales), c, *grad.stride(),
-               *map(float, mapper), int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
-               NUM_LEVELS=len(grads), ALIGNED=bool(aligned), P_MAJOR=p_major(grads))
+               rois[start:end], *level_args(grads, pyramid.scales), c, *grad.stride(),
+               *pyramid.mapper_args(), int(sampling_ratio), pooled_h, pooled_w,
+               tuning=tuning, NUM_LEVELS=len(grads), ALIGNED=bool(aligned),
+               P_MAJOR=p_major(grads))
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Launch the forward kernel; inputs already validated (see :func:`roi_align`)."""
-    return pool_forward([input], rois, [spatial_scale], _ONE_LEVEL, pooled_h, pooled_w,
+    return pool_forward([input], rois, Pyramid((spatial_scale,)), pooled_h, pooled_w,
                         sampling_ratio, aligned)
 
 
@@ -314,7 +294,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     acc = torch.zeros(input_shape, dtype=torch.float32, device=grad.device).to(
         memory_format=fmt)
-    pool_backward(grad, rois, [acc], [spatial_scale], _ONE_LEVEL, pooled_h, pooled_w,
+    pool_backward(grad, rois, [acc], Pyramid((spatial_scale,)), pooled_h, pooled_w,
                   sampling_ratio, aligned)
     return acc.to(grad.dtype)
 
@@ -371,15 +351,11 @@ def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
                          f"got values in [{lo:g}, {hi:g}]")
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
-
-
 @torch.library.custom_op("maskrcnn_triton::roi_align", mutates_args=())
 def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                   pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     check_rois_data(rois, input.shape[0])
-    impl = roi_align_forward if use_triton(input) else reference.roi_align_forward
+    impl = pick_path(input, roi_align_forward, reference.roi_align_forward)
     return impl(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
 
 
@@ -393,15 +369,10 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, poo
                            pooled_w: int, sampling_ratio: int, aligned: bool, batch: int,
                            channels: int, height: int, width: int,
                            channels_last: bool) -> Tensor:
-    shape = (batch, channels, height, width)
-    if use_triton(grad):
-        impl = (roi_align_backward_deterministic if torch.are_deterministic_algorithms_enabled()
-                else roi_align_backward)
-        return impl(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
-                    shape, channels_last)
-    out = reference.roi_align_backward(grad, rois, spatial_scale, pooled_h, pooled_w,
-                                       sampling_ratio, aligned, shape)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    impl = pick_path(grad, roi_align_backward, reference.roi_align_backward,
+                     roi_align_backward_deterministic)
+    return impl(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
+                (batch, channels, height, width), channels_last)
 
 
 @_roi_align_backward_op.register_fake
@@ -416,7 +387,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(rois)
     ctx.args = (spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
     ctx.shape = tuple(input.shape)
-    ctx.channels_last = _is_channels_last(input)
+    ctx.channels_last = is_channels_last(input)
 
 
 def _backward(ctx, grad):
@@ -469,8 +440,7 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     checked on the host (one sync); list boxes need no check.
     """
     check_tensor("input", input, ndim=4, what="a 4-D (N, C, H, W) tensor")
-    if not input.is_floating_point() or input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"input must be float32, float16, bfloat16 or float64, got {input.dtype}")
+    check_float_dtype("input", input)
     pooled_h, pooled_w = pair("output_size", output_size)
     rois = boxes_to_rois(boxes, input.shape[0])
     check_same_device(input=input, boxes=rois)

@@ -1,0 +1,93 @@
+"""Box arithmetic that a launcher and its reference both use, as torchvision does it.
+
+NMS: boxes sorted into per-class segments (:class:`Segments`), the float32 threshold that
+compares as torchvision's double does, the coordinate rows with torchvision's area. Mask
+pasting: torchvision's box expansion and integer truncation, and the threshold as a
+tensor of the masks' dtype compares it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Expanded box coordinates are clamped to this magnitude before the cast to int64 (a no-op
+# for any input that passes the host check); keeps every index finite for unchecked input.
+COORD_LIMIT = 2.0**31
+
+
+class Segments:
+    """Boxes sorted into contiguous segments by (class, score desc, index)."""
+
+    def __init__(self, boxes: Tensor, scores: Tensor, idxs: Tensor | None):
+        n = boxes.shape[0]
+        dev = boxes.device
+        self.n = n
+        self.segmented = idxs is not None
+        # Stable sorts: equal scores keep the lower index first, as torchvision's sort does.
+        self.score_order = torch.argsort(scores, descending=True, stable=True)
+        if idxs is None:
+            self.perm = self.score_order
+            self.bounds = torch.arange(2, dtype=torch.int32, device=dev) * n  # no host copy
+            self.nseg = torch.ones(1, dtype=torch.int32, device=dev)
+            self.seg_lo = torch.zeros(n, dtype=torch.int32, device=dev)  # the reference's
+            self.seg_hi = torch.full((n,), n, dtype=torch.int32, device=dev)
+        else:
+            by_class = torch.argsort(idxs[self.score_order], stable=True)
+            self.perm = self.score_order[by_class]
+            cls = idxs[self.perm]
+            start = torch.ones(n, dtype=torch.bool, device=dev)
+            start[1:] = cls[1:] != cls[:-1]
+            seg = torch.cumsum(start, 0) - 1
+            # bounds[g] = first position of segment g; bounds[nseg] = n; slot n + 1 is a
+            # dump for the non-start positions.
+            self.bounds = torch.full((n + 2,), n, dtype=torch.int32, device=dev)
+            self.bounds.scatter_(0, torch.where(start, seg, n + 1),
+                                 torch.arange(n, dtype=torch.int32, device=dev))
+            self.nseg = (seg[-1:] + 1).to(torch.int32)
+            self.seg_lo = self.bounds[seg]
+            self.seg_hi = self.bounds[seg + 1]
+        self.boxes = boxes[self.perm]
+
+
+def float32_threshold(iou_threshold: float) -> float:
+    """The float32 t with ``f > t  <=>  f > iou_threshold`` for every float32 f.
+
+    torchvision compares its float32 IoU with the double threshold; rounding the threshold
+    to nearest could move it above the double and flip a box whose IoU sits right there.
+    """
+    t = torch.tensor(iou_threshold, dtype=torch.float32)
+    if float(t) > iou_threshold:
+        t = torch.nextafter(t, torch.tensor(float("-inf")))
+    return float(t)
+
+
+def coordinate_rows(boxes: Tensor) -> Tensor:
+    """(5, N): x1, y1, x2, y2 and torchvision's area ``(x2 - x1) * (y2 - y1)``."""
+    rows = torch.empty(5, boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
+    rows[:4] = boxes.t()
+    torch.mul(rows[2] - rows[0], rows[3] - rows[1], out=rows[4])
+    return rows
+
+
+def expand_scale(mask_width: int, padding: int) -> float:
+    """torchvision's ``expand_masks`` factor (from the mask width, for both axes)."""
+    return float(mask_width + 2 * padding) / mask_width
+
+
+def expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """torchvision's ``expand_boxes(boxes, scale).to(torch.int64)``: the same elementwise
+    operations in the boxes' dtype, so the same rounding, batched over both axes."""
+    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5
+    center = (boxes[:, 2:] + boxes[:, :2]) * 0.5
+    half = half * scale
+    out = torch.cat([center - half, center + half], 1)
+    out = out.to(torch.float64).nan_to_num(0.0)  # exact; float16 cannot hold the limit
+    return out.clamp(-COORD_LIMIT, COORD_LIMIT).to(torch.int64)
+
+
+def threshold_in(dtype: torch.dtype, threshold: float) -> float:
+    """The threshold as ``tensor_of_dtype > threshold`` compares: rounded to ``dtype``
+    (the comparison happens in the tensor's dtype), then held exactly in float32."""
+    if dtype == torch.float64:
+        return float(threshold)
+    return float(torch.tensor(threshold, dtype=dtype).float())

@@ -1,0 +1,319 @@
+"""The mask predictor's 1x1 conv and Mask R-CNN's mask loss fused: :func:`mask_predictor_loss`.
+
+``mask_loss(F.conv2d(features, weight, bias), gt_masks, gt_labels)`` where only row
+``W[label]`` of the predictor is applied per instance, so the (N, K, M, M) logits never
+exist. Forward keeps d loss / d logit (N, M*M float32) for the backward, which reads the
+features once and writes their gradient plus per-instance weight-row gradients. The BCE,
+the target handling and the checks are :mod:`kernels.ops.mask_loss`'s; the CPU path and
+test oracle are in :mod:`kernels.reference`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._sampling import along_c, along_p, p_major
+from .._utils import (cdiv, check_float_dtype, check_same_device, check_tensor, check_values,
+                      compute_dtype, launch, memory_format, needs_grad, pick_path, pick_tuning,
+                      register_lanes, register_tuning)
+from .mask_loss import bce_with_logits, check_labels, check_targets, kernel_targets, loss_dtype
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _mask_predictor_loss_fwd_kernel(
+    features_ptr,  # (N, C, M, M) float, any strides
+    weight_ptr,  # (K, C) contiguous, features dtype: the 1x1 predictor conv
+    bias_ptr,  # (K,) features dtype
+    targets_ptr,  # (N, M, M) float or uint8, any strides
+    labels_ptr,  # (N,) int64 in [0, K)
+    partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program
+    dsum_ptr,  # (N, num_programs(1)) float32: sum of d loss / d logit of each program
+    grad_ptr,  # (N, M*M) float32: d loss / d logit of the instance's class
+    C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w, t_stride_n, t_stride_h, t_stride_w,
+    inv_count,  # 1 / (N * M * M)
+    WRITE_GRAD: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < M * M
+    h = offs_p // M
+    w = offs_p % M
+    label = tl.load(labels_ptr + n)
+    f_base = features_ptr + n * f_stride_n + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR)
+    # logit = b[label] + sum_c W[label, c] * f[c]: only the instance's own class row.
+    # Tiles are (C, P) with lanes along pixels for NCHW features (P_MAJOR), (P, C) with
+    # lanes along channels for channels_last ones.
+    acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
+           + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        wv = tl.load(weight_ptr + label * C + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        f = tl.load(f_base + along_c(offs_c.to(tl.int64) * f_stride_c, P_MAJOR),
+                    mask=along_c(mask_c, P_MAJOR) & along_p(mask_p, P_MAJOR),
+                    other=0.0).to(tl.float32)
+        acc += along_c(wv, P_MAJOR) * f
+    if P_MAJOR:
+        x = tl.sum(acc, axis=0)
+    else:
+        x = tl.sum(acc, axis=1)
+    x += tl.load(bias_ptr + label).to(tl.float32)
+    t = tl.load(targets_ptr + n * t_stride_n + h * t_stride_h + w * t_stride_w,
+                mask=mask_p, other=0).to(tl.float32)
+    loss, dx = bce_with_logits(x, t)
+    slot = n * tl.num_programs(1) + tl.program_id(1)
+    tl.store(partial_ptr + slot, tl.sum(tl.where(mask_p, loss, 0.0), axis=0))
+    if WRITE_GRAD:
+        dx = tl.where(mask_p, dx * inv_count, 0.0)
+        tl.store(dsum_ptr + slot, tl.sum(dx, axis=0))
+        tl.store(grad_ptr + n * M * M + offs_p, dx, mask=mask_p)
+
+
+@triton.jit
+def _mask_predictor_loss_bwd_kernel(
+    grad_out_ptr,  # () float: gradient of the scalar loss
+    features_ptr,  # (N, C, M, M) float, any strides
+    weight_ptr,  # (K, C) contiguous, features dtype
+    labels_ptr,  # (N,) int64 in [0, K)
+    grad_sel_ptr,  # (N, M*M) float32: the forward's d loss / d logit
+    grad_features_ptr,  # (N, C, M, M) features dtype, strides given below
+    grad_rows_ptr,  # (N, C) float32: d loss / d W[label_n] from instance n alone
+    C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
+    g_stride_n, g_stride_c, g_stride_h, g_stride_w,
+    P_MAJOR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    label = tl.load(labels_ptr + n)
+    g = tl.load(grad_out_ptr).to(tl.float32)
+    wv = tl.load(weight_ptr + label * C + offs_c, mask=mask_c, other=0.0).to(tl.float32) * g
+    f_base = features_ptr + n * f_stride_n + along_c(offs_c.to(tl.int64) * f_stride_c, P_MAJOR)
+    g_base = (grad_features_ptr + n * g_stride_n
+              + along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR))
+    # (C, P) tiles, lanes along pixels, for NCHW (P_MAJOR); (P, C) for channels_last
+    acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
+           + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
+    for p0 in range(0, M * M, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < M * M
+        h = offs_p // M
+        w = offs_p % M
+        tile = along_c(mask_c, P_MAJOR) & along_p(mask_p, P_MAJOR)
+        dx = tl.load(grad_sel_ptr + n * M * M + offs_p, mask=mask_p, other=0.0)
+        f = tl.load(f_base + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR), mask=tile,
+                    other=0.0).to(tl.float32)
+        acc += f * along_p(dx, P_MAJOR)
+        tl.store(g_base + along_p(h * g_stride_h + w * g_stride_w, P_MAJOR),
+                 (along_c(wv, P_MAJOR) * along_p(dx, P_MAJOR)).to(
+                     grad_features_ptr.dtype.element_ty), mask=tile)
+    if P_MAJOR:
+        rows = tl.sum(acc, axis=1)
+    else:
+        rows = tl.sum(acc, axis=0)
+    tl.store(grad_rows_ptr + n * C + offs_c, rows * g, mask=mask_c)
+
+
+# One table per kernel: the launcher picks a row, the GPU compile check builds every row.
+
+
+# Predictor tiles at 4-8 elements per thread. sm_90 registers (occupancy): forward
+# [16 channels, 128 pixels] 32 (100%) on Triton 3.8/3.9, 64 (50%) on 3.6, where [32, 128]
+# took 145 (12%); backward [16, 64] 48 (62%), its tile reading 256 contiguous bytes per
+# channel row of NCHW features ([32, 64] took 80, 38%).
+_TUNING_PREDICTOR = [
+    {"BLOCK_C": 16, "BLOCK_P": 128, "num_warps": 8},
+]
+
+_TUNING_PREDICTOR_BWD = [
+    {"BLOCK_C": 16, "BLOCK_P": 64, "num_warps": 8},
+]
+register_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR)
+register_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD)
+
+
+def _lanes(constexprs: dict) -> dict:
+    """The predictor's feature tiles: (C, P) for NCHW features (P_MAJOR, lanes along
+    pixels), (P, C) for channels_last ones (lanes along channels); the launcher picks
+    P_MAJOR with ``p_major``. The loss kernels' other accesses are 1-D."""
+    if constexprs["P_MAJOR"]:
+        return {"NCHW": {"load": 1, "store": 1}}
+    return {"channels_last": {"load": 1, "store": 1}}
+
+
+register_lanes(_mask_predictor_loss_fwd_kernel, _lanes)
+register_lanes(_mask_predictor_loss_bwd_kernel, _lanes)
+
+
+# ---------------------------------------------------------------------------------------
+# Host launchers (inputs already validated by the public function)
+
+def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
+                                targets: Tensor, labels: Tensor, compute_grad: bool):
+    n, c, m, _ = features.shape
+    weight = weight.contiguous()
+    bias = bias.contiguous()
+    targets = kernel_targets(targets)
+    tuning = pick_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR[0])
+    blocks = cdiv(m * m, tuning["BLOCK_P"])
+    partial = torch.empty(n, blocks, dtype=torch.float32, device=features.device)
+    dsum = torch.empty(n if compute_grad else 0, blocks, dtype=torch.float32,
+                       device=features.device)
+    grad = torch.empty(n if compute_grad else 0, m * m, dtype=torch.float32,
+                       device=features.device)
+    inv_count = 1.0 / (n * m * m)
+    launch(_mask_predictor_loss_fwd_kernel, (n, blocks), features, weight, bias, targets,
+           labels, partial, dsum, grad, c, m, *features.stride(), *targets.stride(),
+           inv_count, tuning=tuning, WRITE_GRAD=bool(compute_grad),
+           P_MAJOR=p_major([features]))
+    return partial.sum() * inv_count, grad, dsum.sum(1)
+
+
+def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
+                                 labels: Tensor, grad_sel: Tensor, dsum: Tensor):
+    n, c, m, _ = features.shape
+    weight = weight.contiguous()
+    grad_features = torch.empty(features.shape, dtype=features.dtype, device=features.device,
+                                memory_format=memory_format(features))
+    rows = torch.empty(n, c, dtype=torch.float32, device=features.device)
+    tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0])
+    launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
+           weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
+           *grad_features.stride(), tuning=tuning, P_MAJOR=p_major([features]))
+    # Instances of one class add into the same weight row: an index_add of the (N, C)
+    # per-instance rows (exact float32; atomic on CUDA unless deterministic algorithms are
+    # on), tiny next to the features.
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32,
+                              device=weight.device).index_add_(0, labels, rows)
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32,
+                            device=weight.device).index_add_(0, labels, dsum * grad)
+    return grad_features, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration and autograd
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration and autograd
+
+@torch.library.custom_op("maskrcnn_triton::mask_predictor_loss", mutates_args=())
+def _mask_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
+                            labels: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = pick_path(features, mask_predictor_loss_forward,
+                     reference.mask_predictor_loss_forward)
+    return impl(features, weight, bias, targets, labels, compute_grad)
+
+
+@_mask_predictor_loss_op.register_fake
+def _(features, weight, bias, targets, labels, compute_grad):
+    n, _, m, _ = features.shape
+    rows = n if compute_grad else 0
+    dtype = compute_dtype(features.dtype)
+    return (features.new_empty((), dtype=dtype), features.new_empty(rows, m * m, dtype=dtype),
+            features.new_empty(rows, dtype=dtype))
+
+
+@torch.library.custom_op("maskrcnn_triton::mask_predictor_loss_backward", mutates_args=())
+def _mask_predictor_loss_backward_op(grad: Tensor, features: Tensor, weight: Tensor,
+                                     labels: Tensor, grad_sel: Tensor,
+                                     dsum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    impl = pick_path(features, mask_predictor_loss_backward,
+                     reference.mask_predictor_loss_backward)
+    return impl(grad, features, weight, labels, grad_sel, dsum)
+
+
+@_mask_predictor_loss_backward_op.register_fake
+def _(grad, features, weight, labels, grad_sel, dsum):
+    grad_features = torch.empty_like(features, memory_format=memory_format(features))
+    return grad_features, torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _predictor_setup(ctx, inputs, output):
+    features, weight, _, _, labels, _ = inputs
+    ctx.save_for_backward(features, weight, labels, output[1], output[2])
+
+
+def _predictor_grad(ctx, grad, _grad_sel_grad, _dsum_grad):
+    features, weight, labels, grad_sel, dsum = ctx.saved_tensors
+    grad_features, grad_weight, grad_bias = _mask_predictor_loss_backward_op(
+        grad, features, weight, labels, grad_sel, dsum)
+    return grad_features, grad_weight, grad_bias, None, None, None
+
+
+_mask_predictor_loss_op.register_autograd(_predictor_grad, setup_context=_predictor_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API: validation, then the ops
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+def mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
+                              gt_masks: Tensor, gt_labels: Tensor) -> Tensor:
+    """``mask_loss(F.conv2d(features, weight, bias), gt_masks, gt_labels)`` without the logits.
+
+    features: (N, C, M, M) float32/float16/bfloat16 (float64: reference path), NCHW or
+    channels_last; weight (K, C, 1, 1) and bias (K,) of the 1x1 mask predictor, cast to
+    features' dtype (as conv2d under autocast). Only row ``weight[label]`` is applied per
+    instance, so no (N, K, M, M) tensor is allocated in forward or backward; gradients for
+    features, weight and bias equal autograd through conv2d + gather + BCE, and the loss
+    has its dtype (features' promoted with a float gt_masks'). Values are checked in one host
+    sync. N == 0 returns a zero connected to features, weight and bias.
+    """
+    check_tensor("features", features, ndim=4, what="a 4-D (N, C, M, M) tensor")
+    check_float_dtype("features", features)
+    n, c, m, mw = features.shape
+    if m != mw:
+        raise ValueError(f"features must hold square M x M maps, got shape "
+                         f"{tuple(features.shape)}")
+    check_tensor("weight", weight, ndim=4, what="a (K, C, 1, 1) tensor")
+    if weight.shape[1:] != (c, 1, 1):
+        raise ValueError(f"weight must have shape (K, {c}, 1, 1), got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    k = weight.shape[0]
+    check_tensor("bias", bias, ndim=1, what=f"a 1-D (K,) = ({k},) tensor")
+    if bias.shape[0] != k:
+        raise ValueError(f"bias must have shape ({k},), got {tuple(bias.shape)}")
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+    check_targets("gt_masks", gt_masks, (n, m, m))
+    check_labels("gt_labels", gt_labels, n)
+    check_same_device(features=features, weight=weight, bias=bias, gt_masks=gt_masks,
+                      gt_labels=gt_labels)
+    if n == 0:
+        return (features.sum() + weight.sum() + bias.sum()).to(features.dtype) * 0
+    check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
+    weight2d = weight.to(features.dtype).reshape(k, c)
+    bias = bias.to(features.dtype)
+    loss, _, _ = _mask_predictor_loss_op(features, weight2d, bias, gt_masks, gt_labels.long(),
+                                         needs_grad(features, weight2d, bias))
+    return loss.to(loss_dtype(features.dtype, gt_masks.dtype))
+
+
+def _compile_examples(device: str = "cpu") -> None:
+    """Launch every specialization the launchers can pick (for the GPU compile check and
+    the GPU kit's memory check, which runs these on CUDA): each dtype and layout of the
+    features, each kind of target (the features' own float dtype, float32, bool, uint8)."""
+    n, k, c, m = 2, 3, 5, 4
+    labels = torch.tensor([0, 2], device=device)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            features = torch.randn(n, c, m, m, dtype=dtype, device=device).contiguous(
+                memory_format=fmt).requires_grad_()
+            weight = torch.randn(k, c, 1, 1, device=device, requires_grad=True)
+            bias = torch.randn(k, device=device, requires_grad=True)
+            for target_dtype in (dtype, torch.float32, torch.bool, torch.uint8):
+                targets = (torch.rand(n, m, m, device=device) > 0.5).to(target_dtype)
+                mask_predictor_loss(features, weight, bias, targets, labels).backward()
