@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from kernels._utils import last_path
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 IMAGE = (800, 1216)   # (height, width): a COCO image as Mask R-CNN's transform resizes it
@@ -125,12 +127,21 @@ def measure(row: dict, provider: str, fn: Callable[[], object], device: str, nby
     and the row's ``min_MB``: the bytes the op must move at least (outputs written, inputs
     read once), from which GB/s and the share of the copy bandwidth are taken."""
     row["min_MB"] = nbytes / 1e6
+    last_path.clear()
     t = time_ms(fn, device, reps=reps)
+    if provider == "ours":
+        row["ours_path"] = ran_path()
     row[f"{provider}_ms"] = t["ms"]
     row[f"{provider}_ms_p20"] = t["ms_p20"]
     row[f"{provider}_ms_p80"] = t["ms_p80"]
     row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
     row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+
+
+def ran_path() -> str:
+    """The paths our ops ran since ``last_path`` was cleared: triton, torchvision (its C++
+    CPU kernel) or reference (our PyTorch path), joined when a call ran several."""
+    return "+".join(sorted(set(last_path.values()))) or "-"
 
 
 def write_results(section: str, rows: list[dict], config: dict, device: str,

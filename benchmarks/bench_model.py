@@ -19,7 +19,8 @@ import torchvision
 
 import maskrcnn
 from benchmarks._common import (default_device, format_table, parity, peak_memory_bytes,
-                                time_ms, write_results)
+                                ran_path, time_ms, write_results)
+from kernels._utils import last_path
 
 
 def make_batch(size: tuple[int, int], device: str, images: int = 2, objects: int = 8,
@@ -126,7 +127,10 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
                "detections": sum(len(o["boxes"]) for o in our_out), "parity": match[mode]}
         for provider, model in (("ours", ours), ("torchvision", tv)):
             fn = make(model)
+            last_path.clear()
             t = time_ms(fn, device, reps=reps, warmup=1)
+            if provider == "ours":
+                row["ours_path"] = ran_path()
             row[f"{provider}_ms"] = t["ms"]
             row[f"{provider}_ms_p20"] = t["ms_p20"]
             row[f"{provider}_ms_p80"] = t["ms_p80"]

@@ -91,7 +91,8 @@ def test_mask_loss(benchmark, provider):
 
 def test_paste_masks_in_image(benchmark, provider):
     image = bench_paste_masks_in_image.IMAGE
-    masks, boxes = bench_paste_masks_in_image.make_inputs(bench_paste_masks_in_image.MASKS, image, torch.float32, DEVICE)[:2]
+    masks, boxes = bench_paste_masks_in_image.make_inputs(
+        bench_paste_masks_in_image.MASKS, image, torch.float32, DEVICE)[:2]
     fn = kernels.paste_masks_in_image if provider == "ours" else tv_paste
     torch.testing.assert_close(kernels.paste_masks_in_image(masks, boxes, image),
                                tv_paste(masks, boxes, image), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 mask targets of the fused mask losses) and by the atomic-free backward's host side.
 
 Device side (``@triton.jit``): the RoI's box decode (:func:`roi_box`), torchvision's
-bilinear rule along one axis (:func:`bilinear_axis`, :func:`sample_rows`), the FPN level of a RoI and the
+bilinear rule along one axis (:func:`bilinear_axis`, :func:`sample_rows`), the FPN level
+of a RoI and the
 per-level argument pick (:func:`roi_level`, :func:`pick_level`, both in
 :func:`roi_on_level`), and the tile orientation
 helpers (:func:`along_p`, :func:`along_c`). Host side: the description of the maps pooled
@@ -359,6 +360,9 @@ def sampling_entries(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w
     n, c, h, w = shape
     rois = rois.detach()
     dev = rois.device
+    if rois.shape[0] == 0 or pooled_h * pooled_w == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        return empty, empty, torch.zeros(0, dtype=dtype, device=dev)
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _geometry(
         rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, dtype)
     batch = rois[:, 0].long()

@@ -17,7 +17,7 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -114,16 +114,39 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
 
 
+# torchvision's C++ CPU kernels take these dtypes and compute in them, as our references do.
+TORCHVISION_CPU_DTYPES = (torch.float32, torch.float64)
+
+# The path each op's last call ran ("triton", "torchvision", "torch" or "reference"), by
+# launcher name: the CPU benchmark report names it beside each row.
+last_path: dict[str, str] = {}
+
+
+def cpu_path(t: torch.Tensor, dtypes: Sequence[torch.dtype] = TORCHVISION_CPU_DTYPES) -> bool:
+    """True when ``t`` may take an op's CPU path (``kernels._cpu``): a CPU tensor of one of
+    ``dtypes``, outside the interpreter and ``reference_path()``."""
+    return (not _force_reference and t.device.type == "cpu" and not use_triton(t)
+            and t.dtype in dtypes)
+
+
 def pick_path(t: torch.Tensor, kernel: Callable, ref: Callable,
-              deterministic: Callable | None = None) -> Callable:
+              deterministic: Callable | None = None, cpu: Callable | None = None) -> Callable:
     """The launcher a custom op's body runs for ``t``: ``kernel`` (Triton), ``deterministic``
-    (Triton without atomics, under ``torch.use_deterministic_algorithms``) or ``ref`` (the
-    reference path: CPU tensors, float64, inside ``reference_path()``)."""
-    if not use_triton(t):
-        return ref
-    if deterministic is not None and torch.are_deterministic_algorithms_enabled():
-        return deterministic
-    return kernel
+    (Triton without atomics, under ``torch.use_deterministic_algorithms``), ``cpu`` (a
+    ``kernels._cpu`` function: the faster CPU path for the dtypes in its ``dtypes``
+    attribute) or ``ref`` (the reference: CPU otherwise, float64 on CUDA, inside
+    ``reference_path()``)."""
+    if use_triton(t):
+        path = kernel
+        if deterministic is not None and torch.are_deterministic_algorithms_enabled():
+            path = deterministic
+        last_path[kernel.__name__] = "triton"
+        return path
+    if cpu is not None and cpu_path(t, cpu.dtypes):
+        last_path[kernel.__name__] = cpu.path
+        return cpu
+    last_path[kernel.__name__] = "reference"
+    return ref
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -160,39 +183,86 @@ def row_chunks(k: int) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------
 # Input checks: every message names the argument and says what was expected.
+#
+# Bad input raises ValueError or TypeError; where torchvision raises another class for the
+# same input (torch._assert's AssertionError, TORCH_CHECK's RuntimeError, or whatever its
+# Python code trips over), the error is an instance of that class too, so handlers written
+# for either keep working. Each op passes the Errors torchvision's version would raise.
+
+
+class ValueAssertionError(ValueError, AssertionError):
+    """Bad value where torchvision asserts (``torch._assert``): RoI boxes' shape."""
+
+
+class TypeAssertionError(TypeError, AssertionError):
+    """Wrong type where torchvision asserts: RoI boxes that are not a tensor or a list."""
+
+
+class ValueRuntimeError(ValueError, RuntimeError):
+    """Bad value where torchvision's C++ check (``TORCH_CHECK``) raises RuntimeError."""
+
+
+class TypeRuntimeError(TypeError, RuntimeError):
+    """Wrong dtype or argument type where torchvision's C++ check raises RuntimeError."""
+
+
+class ValueIndexError(ValueError, IndexError):
+    """Bad shape where torchvision's Python code indexes a missing dimension."""
+
+
+class TypeAttributeError(TypeError, AttributeError):
+    """Not a tensor where torchvision's Python code reads a tensor attribute."""
+
+
+class Errors(NamedTuple):
+    """The classes one argument's checks raise: not a tensor, bad shape or value, bad dtype."""
+    missing: type = TypeError
+    value: type = ValueError
+    dtype: type = TypeError
+
+
+PLAIN = Errors()
+# torchvision's ops.nms / batched_nms (TORCH_CHECK in C++, attribute reads in Python)
+NMS_ERRORS = Errors(TypeAttributeError, ValueRuntimeError, TypeRuntimeError)
+# torchvision's ops.roi_align input and scalar arguments (TORCH_CHECK, schema checks)
+ROI_INPUT_ERRORS = Errors(TypeAttributeError, ValueRuntimeError, TypeRuntimeError)
+# torchvision's check_roi_boxes_shape (torch._assert); dtypes are checked in C++
+ROI_BOXES_ERRORS = Errors(TypeAssertionError, ValueAssertionError, TypeRuntimeError)
 
 def check_tensor(name: str, t: Any, *, ndim: int | Sequence[int] | None = None,
-                 dtypes: Iterable[torch.dtype] | None = None, what: str = "") -> torch.Tensor:
+                 dtypes: Iterable[torch.dtype] | None = None, what: str = "",
+                 errors: Errors = PLAIN) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise errors.missing(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
             shape = what or " or ".join(f"{d}-D" for d in allowed)
-            raise ValueError(f"{name} must be {shape}, got shape {tuple(t.shape)}")
+            raise errors.value(f"{name} must be {shape}, got shape {tuple(t.shape)}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-            raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+            raise errors.dtype(f"{name} must have dtype in ({names}), got {t.dtype}")
     return t
 
 
-def check_float(name: str, t: torch.Tensor) -> None:
+def check_float(name: str, t: torch.Tensor, errors: Errors = PLAIN) -> None:
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        raise errors.dtype(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_float_dtype(name: str, t: torch.Tensor) -> None:
+def check_float_dtype(name: str, t: torch.Tensor, errors: Errors = PLAIN) -> None:
     """One of the dtypes the ops take: the kernels' three and float64 (reference path)."""
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+        raise errors.dtype(f"{name} must be float32, float16, bfloat16 or float64, "
+                           f"got {t.dtype}")
 
 
-def check_integer(name: str, t: torch.Tensor) -> None:
+def check_integer(name: str, t: torch.Tensor, errors: Errors = PLAIN) -> None:
     """An integer dtype other than bool (labels, class indices)."""
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        raise errors.dtype(f"{name} must be an integer tensor, got {t.dtype}")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
@@ -246,23 +316,52 @@ def check_values(indices=(), unit=(), finite=()) -> None:
             raise ValueError(f"{name} must be finite, got NaN or infinite values")
 
 
-def pair(name: str, value: Any) -> tuple[int, int]:
-    """An int or a pair of ints >= 1, as torchvision's ``output_size``."""
+def pair(name: str, value: Any, errors: Errors = PLAIN, least: int = 1) -> tuple[int, int]:
+    """An int or a pair of ints >= ``least``, as torchvision's ``output_size``."""
     if isinstance(value, torch.Size):
         value = tuple(value)
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if value[0] < 1 or value[1] < 1:
-        raise ValueError(f"{name} must be >= 1, got {tuple(value)}")
+        raise errors.dtype(f"{name} must be an int or a pair of ints, got {value!r}")
+    if value[0] < least or value[1] < least:
+        raise errors.value(f"{name} must be >= {least}, got {tuple(value)}")
     return int(value[0]), int(value[1])
 
 
 def is_tracing() -> bool:
-    """True under torch.compile / fake tensors, where data-dependent checks cannot run."""
-    return torch.compiler.is_compiling()
+    """True where a data check must not read values: under torch.compile / fake tensors
+    and torch.fx, and while a CUDA stream is capturing a graph (a sync would break it)."""
+    return (torch.compiler.is_compiling()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
+
+def fx_leaf(fn: Callable) -> Callable:
+    """Make ``fn`` a leaf of ``torch.fx`` tracing, as torchvision's ops are: called with a
+    Proxy among its arguments (or inside a list argument) it records one call node instead
+    of running its checks on the Proxy; called with tensors it is ``fn``."""
+    import functools
+
+    from torch.fx import Proxy
+
+    def proxy_in(args) -> Proxy | None:
+        for a in args:
+            if isinstance(a, Proxy):
+                return a
+            if isinstance(a, (list, tuple)):
+                found = proxy_in(a)
+                if found is not None:
+                    return found
+        return None
+
+    @functools.wraps(fn)
+    def leaf(*args, **kwargs):
+        proxy = proxy_in((*args, *kwargs.values()))
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", leaf, args, kwargs)
+        return fn(*args, **kwargs)
+    return leaf
 
 
 # ---------------------------------------------------------------------------------------

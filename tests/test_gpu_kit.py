@@ -66,7 +66,8 @@ def test_dry_run_runs_every_step_and_writes_the_files(dry_run):
     # the benchmark report came back with the static section beside the times
     report = json.loads((out / counts["benchmarks"]["report"]).read_text())
     assert set(report["benchmarks"]) == {"roi_align", "multiscale_roi_align", "nms",
-                                         "mask_loss", "mask_predictor_loss", "paste_masks_in_image", "model"}
+                                         "mask_loss", "mask_predictor_loss",
+                                         "paste_masks_in_image", "model"}
     assert report["static"]["rows"]
     # what the device tool brings back: at most 8 flat files of at most 16 MiB
     assert kit.check_out_folder(out) == []
@@ -158,7 +159,8 @@ def test_a_benchmark_mismatch_is_recorded_and_the_run_goes_on(monkeypatch):
                         lambda *a, **k: real(*a, **k).logical_not()
                         if k.get("threshold") is not None else real(*a, **k) + 1)
     with _utils.reference_path():
-        rows = bench_paste_masks_in_image.run(tiny=True, dtypes=("float32",), device="cpu", write=False)
+        rows = bench_paste_masks_in_image.run(tiny=True, dtypes=("float32",), device="cpu",
+                                              write=False)
     assert [r["mode"] for r in rows] == ["float", "threshold"]
     for r in rows:
         assert r["parity"].startswith("MISMATCH"), r["parity"]
@@ -192,24 +194,25 @@ def test_test_backends_selects_the_cuda_cases_only():
     assert ids and all("[cuda" in i or "test_properties.py" in i for i in ids), ids
     assert "deselected" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", "tests/test_paste_masks_in_image.py"], cwd=ROOT,
+                          "-p", "no:cacheprovider", "tests/test_paste_masks_in_image.py"],
+                         cwd=ROOT,
                          env=_env(TEST_BACKENDS="gpu"), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode != 0 and "unknown backend" in bad.stdout + bad.stderr
 
 
 @pytest.mark.parametrize("row", [0, 1, 2])
-def test_every_tuning_row_gives_torchvisions_result(backend, row):
+def test_every_tuning_row_gives_torchvisions_result(backend, row, monkeypatch):
     # the memory check forces each row in turn: each must compute the same result
     x = torch.randn(2, 9, 11, 13, device=backend.device)
     rois = torch.tensor([[0, 1.0, 1.5, 9.0, 7.0], [1, 0.0, 2.0, 12.5, 10.0]],
                         device=backend.device)
     fwd = roi_align_ops._roi_align_fwd_kernel
-    before = set(_utils.LAUNCHES)
+    monkeypatch.setattr(_utils, "LAUNCHES", set())   # only this call's launches
     with _utils.forced_tuning_row(row), _utils.record_launches():
         out = kernels.roi_align(x, rois, 7, 1.0, 2)   # 49 bins: its own pick is row 0
     torch.testing.assert_close(out, torchvision.ops.roi_align(x, rois, 7, 1.0, 2))
     if backend.triton:
-        launched = [s for s in _utils.LAUNCHES - before if s.kernel == _utils.kernel_id(fwd)]
+        launched = [s for s in _utils.LAUNCHES if s.kernel == _utils.kernel_id(fwd)]
         expected = _utils.gpu_rows(_utils.kernel_id(fwd))[row]
         assert launched and all(dict(s.tunables) == expected for s in launched)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _cpu, reference
 from .._sampling import roi_box, sample_rows
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_same_device,
                       check_tensor, check_values, compute_dtype, is_channels_last, launch,
@@ -122,7 +122,8 @@ def _maskrcnn_loss_fwd_kernel(
             v2 = tl.load(base + row_lo + col_hi, mask=m, other=0).to(tl.float32)
             v3 = tl.load(base + row_hi + col_lo, mask=m, other=0).to(tl.float32)
             v4 = tl.load(base + row_hi + col_hi, mask=m, other=0).to(tl.float32)
-            acc += wy_lo * wx_lo * v1 + wy_lo * wx_hi * v2 + wy_hi * wx_lo * v3 + wy_hi * wx_hi * v4
+            acc += (wy_lo * wx_lo * v1 + wy_lo * wx_hi * v2 + wy_hi * wx_lo * v3
+                    + wy_hi * wx_hi * v4)
     t = acc / tl.maximum(grid_h * grid_w, 1).to(tl.float32)
 
     _selected_loss(logits_ptr, labels_ptr, partial_ptr, grad_ptr, r, offs, mask, h, w, t, M,
@@ -248,7 +249,8 @@ def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: 
 @torch.library.custom_op("maskrcnn_triton::mask_loss", mutates_args=())
 def _mask_loss_op(logits: Tensor, targets: Tensor, labels: Tensor,
                   compute_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = pick_path(logits, mask_loss_forward, reference.mask_loss_forward)
+    impl = pick_path(logits, mask_loss_forward, reference.mask_loss_forward,
+                     cpu=_cpu.mask_loss_forward)
     return impl(logits, targets, labels, compute_grad)
 
 
@@ -263,7 +265,8 @@ def _(logits, targets, labels, compute_grad):
 @torch.library.custom_op("maskrcnn_triton::maskrcnn_loss", mutates_args=())
 def _maskrcnn_loss_op(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
                       rows: list[int], compute_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = pick_path(logits, maskrcnn_loss_forward, reference.maskrcnn_loss_forward)
+    impl = pick_path(logits, maskrcnn_loss_forward, reference.maskrcnn_loss_forward,
+                     cpu=_cpu.maskrcnn_loss_forward)
     return impl(logits, rois, labels, gt_masks, rows, compute_grad)
 
 

@@ -21,10 +21,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import reference
+from .. import _cpu, reference
 from .._sampling import MAX_LEVELS, Pyramid
 from .._utils import (check_float_dtype, check_same_device, check_tensor,
-                      deterministic_algorithms, pair, pick_path)
+                      deterministic_algorithms, pair, pick_path, TypeAttributeError)
 from .roi_align import (boxes_to_rois, pool_backward, pool_forward,
                         roi_align_backward_deterministic)
 
@@ -81,7 +81,8 @@ def _multiscale_roi_align_op(features: list[Tensor], rois: Tensor, scales: list[
                              pooled_w: int, sampling_ratio: int) -> Tensor:
     pyramid = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps)
     impl = pick_path(features[0], multiscale_roi_align_forward,
-                     reference.multiscale_roi_align_forward)
+                     reference.multiscale_roi_align_forward,
+                     cpu=_cpu.multiscale_roi_align_forward)
     return impl(features, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
 
 
@@ -102,7 +103,8 @@ def _multiscale_roi_align_backward_op(
                       tuple(channels_last))
     impl = pick_path(grad, multiscale_roi_align_backward,
                      reference.multiscale_roi_align_backward,
-                     multiscale_roi_align_backward_deterministic)
+                     multiscale_roi_align_backward_deterministic,
+                     _cpu.multiscale_roi_align_backward)
     return impl(grad, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
 
 
@@ -287,8 +289,9 @@ class MultiScaleRoIAlign(nn.Module):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
-        if not isinstance(x, Mapping):
-            raise TypeError(f"x must be a dict of feature maps, got {type(x).__name__}")
+        if not isinstance(x, Mapping):   # torchvision reads x.items(): AttributeError
+            raise TypeAttributeError(f"x must be a dict of feature maps, "
+                                     f"got {type(x).__name__}")
         missing = [n for n in self.featmap_names if n not in x]
         if missing:
             raise ValueError(f"x has no feature map named {missing} (has {list(x)})")

@@ -38,15 +38,16 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torchvision
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _cpu, reference
 from .._boxes import Segments, coordinate_rows, float32_threshold
-from .._utils import (INTERPRET, cdiv, check_float, check_float_dtype, check_integer,
-                      check_same_device, check_tensor, launch, pick_tuning, register_lanes,
-                      register_tuning, use_triton)
+from .._utils import (INTERPRET, NMS_ERRORS, cdiv, check_float, check_float_dtype,
+                      check_same_device, check_tensor, cpu_path, is_tracing, last_path, launch,
+                      pick_tuning, register_lanes, register_tuning, use_triton)
 
 # Memory budget for batched_nms_mask's band of mask words (it never syncs, so it cannot
 # size the band from the longest class): 16 MiB covers 20 words (1280 boxes) per row at
@@ -310,21 +311,24 @@ def work_model(segment_sizes: list[int], segmented: bool = True,
             "greedy_row": f"BLOCK_T={row['BLOCK_T']}"}
 
 
-def _data_error(boxes: Tensor, scores: Tensor) -> Tensor:
-    return ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
-
-
-def _checked_problem(boxes: Tensor, scores: Tensor, idxs: Tensor | None):
-    """Sort into segments, then the op's first host sync, before any kernel runs: the
-    input check, and the longest segment and segment count that size the mask band and
-    pick the greedy pass's tiles."""
-    p = Segments(boxes, scores, idxs)
-    bad, longest, segments = torch.stack([
-        _data_error(boxes, scores).long(), (p.seg_hi - p.seg_lo).max().long(),
-        p.nseg[0].long()]).tolist()
+def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tuple[int, int]:
+    """The public wrappers' one host sync before any launch: the NaN/inf check of boxes and
+    scores, read with the longest class and the class count (they size the mask band and
+    pick the greedy pass's tiles). Skipped while tracing or capturing: (-1, -1), the band
+    then follows MASK_BUDGET_BYTES."""
+    if is_tracing():
+        return -1, -1
+    bad = ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
+    if idxs is None:
+        longest = torch.tensor(boxes.shape[0], device=boxes.device)
+        classes = torch.ones((), dtype=torch.int64, device=boxes.device)
+    else:
+        counts = torch.unique(idxs, return_counts=True)[1]
+        longest, classes = counts.max(), torch.tensor(counts.numel(), device=boxes.device)
+    bad, longest, classes = torch.stack([bad.long(), longest.long(), classes.long()]).tolist()
     if bad:
         raise ValueError("boxes must have finite coordinates and scores must not be NaN")
-    return p, longest, segments
+    return longest, classes
 
 
 def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
@@ -340,40 +344,51 @@ def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
     return out[:count]
 
 
-def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float,
-                 longest: int | None = None, segments: int | None = None) -> Tensor:
+def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float, longest: int = -1,
+                 segments: int = -1) -> Tensor:
     if use_triton(boxes):
-        return nms_forward(p, iou_threshold, longest, segments)
+        last_path["nms_forward"] = "triton"
+        return nms_forward(p, iou_threshold, None if longest < 0 else longest,
+                           None if segments < 0 else segments)
+    last_path["nms_forward"] = "reference"
     return reference.nms_forward(p, iou_threshold)
 
 
 # ---------------------------------------------------------------------------------------
-# torch.library registration
+# torch.library registration. longest/segments: what the wrapper's sync read (-1: unknown).
+# The op syncs once itself, for the size of its result.
 
 @torch.library.custom_op("maskrcnn_triton::nms", mutates_args=())
-def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, longest: int,
+            segments: int) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    p, longest, segments = _checked_problem(boxes, scores, None)
+    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores, longest):
+        last_path["nms_forward"] = "torchvision"
+        return _cpu.nms(boxes, scores, iou_threshold)
+    p = Segments(boxes, scores, None)
     return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
 
 
 @_nms_op.register_fake
-def _(boxes, scores, iou_threshold):
+def _(boxes, scores, iou_threshold, longest, segments):
     return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
 @torch.library.custom_op("maskrcnn_triton::batched_nms", mutates_args=())
-def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
-                    iou_threshold: float) -> Tensor:
+def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
+                    longest: int, segments: int) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    p, longest, segments = _checked_problem(boxes, scores, idxs)
+    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores, longest):
+        last_path["nms_forward"] = "torchvision"
+        return _cpu.batched_nms(boxes, scores, idxs, iou_threshold)
+    p = Segments(boxes, scores, idxs)
     return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
 
 
 @_batched_nms_op.register_fake
-def _(boxes, scores, idxs, iou_threshold):
+def _(boxes, scores, idxs, iou_threshold, longest, segments):
     return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
@@ -395,53 +410,70 @@ def _(boxes, scores, idxs, iou_threshold):
 # ---------------------------------------------------------------------------------------
 # Public API
 
-def _check(boxes, scores, idxs, iou_threshold) -> None:
-    check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]")
+def _check(boxes, scores, idxs, iou_threshold) -> float:
+    """Shapes, dtypes and devices; errors are also torchvision's classes (NMS_ERRORS)."""
+    e = NMS_ERRORS
+    check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]", errors=e)
     if boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
-    check_float_dtype("boxes", boxes)
-    check_tensor("scores", scores, ndim=1, what="Tensor[N]")
-    check_float("scores", scores)
+        raise e.value(f"boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    check_float_dtype("boxes", boxes, e)
+    check_tensor("scores", scores, ndim=1, what="Tensor[N]", errors=e)
+    check_float("scores", scores, e)
     if scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"scores must have one entry per box: got {scores.shape[0]} scores "
-                         f"for {boxes.shape[0]} boxes")
+        raise e.value(f"scores must have one entry per box: got {scores.shape[0]} scores "
+                      f"for {boxes.shape[0]} boxes")
     check_same_device(boxes=boxes, scores=scores)
     if idxs is not None:
-        check_tensor("idxs", idxs, ndim=1, what="Tensor[N]")
-        check_integer("idxs", idxs)
+        check_tensor("idxs", idxs, ndim=1, what="Tensor[N]", errors=e)
+        if idxs.is_complex():      # torchvision takes any real dtype (idxs.to(boxes))
+            raise e.dtype(f"idxs must be a real tensor, got {idxs.dtype}")
         if idxs.shape[0] != boxes.shape[0]:
-            raise ValueError(f"idxs must have one entry per box: got {idxs.shape[0]} idxs "
-                             f"for {boxes.shape[0]} boxes")
+            raise e.value(f"idxs must have one entry per box: got {idxs.shape[0]} idxs "
+                          f"for {boxes.shape[0]} boxes")
         check_same_device(boxes=boxes, idxs=idxs)
     if isinstance(iou_threshold, torch.Tensor) and iou_threshold.numel() == 1:
         iou_threshold = iou_threshold.item()
     if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
-        raise TypeError(f"iou_threshold must be a float, got {iou_threshold!r}")
-    if iou_threshold != iou_threshold:
-        raise ValueError("iou_threshold must not be NaN")
+        raise e.dtype(f"iou_threshold must be a float, got {iou_threshold!r}")
+    return float(iou_threshold)   # NaN, as in torchvision, suppresses nothing
+
+
+def _quantized(*tensors) -> bool:
+    return any(isinstance(t, Tensor) and t.is_quantized for t in tensors)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Drop-in for ``torchvision.ops.nms``.
 
     boxes: Tensor[N, 4] (x1, y1, x2, y2), float32/float16/bfloat16 (IoU in float32) or
-    float64; scores: Tensor[N] float. Returns the kept indices (int64) by decreasing score,
-    equal scores by lower index. Two host syncs: the NaN/inf check of boxes and scores
-    before any kernel runs, and the size of the result.
+    float64; scores: Tensor[N] float; quantized tensors go to torchvision's quantized
+    kernel. Returns the kept indices (int64) by decreasing score, equal scores by lower
+    index. Two host syncs: here, the NaN/inf check before any kernel runs (skipped while
+    tracing or capturing); in the op, the size of the result.
     """
-    _check(boxes, scores, None, iou_threshold)
-    return _nms_op(boxes, scores, float(iou_threshold))
+    if _quantized(boxes, scores):
+        return torchvision.ops.nms(boxes, scores, iou_threshold)
+    threshold = _check(boxes, scores, None, iou_threshold)
+    return _nms_op(boxes, scores, threshold, *_pre_launch_sync(boxes, scores, None))
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """Drop-in for ``torchvision.ops.batched_nms``: NMS inside each value of ``idxs``.
 
     Work and memory follow the per-class counts (no N x N mask, no loop over classes).
-    Two host syncs: before any kernel runs, the NaN/inf check with the longest class and
-    the class count (they size the mask); after, the size of the result.
+    Empty boxes (any shape) return an empty int64 tensor before anything else is looked
+    at, as torchvision's. Two host syncs: here, before any kernel runs, the NaN/inf check
+    with the longest class and the class count (they size the mask; skipped while tracing
+    or capturing); in the op, the size of the result.
     """
-    _check(boxes, scores, idxs, iou_threshold)
-    return _batched_nms_op(boxes, scores, idxs, float(iou_threshold))
+    if isinstance(boxes, Tensor) and boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if _quantized(boxes, scores):
+        return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    check_tensor("idxs", idxs, errors=NMS_ERRORS)
+    threshold = _check(boxes, scores, idxs, iou_threshold)
+    return _batched_nms_op(boxes, scores, idxs, threshold,
+                           *_pre_launch_sync(boxes, scores, idxs))
 
 
 def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
@@ -452,8 +484,9 @@ def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
     the inputs cannot be checked for NaN or infinite values: the mask is unspecified then.
     Fits CUDA graphs and ``torch.compile`` without a graph break.
     """
-    _check(boxes, scores, idxs, iou_threshold)
-    return _batched_nms_mask_op(boxes, scores, idxs, float(iou_threshold))
+    check_tensor("idxs", idxs, errors=NMS_ERRORS)
+    threshold = _check(boxes, scores, idxs, iou_threshold)
+    return _batched_nms_mask_op(boxes, scores, idxs, threshold)
 
 
 def _compile_examples(device: str = "cpu") -> None:

@@ -167,8 +167,9 @@ register_tuning(_paste_masks_in_image_kernel, _TUNING)
 # ---------------------------------------------------------------------------------------
 # Host launcher
 
-def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
-                        threshold: float | None, out_dtype: torch.dtype) -> Tensor:
+def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w: int,
+                                 padding: int, threshold: float | None,
+                                 out_dtype: torch.dtype) -> Tensor:
     """Launch the paste kernel; inputs already validated (see :func:`paste_masks_in_image`)."""
     n, _, mh, mw = masks.shape
     thresholding = threshold is not None
@@ -179,7 +180,8 @@ def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w
         expand = boxes.dtype == torch.float32
         box_arg = boxes.contiguous() if expand else expanded_int_boxes(boxes, scale)
         thr = threshold_in(masks.dtype, threshold) if thresholding else 0.0
-        tuning = pick_tuning(_paste_masks_in_image_kernel, _TUNING[1] if thresholding else _TUNING[0])
+        tuning = pick_tuning(_paste_masks_in_image_kernel,
+                             _TUNING[1] if thresholding else _TUNING[0])
         grid = (n, cdiv(img_h, tuning["BLOCK_H"]), cdiv(img_w, tuning["BLOCK_W"]))
         scale32 = float(torch.tensor(scale, dtype=torch.float32))  # as torch's scalar mul
         launch(_paste_masks_in_image_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,
@@ -192,7 +194,8 @@ def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w
 # torch.library registration (no autograd: an inference op)
 
 def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
-    """Finite, not absurdly large coordinates: one host sync, skipped while tracing."""
+    """Finite, not absurdly large coordinates, in the public wrapper: one host sync,
+    skipped while tracing or capturing."""
     if boxes.numel() == 0 or is_tracing():
         return
     biggest = float(boxes.detach().abs().max())  # NaN propagates through max
@@ -204,7 +207,6 @@ def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
 @torch.library.custom_op("maskrcnn_triton::paste_masks_in_image", mutates_args=())
 def _paste_masks_in_image_op(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
                     threshold: float | None, out_dtype: torch.dtype) -> Tensor:
-    check_boxes_data(boxes)
     impl = pick_path(masks, paste_masks_in_image_forward,
                      reference.paste_masks_in_image_forward)
     return impl(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
@@ -266,6 +268,7 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
             raise TypeError(f"out_dtype must be torch.bool or torch.uint8 with a threshold, "
                             f"got {out_dtype}")
         threshold = float(threshold)
+    check_boxes_data(boxes)
     return _paste_masks_in_image_op(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
 
 

@@ -19,16 +19,18 @@ and occupancy. The sampling itself (box decode, bilinear rule, level) is
 from __future__ import annotations
 
 import torch
+import torchvision
 import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from .. import reference
+from .. import _cpu, reference
 from .._sampling import (MAX_LEVELS, along_c, along_p, check_image_extent, level_args, p_major,
                          Pyramid, roi_on_level, roi_tile, sample_rows, sampling_entries)
-from .._utils import (cdiv, check_float, check_float_dtype, check_same_device, check_tensor,
-                      deterministic_algorithms, is_channels_last, is_tracing, launch, pair,
-                      pick_path, pick_tuning, register_lanes, register_tuning, row_chunks)
+from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, check_float_dtype,
+                      check_same_device, check_tensor, deterministic_algorithms, fx_leaf,
+                      is_channels_last, is_tracing, launch, pair, pick_path, pick_tuning,
+                      register_lanes, register_tuning, row_chunks, ValueIndexError)
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def pool_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid, pooled_
     rois = rois.to(torch.float32).contiguous()
     out = torch.empty(k, c, pooled_h, pooled_w, dtype=features[0].dtype,
                       device=features[0].device)
-    if k == 0 or c == 0:
+    if out.numel() == 0:
         return out
     for f, name in zip(features, _map_names(len(features))):
         check_image_extent(f.shape, f.stride(), name)
@@ -265,7 +267,7 @@ def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], pyramid: Pyra
     """Add each RoI's output gradient into its level's float32 buffer in ``grads``."""
     k = rois.shape[0]
     c = grads[0].shape[1]
-    if k == 0 or c == 0 or grads[0].shape[0] == 0:
+    if k == 0 or c == 0 or grads[0].shape[0] == 0 or pooled_h * pooled_w == 0:
         return
     rois = rois.to(torch.float32).contiguous()
     for g, name in zip(grads, _map_names(len(grads))):
@@ -316,6 +318,8 @@ def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: 
     out = torch.empty(n, c, h, w, dtype=grad.dtype, device=grad.device).to(memory_format=fmt)
     if out.numel() == 0:
         return out
+    if grad.numel() == 0:
+        return out.zero_()
     check_image_extent(out.shape, out.stride(), "input")
     rows, cols, weights = sampling_entries(
         rois.to(torch.float32), spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
@@ -337,16 +341,17 @@ def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: 
 # torch.library registration and autograd
 
 def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
-    """Data checks that need the values: one host sync, skipped while tracing."""
+    """Data checks that need the values, in the public wrappers: one host sync, skipped
+    while tracing or capturing."""
     if rois.numel() == 0 or is_tracing():
         return
-    batch = rois[:, 0]
-    finite = torch.isfinite(rois).all()
-    lo, hi, ok = torch.stack([batch.min().double(), batch.max().double(),
-                              finite.double()]).tolist()
-    if not ok:
+    batch = rois[:, 0].detach()
+    lo, hi, finite, whole = torch.stack([
+        batch.min().double(), batch.max().double(), torch.isfinite(rois).all().double(),
+        (batch == batch.floor()).all().double()]).tolist()
+    if not finite:
         raise ValueError(f"{name} must be finite, got NaN or infinite coordinates")
-    if lo < 0 or hi >= batch_size or not bool((batch == batch.floor()).all()):
+    if lo < 0 or hi >= batch_size or not whole:
         raise ValueError(f"{name} batch indices must be integers in [0, {batch_size}), "
                          f"got values in [{lo:g}, {hi:g}]")
 
@@ -354,8 +359,8 @@ def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
 @torch.library.custom_op("maskrcnn_triton::roi_align", mutates_args=())
 def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                   pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
-    check_rois_data(rois, input.shape[0])
-    impl = pick_path(input, roi_align_forward, reference.roi_align_forward)
+    impl = pick_path(input, roi_align_forward, reference.roi_align_forward,
+                     cpu=_cpu.roi_align_forward)
     return impl(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
 
 
@@ -370,7 +375,7 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, poo
                            channels: int, height: int, width: int,
                            channels_last: bool) -> Tensor:
     impl = pick_path(grad, roi_align_backward, reference.roi_align_backward,
-                     roi_align_backward_deterministic)
+                     roi_align_backward_deterministic, _cpu.roi_align_backward)
     return impl(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
                 (batch, channels, height, width), channels_last)
 
@@ -403,15 +408,19 @@ _roi_align_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 
 def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> Tensor:
-    """Validate ``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` and return the (K, 5) form."""
+    """Validate ``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` and return the (K, 5) form.
+    Errors are also torchvision's classes (its ``check_roi_boxes_shape`` asserts)."""
+    e = ROI_BOXES_ERRORS
     if isinstance(boxes, torch.Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
-                             f"got shape {tuple(boxes.shape)}")
-        check_float(name, boxes)
+            # torchvision reads boxes.size(1) first: an IndexError for a 1-D tensor
+            error = ValueIndexError if boxes.dim() < 2 else e.value
+            raise error(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
+                        f"got shape {tuple(boxes.shape)}")
+        check_float(name, boxes, e)
         return boxes
     if not isinstance(boxes, (list, tuple)):
-        raise TypeError(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
+        raise e.missing(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
                         f"got {type(boxes).__name__}")
     if batch_size is not None and len(boxes) != batch_size:
         raise ValueError(f"{name} has {len(boxes)} entries but input has batch size "
@@ -419,10 +428,10 @@ def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> 
     if not boxes:
         raise ValueError(f"{name} must not be an empty list")
     for i, b in enumerate(boxes):
-        check_tensor(f"{name}[{i}]", b, ndim=2)
-        if b.shape[1] != 4:
-            raise ValueError(f"{name}[{i}] must be Tensor[L, 4], got shape {tuple(b.shape)}")
-        check_float(f"{name}[{i}]", b)
+        check_tensor(f"{name}[{i}]", b, errors=e)
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise e.value(f"{name}[{i}] must be Tensor[L, 4], got shape {tuple(b.shape)}")
+        check_float(f"{name}[{i}]", b, e)
         check_same_device(**{f"{name}[0]": boxes[0], f"{name}[{i}]": b})
     dtype = boxes[0].dtype
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], 1)
@@ -430,22 +439,31 @@ def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> 
     return rois
 
 
+@fx_leaf
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
               sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """Drop-in for ``torchvision.ops.roi_align``.
 
     input: (N, C, H, W) float32/float16/bfloat16 (float64 runs the reference path), NCHW or
-    channels_last. boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or list[Tensor[L, 4]].
-    Returns (K, C, PH, PW) in input's dtype. With Tensor[K, 5] boxes the batch indices are
-    checked on the host (one sync); list boxes need no check.
+    channels_last; quantized tensors go to torchvision's quantized kernel. boxes:
+    Tensor[K, 5] (batch index, x1, y1, x2, y2) or list[Tensor[L, 4]]. Returns
+    (K, C, PH, PW) in input's dtype (an output_size of 0 gives an empty result, as
+    torchvision's). With Tensor[K, 5] boxes the batch indices and coordinates are checked
+    on the host (one sync; none while tracing or capturing); list boxes are checked for
+    finite coordinates in the same way. A torch.fx leaf, as torchvision's.
     """
-    check_tensor("input", input, ndim=4, what="a 4-D (N, C, H, W) tensor")
-    check_float_dtype("input", input)
-    pooled_h, pooled_w = pair("output_size", output_size)
+    e = ROI_INPUT_ERRORS
+    check_tensor("input", input, ndim=4, what="a 4-D (N, C, H, W) tensor", errors=e)
+    if input.is_quantized:
+        return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale,
+                                         sampling_ratio, aligned)
+    check_float_dtype("input", input, e)
+    pooled_h, pooled_w = pair("output_size", output_size, e, least=0)
     rois = boxes_to_rois(boxes, input.shape[0])
     check_same_device(input=input, boxes=rois)
     if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
-        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+        raise e.dtype(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    check_rois_data(rois, input.shape[0])
     return _roi_align_op(input, rois, float(spatial_scale), pooled_h, pooled_w,
                          int(sampling_ratio), bool(aligned))
 

@@ -1,0 +1,121 @@
+"""The CPU path: where a faster CPU kernel computes our op's result, it runs instead of the
+reference (decided per op and dtype from the CPU benchmark; the references stay the oracle).
+
+* torchvision's C++ kernels (float32 and float64, the dtypes they compute in): RoI Align at
+  one level and per level of a pyramid, forward and backward (their loops beat our sparse
+  matrix product at every benchmarked shape); NMS below ``NMS_CROSSOVER`` boxes in the
+  longest class, where its O(N^2) loop is still cheap (above, our blocked path wins).
+  torchvision's ``maskrcnn_loss`` targets are its ``roi_align`` of the gt masks: that too.
+* PyTorch's fused CPU ops for the mask losses' BCE, every dtype (in float32): the same
+  formula as the reference, one kernel instead of six.
+
+Each function takes the arguments of the launcher it stands in for, as the references do,
+and says which dtypes it serves (``dtypes``) and what the report calls it (``path``).
+bfloat16/float16 RoI Align and NMS, the fused predictor loss and the one-pass paste have no
+faster CPU kernel with the same result: they stay on the reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+
+from . import reference
+from ._sampling import Pyramid
+from ._utils import FLOAT_DTYPES, TORCHVISION_CPU_DTYPES, compute_dtype
+
+
+def _serves(dtypes, path: str):
+    def mark(fn):
+        fn.dtypes, fn.path = dtypes, path
+        return fn
+    return mark
+
+
+TORCHVISION = _serves(TORCHVISION_CPU_DTYPES, "torchvision")
+TORCH = _serves(FLOAT_DTYPES, "torch")
+
+# Boxes in the longest class at which our path overtakes torchvision's nms on the CPU
+# (2-core x86: 4k boxes in one class ours 1.0x, 8k 1.3x; 5k in 80 classes theirs 2-3x).
+NMS_CROSSOVER = 4096
+
+
+@TORCHVISION
+def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                      pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    return torch.ops.torchvision.roi_align(input, rois.to(input.dtype), spatial_scale,
+                                           pooled_h, pooled_w, sampling_ratio, aligned)
+
+
+@TORCHVISION
+def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
+                       pooled_w: int, sampling_ratio: int, aligned: bool,
+                       input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
+    n, c, h, w = input_shape
+    out = torch.ops.torchvision._roi_align_backward(
+        grad.contiguous(), rois.to(grad.dtype), spatial_scale, pooled_h, pooled_w, n, c, h, w,
+        sampling_ratio, aligned)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@TORCHVISION
+def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
+                                 pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
+    return reference.multiscale_roi_align_forward(features, rois, pyramid, pooled_h, pooled_w,
+                                                  sampling_ratio, pool=roi_align_forward)
+
+
+@TORCHVISION
+def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, pyramid: Pyramid,
+                                  pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
+    return reference.multiscale_roi_align_backward(grad, rois, pyramid, pooled_h, pooled_w,
+                                                   sampling_ratio, pool=roi_align_backward)
+
+
+# torchvision's own batched_nms, held before patch_torchvision() could replace it by ours
+_BATCHED_NMS = torchvision.ops.boxes.batched_nms
+
+
+def nms_wins(boxes: Tensor, scores: Tensor, longest: int) -> bool:
+    """torchvision's nms is the faster CPU path for this call (``longest``: the longest
+    class, -1 when unknown) and takes these inputs as they are."""
+    return 0 <= longest < NMS_CROSSOVER and scores.dtype == boxes.dtype
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
+
+
+@TORCH
+def mask_loss_forward(logits: Tensor, targets: Tensor, labels: Tensor,
+                      compute_grad: bool) -> tuple[Tensor, Tensor]:
+    n, _, m, _ = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    x = logits[torch.arange(n, device=logits.device), labels].to(cdt)
+    t = targets.to(cdt)
+    loss = F.binary_cross_entropy_with_logits(x, t)
+    grad = (torch.sigmoid(x) - t) / x.numel() if compute_grad else x.new_empty(0, m, m)
+    return loss, grad
+
+
+@TORCH
+def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
+                          gt_masks: list[Tensor], rows: list[int],
+                          compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """torchvision's targets (its C++ roi_align of each image's gt masks, float32: what
+    ``project_masks_on_boxes`` computes), then :func:`mask_loss_forward`."""
+    size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
+    targets, start = [], 0
+    for masks, r in zip(gt_masks, rows):
+        if r:
+            boxes = rois[start:start + r].to(cdt)
+            targets.append(torch.ops.torchvision.roi_align(
+                masks[:, None].to(cdt), boxes, 1.0, size, size, -1, False)[:, 0])
+        start += r
+    targets = torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=cdt)
+    return mask_loss_forward(logits, targets, labels, compute_grad)

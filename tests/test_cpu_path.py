@@ -1,0 +1,135 @@
+"""The CPU path outside the interpreter: each op runs torchvision's C++ kernel where it gives
+the same result faster (float32/float64 RoI Align at one level or per level, NMS below the
+crossover), ours elsewhere; both checked against our references (the independent oracle),
+and ``reference_path()`` still forces the references."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import kernels
+from kernels import _cpu, _utils
+from kernels._utils import last_path, reference_path
+from conftest import tol
+
+
+@pytest.fixture(autouse=True)
+def cpu_path(monkeypatch):
+    """CPU tensors take the CPU path even when the suite runs the interpreter."""
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    last_path.clear()
+
+
+def _roi_case(dtype, channels_last=False):
+    x = torch.randn(2, 5, 19, 23, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = torch.cat([torch.randint(0, 2, (7, 1)).to(dtype),
+                      torch.rand(7, 2, dtype=dtype) * 10,
+                      10 + torch.rand(7, 2, dtype=dtype) * 12], 1)
+    return x, rois
+
+
+def _run_roi_align(x, rois):
+    x = x.detach().clone().requires_grad_()
+    out = kernels.roi_align(x, rois, (3, 4), 0.8, -1, True)
+    grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    out.backward(grad)
+    return out, x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_runs_torchvision_with_the_references_result(dtype, channels_last):
+    x, rois = _roi_case(dtype, channels_last)
+    out, grad = _run_roi_align(x, rois)
+    assert last_path == {"roi_align_forward": "torchvision",
+                         "roi_align_backward": "torchvision"}
+    assert grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    with reference_path():
+        ref_out, ref_grad = _run_roi_align(x, rois)
+    assert last_path["roi_align_forward"] == "reference"
+    assert_close(out, ref_out, **tol(dtype))
+    assert_close(grad, ref_grad, **tol(dtype))
+
+
+def test_roi_align_half_types_stay_ours():
+    x, rois = _roi_case(torch.float32)
+    kernels.roi_align(x.bfloat16(), rois, 2)
+    assert last_path["roi_align_forward"] == "reference"
+
+
+def test_multiscale_roi_align_runs_torchvision_per_level():
+    x = {"0": torch.randn(2, 4, 32, 32, requires_grad=True),
+         "1": torch.randn(2, 4, 16, 16, requires_grad=True)}
+    boxes = [torch.tensor([[1.0, 2.0, 60.0, 50.0], [3.0, 3.0, 9.0, 12.0]]),
+             torch.tensor([[0.0, 0.0, 120.0, 100.0]])]
+    pooler = kernels.MultiScaleRoIAlign(["0", "1"], 3, 2)
+    out = pooler(x, boxes, [(128, 128)] * 2)
+    out.sum().backward()
+    assert last_path == {"multiscale_roi_align_forward": "torchvision",
+                         "multiscale_roi_align_backward": "torchvision"}
+    grads = [v.grad.clone() for v in x.values()]
+    for v in x.values():
+        v.grad = None
+    with reference_path():
+        ref = kernels.MultiScaleRoIAlign(["0", "1"], 3, 2)(x, boxes, [(128, 128)] * 2)
+        ref.sum().backward()
+    assert_close(out, ref, **tol(torch.float32))
+    for g, v in zip(grads, x.values()):
+        assert_close(g, v.grad, **tol(torch.float32))
+
+
+def _boxes(n, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + 8 + torch.rand(n, 2, generator=g) * 60], 1)
+    return boxes, torch.rand(n, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("n, classes, path", [(300, 1, "torchvision"), (600, 40, "torchvision"),
+                                              (_cpu.NMS_CROSSOVER + 100, 1,
+                                               "reference")])
+def test_nms_path_follows_the_longest_class(n, classes, path):
+    boxes, scores, idxs = _boxes(n, classes)
+    kept = kernels.batched_nms(boxes, scores, idxs, 0.4)
+    assert last_path["nms_forward"] == path
+    with reference_path():
+        expected = kernels.batched_nms(boxes, scores, idxs, 0.4)
+    assert torch.equal(kept, expected)
+    if classes == 1:
+        assert torch.equal(kernels.nms(boxes, scores, 0.4), expected)
+
+
+def _mask_case(dtype):
+    logits = torch.randn(6, 4, 7, 7).to(dtype)
+    labels = torch.tensor([0, 3, 1, 1, 2, 0])
+    gt = [torch.rand(3, 40, 50) > 0.5, (torch.rand(2, 30, 20) > 0.5).to(torch.uint8)]
+    proposals = [torch.tensor([[1.0, 2.0, 30.0, 35.0], [0.0, 0.0, 49.0, 39.0],
+                               [10.0, 5.0, 12.0, 9.0], [20.0, 20.0, 45.0, 38.0]]),
+                 torch.tensor([[0.0, 0.0, 19.0, 29.0], [3.0, 4.0, 15.0, 25.0]])]
+    matched = [torch.tensor([0, 2, 1, 0]), torch.tensor([1, 0])]
+    gt_labels = [torch.tensor([0, 3, 1]), torch.tensor([2, 1])]
+    return logits, labels, (proposals, gt, gt_labels, matched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_losses_run_torchs_fused_bce_with_the_references_result(dtype):
+    logits, labels, inst = _mask_case(dtype)
+    targets = torch.rand(6, 7, 7)
+    results = {}
+    for forced in (False, True):
+        with reference_path() if forced else torch.enable_grad():
+            x = logits.clone().requires_grad_()
+            loss = kernels.mask_loss(x, targets, labels)
+            loss.backward()
+            y = logits.clone().requires_grad_()
+            loss2 = kernels.maskrcnn_loss(y, *inst)
+            loss2.backward()
+            results[forced] = (loss, x.grad, loss2, y.grad)
+            if not forced:
+                assert last_path["mask_loss_forward"] == "torch"
+                assert last_path["maskrcnn_loss_forward"] == "torch"
+    for a, b in zip(results[False], results[True]):
+        assert_close(a, b, **tol(dtype))
