@@ -27,6 +27,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 IMAGE = (800, 1216)   # (height, width): a COCO image as Mask R-CNN's transform resizes it
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Repeats per CPU timing (medians): on a shared 2-core machine 3 left +-10% between two
+# identical kernels; CUDA timings are do_bench's.
+CPU_REPS = 7
 
 
 def default_device() -> str:
@@ -121,21 +124,23 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def measure(row: dict, provider: str, fn: Callable[[], object], device: str, nbytes: int,
-            reps: int | None = None) -> None:
+def measure(row: dict, provider: str, fn: Callable[[], object], device: str,
+            nbytes: int | None, reps: int | None = None, warmup: int = 1) -> None:
     """Time ``fn`` and record, under ``<provider>_``: ms, 20/80 quantiles, peak bytes, GB/s;
     and the row's ``min_MB``: the bytes the op must move at least (outputs written, inputs
-    read once), from which GB/s and the share of the copy bandwidth are taken."""
-    row["min_MB"] = nbytes / 1e6
+    read once), from which GB/s and the share of the copy bandwidth are taken (``nbytes``
+    None: a whole model, no byte count)."""
     last_path.clear()
-    t = time_ms(fn, device, reps=reps)
+    t = time_ms(fn, device, reps=reps, warmup=warmup)
     if provider == "ours":
         row["ours_path"] = ran_path()
     row[f"{provider}_ms"] = t["ms"]
     row[f"{provider}_ms_p20"] = t["ms_p20"]
     row[f"{provider}_ms_p80"] = t["ms_p80"]
     row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
-    row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+    if nbytes is not None:
+        row["min_MB"] = nbytes / 1e6
+        row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
 
 
 def ran_path() -> str:

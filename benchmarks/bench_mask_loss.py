@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 
 import kernels
-from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, measure, parity,
                                 write_results)
 
 M = 28
@@ -135,7 +135,7 @@ def settings(quick: bool, dtypes, device: str | None, tiny: bool):
     small = quick and device == "cpu"
     dtypes = dtypes or (("float32",) if small else ("float32", "bfloat16"))
     sizes = (4,) if tiny else (128,) if small else (128, 512)
-    return device, dtypes, sizes, 1 if tiny else 3 if device == "cpu" else None
+    return device, dtypes, sizes, 1 if tiny else CPU_REPS if device == "cpu" else None
 
 
 def run(quick: bool = False, dtypes=None, device: str | None = None,

@@ -18,9 +18,7 @@ import torch
 import torchvision
 
 import maskrcnn
-from benchmarks._common import (default_device, format_table, parity, peak_memory_bytes,
-                                ran_path, time_ms, write_results)
-from kernels._utils import last_path
+from benchmarks._common import default_device, format_table, measure, parity, write_results
 
 
 def make_batch(size: tuple[int, int], device: str, images: int = 2, objects: int = 8,
@@ -70,7 +68,7 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
         kwargs.update(rpn_pre_nms_top_n_train=top[0], rpn_post_nms_top_n_train=top[1],
                       rpn_pre_nms_top_n_test=top[0], rpn_post_nms_top_n_test=top[1],
                       box_batch_size_per_image=16 if tiny else 128)
-    reps = 1 if device == "cpu" else None
+    reps = 1 if tiny else 3 if device == "cpu" else None
     tv, ours = build_pair(device, **kwargs)
     images, targets = make_batch(size, device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device == "cuda" \
@@ -126,15 +124,7 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
                "dtype": "bf16 autocast" if amp and device == "cuda" else "float32",
                "detections": sum(len(o["boxes"]) for o in our_out), "parity": match[mode]}
         for provider, model in (("ours", ours), ("torchvision", tv)):
-            fn = make(model)
-            last_path.clear()
-            t = time_ms(fn, device, reps=reps, warmup=1)
-            if provider == "ours":
-                row["ours_path"] = ran_path()
-            row[f"{provider}_ms"] = t["ms"]
-            row[f"{provider}_ms_p20"] = t["ms_p20"]
-            row[f"{provider}_ms_p80"] = t["ms_p80"]
-            row[f"{provider}_peak_bytes"] = peak_memory_bytes(fn, device)
+            measure(row, provider, make(model), device, None, reps)
         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
         if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
             row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]

@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 import kernels
-from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, measure, parity,
                                 write_results)
 
 STRIDES = (4, 8, 16, 32)
@@ -71,7 +71,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
         channels_last: bool = False, write: bool = True, tiny: bool = False) -> list[dict]:
     device = device or default_device()
     on_cpu = device == "cpu"
-    reps = 1 if tiny else 3 if on_cpu else None
+    reps = 1 if tiny else CPU_REPS if on_cpu else None
     cases = {k: v for k, v in CASES.items() if not (quick or tiny) or k.startswith("train")}
     image, channels = ((128, 192), 8) if tiny else (IMAGE, 256)
     rows = []

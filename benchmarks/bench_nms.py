@@ -18,8 +18,8 @@ import torch
 import torchvision
 
 import kernels
-from benchmarks._common import (DTYPES, IMAGE, cli, default_device, format_table, measure,
-                                parity, write_results)
+from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, format_table,
+                                measure, parity, write_results)
 
 SIZES = (1000, 5000, 20000, 100000)
 THRESHOLD = 0.5
@@ -45,7 +45,7 @@ def run(quick: bool = False, dtypes=("float32",), device: str | None = None,
         write: bool = True, tiny: bool = False) -> list[dict]:
     device = device or default_device()
     sizes = (200,) if tiny else SIZES[:2] if quick else SIZES
-    reps = 1 if tiny else 3 if device == "cpu" else None
+    reps = 1 if tiny else CPU_REPS if device == "cpu" else None
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]

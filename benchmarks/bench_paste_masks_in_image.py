@@ -16,7 +16,7 @@ import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste
 
 import kernels
-from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, measure, parity,
                                 write_results)
 
 MASKS = 100
@@ -64,7 +64,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
     device = device or default_device()
     image = (48, 64) if tiny else (200, 304) if quick and device == "cpu" else IMAGE
     count = 6 if tiny else MASKS
-    reps = 1 if tiny else 3 if device == "cpu" else None
+    reps = 1 if tiny else CPU_REPS if device == "cpu" else None
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]

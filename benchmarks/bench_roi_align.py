@@ -16,7 +16,7 @@ import torchvision
 
 import kernels
 from kernels._utils import deterministic_algorithms
-from benchmarks._common import (DTYPES, IMAGE, cli, default_device, measure, parity,
+from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, measure, parity,
                                 write_results)
 
 LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
@@ -59,7 +59,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
     levels = ({"P4": 16} if small or tiny else {"P2": 4, "P4": 16}) if quick else LEVELS
     rois_per_image = 4 if tiny else 64 if small else 512
     image, channels = ((128, 192), 16) if tiny else (IMAGE, 256)
-    reps = 1 if tiny else 3 if device == "cpu" else None
+    reps = 1 if tiny else CPU_REPS if device == "cpu" else None
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]

@@ -1,18 +1,19 @@
 """The CPU path: where a faster CPU kernel computes our op's result, it runs instead of the
 reference (decided per op and dtype from the CPU benchmark; the references stay the oracle).
 
-* torchvision's C++ kernels (float32 and float64, the dtypes they compute in): RoI Align at
-  one level and per level of a pyramid, forward and backward (their loops beat our sparse
-  matrix product at every benchmarked shape); NMS below ``NMS_CROSSOVER`` boxes in the
-  longest class, where its O(N^2) loop is still cheap (above, our blocked path wins).
+* torchvision's C++ kernels (they compute in float32/float64: float16/bfloat16 inputs are
+  upcast to float32 and the result rounded once, as our kernels and references do): RoI
+  Align at one level and per level of a pyramid, forward and backward (their loops beat our
+  sparse matrix product at every benchmarked shape); NMS below ``NMS_CROSSOVER`` boxes in
+  the longest class, where its O(N^2) loop is still cheap (above, our blocked path wins).
   torchvision's ``maskrcnn_loss`` targets are its ``roi_align`` of the gt masks: that too.
 * PyTorch's fused CPU ops for the mask losses' BCE, every dtype (in float32): the same
   formula as the reference, one kernel instead of six.
 
 Each function takes the arguments of the launcher it stands in for, as the references do,
 and says which dtypes it serves (``dtypes``) and what the report calls it (``path``).
-bfloat16/float16 RoI Align and NMS, the fused predictor loss and the one-pass paste have no
-faster CPU kernel with the same result: they stay on the reference.
+The fused predictor loss and the one-pass paste have no faster CPU kernel with the same
+result: they stay on the reference.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from . import reference
 from ._sampling import Pyramid
-from ._utils import FLOAT_DTYPES, TORCHVISION_CPU_DTYPES, compute_dtype
+from ._utils import FLOAT_DTYPES, compute_dtype
 
 
 def _serves(dtypes, path: str):
@@ -33,7 +34,9 @@ def _serves(dtypes, path: str):
     return mark
 
 
-TORCHVISION = _serves(TORCHVISION_CPU_DTYPES, "torchvision")
+# torchvision's C++ CPU kernels compute in float32/float64; half types are upcast to
+# float32 first and the result rounded once, which is what our kernels and references do.
+TORCHVISION = _serves(FLOAT_DTYPES, "torchvision")
 TORCH = _serves(FLOAT_DTYPES, "torch")
 
 # Boxes in the longest class at which our path overtakes torchvision's nms on the CPU
@@ -44,8 +47,10 @@ NMS_CROSSOVER = 4096
 @TORCHVISION
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
-    return torch.ops.torchvision.roi_align(input, rois.to(input.dtype), spatial_scale,
-                                           pooled_h, pooled_w, sampling_ratio, aligned)
+    cdt = compute_dtype(input.dtype)
+    out = torch.ops.torchvision.roi_align(input.to(cdt), rois.to(cdt), spatial_scale,
+                                          pooled_h, pooled_w, sampling_ratio, aligned)
+    return out.to(input.dtype)
 
 
 @TORCHVISION
@@ -53,9 +58,10 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        pooled_w: int, sampling_ratio: int, aligned: bool,
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
     n, c, h, w = input_shape
+    cdt = compute_dtype(grad.dtype)
     out = torch.ops.torchvision._roi_align_backward(
-        grad.contiguous(), rois.to(grad.dtype), spatial_scale, pooled_h, pooled_w, n, c, h, w,
-        sampling_ratio, aligned)
+        grad.to(cdt).contiguous(), rois.to(cdt), spatial_scale, pooled_h, pooled_w, n, c, h,
+        w, sampling_ratio, aligned).to(grad.dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -79,16 +85,20 @@ _BATCHED_NMS = torchvision.ops.boxes.batched_nms
 
 def nms_wins(boxes: Tensor, scores: Tensor, longest: int) -> bool:
     """torchvision's nms is the faster CPU path for this call (``longest``: the longest
-    class, -1 when unknown) and takes these inputs as they are."""
-    return 0 <= longest < NMS_CROSSOVER and scores.dtype == boxes.dtype
+    class, or an upper bound; -1 when unknown) and computes our result: IoU in float32
+    (float64 for float64 boxes), the scores held exactly in that dtype."""
+    exact = compute_dtype(boxes.dtype) == torch.float64 or scores.dtype != torch.float64
+    return 0 <= longest < NMS_CROSSOVER and exact
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+    cdt = compute_dtype(boxes.dtype)
+    return torch.ops.torchvision.nms(boxes.to(cdt), scores.to(cdt), iou_threshold)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
+    cdt = compute_dtype(boxes.dtype)
+    return _BATCHED_NMS(boxes.to(cdt), scores.to(cdt), idxs, iou_threshold)
 
 
 @TORCH

@@ -114,15 +114,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
 
 
-# torchvision's C++ CPU kernels take these dtypes and compute in them, as our references do.
-TORCHVISION_CPU_DTYPES = (torch.float32, torch.float64)
-
 # The path each op's last call ran ("triton", "torchvision", "torch" or "reference"), by
 # launcher name: the CPU benchmark report names it beside each row.
 last_path: dict[str, str] = {}
 
 
-def cpu_path(t: torch.Tensor, dtypes: Sequence[torch.dtype] = TORCHVISION_CPU_DTYPES) -> bool:
+def cpu_path(t: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> bool:
     """True when ``t`` may take an op's CPU path (``kernels._cpu``): a CPU tensor of one of
     ``dtypes``, outside the interpreter and ``reference_path()``."""
     return (not _force_reference and t.device.type == "cpu" and not use_triton(t)

@@ -54,10 +54,29 @@ def test_roi_align_runs_torchvision_with_the_references_result(dtype, channels_l
     assert_close(grad, ref_grad, **tol(dtype))
 
 
-def test_roi_align_half_types_stay_ours():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_roi_align_half_types_run_torchvision_on_float32(dtype):
+    """Upcast, torchvision's float32 kernel, one rounding: what the references compute."""
     x, rois = _roi_case(torch.float32)
-    kernels.roi_align(x.bfloat16(), rois, 2)
-    assert last_path["roi_align_forward"] == "reference"
+    out, grad = _run_roi_align(x.to(dtype), rois)
+    assert last_path["roi_align_forward"] == last_path["roi_align_backward"] == "torchvision"
+    assert out.dtype == grad.dtype == dtype
+    with reference_path():
+        ref_out, ref_grad = _run_roi_align(x.to(dtype), rois)
+    assert_close(out, ref_out, **tol(dtype))
+    assert_close(grad, ref_grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("boxes_dtype, scores_dtype, path", [
+    (torch.bfloat16, torch.bfloat16, "torchvision"), (torch.float16, torch.float32, "torchvision"),
+    (torch.float32, torch.float64, "reference")])   # float64 scores do not fit in float32
+def test_nms_half_types_run_torchvision_on_float32(boxes_dtype, scores_dtype, path):
+    boxes, scores, _ = _boxes(500, 1)
+    boxes, scores = boxes.to(boxes_dtype), scores.to(scores_dtype)
+    kept = kernels.nms(boxes, scores, 0.4)
+    assert last_path["nms_forward"] == path
+    with reference_path():
+        assert torch.equal(kept, kernels.nms(boxes, scores, 0.4))
 
 
 def test_multiscale_roi_align_runs_torchvision_per_level():

@@ -314,18 +314,21 @@ def work_model(segment_sizes: list[int], segmented: bool = True,
 def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tuple[int, int]:
     """The public wrappers' one host sync before any launch: the NaN/inf check of boxes and
     scores, read with the longest class and the class count (they size the mask band and
-    pick the greedy pass's tiles). Skipped while tracing or capturing: (-1, -1), the band
-    then follows MASK_BUDGET_BYTES."""
+    pick the greedy pass's tiles, or the CPU path). Skipped while tracing or capturing:
+    (-1, -1), the band then follows MASK_BUDGET_BYTES. On the CPU path below the crossover
+    the box count bounds the longest class: no count is needed, and none is made."""
     if is_tracing():
         return -1, -1
+    n = boxes.shape[0]
     bad = ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
-    if idxs is None:
-        longest = torch.tensor(boxes.shape[0], device=boxes.device)
-        classes = torch.ones((), dtype=torch.int64, device=boxes.device)
-    else:
-        counts = torch.unique(idxs, return_counts=True)[1]
-        longest, classes = counts.max(), torch.tensor(counts.numel(), device=boxes.device)
-    bad, longest, classes = torch.stack([bad.long(), longest.long(), classes.long()]).tolist()
+    if idxs is None or (cpu_path(boxes) and n < _cpu.NMS_CROSSOVER):
+        if bad:
+            raise ValueError("boxes must have finite coordinates and scores must not be NaN")
+        return n, 1 if idxs is None else -1
+    counts = torch.unique(idxs, return_counts=True)[1]
+    bad, longest, classes = torch.stack([
+        bad.long(), counts.max().long(),
+        torch.tensor(counts.numel(), device=boxes.device)]).tolist()
     if bad:
         raise ValueError("boxes must have finite coordinates and scores must not be NaN")
     return longest, classes
