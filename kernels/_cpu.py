@@ -10,6 +10,13 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
 * PyTorch's fused CPU ops for the mask losses' BCE, every dtype (in float32): the same
   formula as the reference, one kernel instead of six.
 
+Two forms: the launcher stand-ins below (``pick_path(cpu=...)`` in the custom ops, which
+return what the Triton launchers return), and the autograd forms at the end, which the
+public functions call on the CPU path instead of the custom op where the op's structure
+costs time the CPU does not need to spend: MultiScaleRoIAlign's flat gradient buffer (one
+kernel launch on a GPU, an extra copy here) and the mask losses' gradient-in-forward (one
+pass on a GPU, a wasted one when only the forward runs).
+
 Each function takes the arguments of the launcher it stands in for, as the references do,
 and says which dtypes it serves (``dtypes``) and what the report calls it (``path``).
 The fused predictor loss and the one-pass paste have no faster CPU kernel with the same
@@ -129,3 +136,45 @@ def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
         start += r
     targets = torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=cdt)
     return mask_loss_forward(logits, targets, labels, compute_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd forms: torchvision's and PyTorch's own ops, their own backward.
+
+def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
+                         pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
+    """torchvision's MultiScaleRoIAlign computation: levels, then its roi_align per level
+    (its autograd), half types upcast to float32 and the result rounded once."""
+    dtype = features[0].dtype
+    cdt = compute_dtype(dtype)
+    levels = pyramid.levels(rois, cdt)
+    out = features[0].new_zeros(rois.shape[0], features[0].shape[1], pooled_h, pooled_w,
+                                dtype=cdt)
+    for lvl, (feature, scale) in enumerate(zip(features, pyramid.scales)):
+        idx = torch.where(levels == lvl)[0]
+        out = out.index_put((idx,), torch.ops.torchvision.roi_align(
+            feature.to(cdt), rois[idx].to(cdt), scale, pooled_h, pooled_w, sampling_ratio,
+            False))
+    return out.to(dtype)
+
+
+def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
+    """``F.binary_cross_entropy_with_logits(logits[arange(N), labels], targets)`` in
+    float32 (float64 for float64), with its own backward (to the logits only, as the op)."""
+    cdt = compute_dtype(logits.dtype)
+    picked = logits[torch.arange(logits.shape[0], device=logits.device), labels]
+    return F.binary_cross_entropy_with_logits(picked.to(cdt), targets.detach().to(cdt))
+
+
+def maskrcnn_loss(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
+                  rows: list[int]) -> Tensor:
+    """torchvision's targets (its roi_align of the gt masks), then :func:`mask_loss`."""
+    size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
+    targets, start = [], 0
+    for masks, r in zip(gt_masks, rows):
+        if r:
+            targets.append(torch.ops.torchvision.roi_align(
+                masks[:, None].to(cdt), rois[start:start + r].to(cdt), 1.0, size, size, -1,
+                False)[:, 0])
+        start += r
+    return mask_loss(logits, torch.cat(targets), labels)

@@ -1,4 +1,5 @@
-"""Pure-PyTorch references of every op: the CPU path and the test oracle, in one place.
+"""Pure-PyTorch references of every op, in one place: the test oracle, and the CPU path where
+no faster kernel computes the same result (see :mod:`kernels._cpu`).
 
 Naming rule: each reference is named after the launcher it stands in for and takes that
 launcher's arguments (less launch hints, such as NMS's longest segment), so a custom op's

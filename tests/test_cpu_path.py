@@ -87,8 +87,8 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
     pooler = kernels.MultiScaleRoIAlign(["0", "1"], 3, 2)
     out = pooler(x, boxes, [(128, 128)] * 2)
     out.sum().backward()
-    assert last_path == {"multiscale_roi_align_forward": "torchvision",
-                         "multiscale_roi_align_backward": "torchvision"}
+    # torchvision's kernels per level with their own autograd: no flat gradient buffer
+    assert last_path == {"multiscale_roi_align_forward": "torchvision"}
     grads = [v.grad.clone() for v in x.values()]
     for v in x.values():
         v.grad = None
@@ -134,7 +134,7 @@ def _mask_case(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mask_losses_run_torchs_fused_bce_with_the_references_result(dtype):
+def test_mask_losses_run_torchs_bce_and_autograd_with_the_references_result(dtype):
     logits, labels, inst = _mask_case(dtype)
     targets = torch.rand(6, 7, 7)
     results = {}

@@ -25,8 +25,8 @@ from torch import Tensor
 from .. import _cpu, reference
 from .._sampling import roi_box, sample_rows
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_same_device,
-                      check_tensor, check_values, compute_dtype, is_channels_last, launch,
-                      needs_grad, pick_path, pick_tuning, register_tuning)
+                      check_tensor, check_values, compute_dtype, cpu_path, is_channels_last,
+                      last_path, launch, needs_grad, pick_path, pick_tuning, register_tuning)
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,8 +370,12 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
     if n == 0:
         return mask_logits.sum() * 0
     check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
-    loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels.long(),
-                            needs_grad(mask_logits))
+    if cpu_path(mask_logits):        # PyTorch's own formula and backward (kernels._cpu)
+        last_path["mask_loss_forward"] = "torch"
+        loss = _cpu.mask_loss(mask_logits, gt_masks, gt_labels.long())
+    else:
+        loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels.long(),
+                                needs_grad(mask_logits))
     return loss.to(loss_dtype(mask_logits.dtype, gt_masks.dtype))
 
 
@@ -428,8 +432,12 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     labels = torch.cat([lab.long()[i] for lab, i in zip(gt_labels, idx)])
     rois = torch.cat([torch.cat(idx).to(torch.float32)[:, None],
                       torch.cat([p.to(torch.float32) for p in proposals])], 1)
-    loss, _ = _maskrcnn_loss_op(mask_logits, rois, labels, gt_masks, rows,
-                                needs_grad(mask_logits))
+    if cpu_path(mask_logits):        # torchvision's targets, PyTorch's loss (kernels._cpu)
+        last_path["maskrcnn_loss_forward"] = "torch"
+        loss = _cpu.maskrcnn_loss(mask_logits, rois, labels, gt_masks, rows)
+    else:
+        loss, _ = _maskrcnn_loss_op(mask_logits, rois, labels, gt_masks, rows,
+                                    needs_grad(mask_logits))
     # torchvision's targets take the proposals' dtype
     return loss.to(loss_dtype(mask_logits.dtype, *(p.dtype for p in proposals)))
 
