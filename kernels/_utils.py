@@ -115,32 +115,33 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 # The path each op's last call ran ("triton", "torchvision", "torch" or "reference"), by
-# launcher name: the CPU benchmark report names it beside each row.
+# launcher name: the CPU benchmark report names it beside each row. pick_path records the
+# custom ops' paths; the public functions that take kernels._cpu's autograd forms record
+# theirs.
 last_path: dict[str, str] = {}
 
 
-def cpu_path(t: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> bool:
-    """True when ``t`` may take an op's CPU path (``kernels._cpu``): a CPU tensor of one of
-    ``dtypes``, outside the interpreter and ``reference_path()``."""
+def cpu_path(t: torch.Tensor) -> bool:
+    """True when ``t`` takes an op's CPU path (``kernels._cpu``): a CPU tensor of a float
+    dtype, outside the interpreter and ``reference_path()``."""
     return (not _force_reference and t.device.type == "cpu" and not use_triton(t)
-            and t.dtype in dtypes)
+            and t.dtype in FLOAT_DTYPES)
 
 
 def pick_path(t: torch.Tensor, kernel: Callable, ref: Callable,
               deterministic: Callable | None = None, cpu: Callable | None = None) -> Callable:
     """The launcher a custom op's body runs for ``t``: ``kernel`` (Triton), ``deterministic``
     (Triton without atomics, under ``torch.use_deterministic_algorithms``), ``cpu`` (a
-    ``kernels._cpu`` function: the faster CPU path for the dtypes in its ``dtypes``
-    attribute) or ``ref`` (the reference: CPU otherwise, float64 on CUDA, inside
-    ``reference_path()``)."""
+    ``kernels._cpu`` function running torchvision's kernel: see ``cpu_path``) or ``ref``
+    (the reference: CPU otherwise, float64 on CUDA, inside ``reference_path()``)."""
     if use_triton(t):
         path = kernel
         if deterministic is not None and torch.are_deterministic_algorithms_enabled():
             path = deterministic
         last_path[kernel.__name__] = "triton"
         return path
-    if cpu is not None and cpu_path(t, cpu.dtypes):
-        last_path[kernel.__name__] = cpu.path
+    if cpu is not None and cpu_path(t):
+        last_path[kernel.__name__] = "torchvision"
         return cpu
     last_path[kernel.__name__] = "reference"
     return ref

@@ -72,9 +72,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
 
 
 def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
-                                 pooled_h: int, pooled_w: int, sampling_ratio: int,
-                                 pool=roi_align_forward) -> Tensor:
-    """Levels computed vectorized, then ``pool`` (:func:`roi_align_forward`) per level."""
+                                 pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
+    """Levels computed vectorized, then :func:`roi_align_forward` per level."""
     n, c = features[0].shape[:2]
     levels = pyramid.levels(rois, compute_dtype(features[0].dtype))
     out = torch.zeros(rois.shape[0], c, pooled_h, pooled_w, dtype=features[0].dtype,
@@ -82,22 +81,21 @@ def multiscale_roi_align_forward(features: list[Tensor], rois: Tensor, pyramid: 
     for lvl, (feature, scale) in enumerate(zip(features, pyramid.scales)):
         idx = (levels == lvl).nonzero().flatten()
         if idx.numel():
-            out[idx] = pool(feature, rois[idx], scale, pooled_h, pooled_w, sampling_ratio,
-                            False)
+            out[idx] = roi_align_forward(feature, rois[idx], scale, pooled_h, pooled_w,
+                                         sampling_ratio, False)
     return out
 
 
 def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, pyramid: Pyramid,
-                                  pooled_h: int, pooled_w: int, sampling_ratio: int,
-                                  pool=roi_align_backward) -> Tensor:
-    """Every level's input gradient (``pool``, :func:`roi_align_backward`, per level),
-    flattened as ``Pyramid.flatten`` does."""
+                                  pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
+    """Every level's input gradient (:func:`roi_align_backward` per level), flattened as
+    ``Pyramid.flatten`` does."""
     levels = pyramid.levels(rois, compute_dtype(grad.dtype))
     grads = []
     for lvl, (scale, shape) in enumerate(zip(pyramid.scales, pyramid.shapes)):
         idx = (levels == lvl).nonzero().flatten()
-        grads.append(pool(grad[idx], rois[idx], scale, pooled_h, pooled_w, sampling_ratio,
-                          False, shape, False))
+        grads.append(roi_align_backward(grad[idx], rois[idx], scale, pooled_h, pooled_w,
+                                        sampling_ratio, False, shape, False))
     return pyramid.flatten(grads)
 
 

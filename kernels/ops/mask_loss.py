@@ -249,8 +249,7 @@ def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: 
 @torch.library.custom_op("maskrcnn_triton::mask_loss", mutates_args=())
 def _mask_loss_op(logits: Tensor, targets: Tensor, labels: Tensor,
                   compute_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = pick_path(logits, mask_loss_forward, reference.mask_loss_forward,
-                     cpu=_cpu.mask_loss_forward)
+    impl = pick_path(logits, mask_loss_forward, reference.mask_loss_forward)
     return impl(logits, targets, labels, compute_grad)
 
 
@@ -265,8 +264,7 @@ def _(logits, targets, labels, compute_grad):
 @torch.library.custom_op("maskrcnn_triton::maskrcnn_loss", mutates_args=())
 def _maskrcnn_loss_op(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
                       rows: list[int], compute_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = pick_path(logits, maskrcnn_loss_forward, reference.maskrcnn_loss_forward,
-                     cpu=_cpu.maskrcnn_loss_forward)
+    impl = pick_path(logits, maskrcnn_loss_forward, reference.maskrcnn_loss_forward)
     return impl(logits, rois, labels, gt_masks, rows, compute_grad)
 
 

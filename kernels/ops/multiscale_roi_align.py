@@ -81,8 +81,7 @@ def _multiscale_roi_align_op(features: list[Tensor], rois: Tensor, scales: list[
                              pooled_w: int, sampling_ratio: int) -> Tensor:
     pyramid = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps)
     impl = pick_path(features[0], multiscale_roi_align_forward,
-                     reference.multiscale_roi_align_forward,
-                     cpu=_cpu.multiscale_roi_align_forward)
+                     reference.multiscale_roi_align_forward)
     return impl(features, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
 
 
@@ -103,8 +102,7 @@ def _multiscale_roi_align_backward_op(
                       tuple(channels_last))
     impl = pick_path(grad, multiscale_roi_align_backward,
                      reference.multiscale_roi_align_backward,
-                     multiscale_roi_align_backward_deterministic,
-                     _cpu.multiscale_roi_align_backward)
+                     multiscale_roi_align_backward_deterministic)
     return impl(grad, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
 
 

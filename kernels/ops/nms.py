@@ -320,18 +320,17 @@ def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tupl
     if is_tracing():
         return -1, -1
     n = boxes.shape[0]
-    bad = ~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())
+    stats = [~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())]
+    known = None                    # (longest, classes) without counting
     if idxs is None or (cpu_path(boxes) and n < _cpu.NMS_CROSSOVER):
-        if bad:
-            raise ValueError("boxes must have finite coordinates and scores must not be NaN")
-        return n, 1 if idxs is None else -1
-    counts = torch.unique(idxs, return_counts=True)[1]
-    bad, longest, classes = torch.stack([
-        bad.long(), counts.max().long(),
-        torch.tensor(counts.numel(), device=boxes.device)]).tolist()
+        known = (n, 1 if idxs is None else -1)
+    else:
+        counts = torch.unique(idxs, return_counts=True)[1]
+        stats += [counts.max(), torch.tensor(counts.numel(), device=boxes.device)]
+    bad, *read = torch.stack([v.long() for v in stats]).tolist()
     if bad:
         raise ValueError("boxes must have finite coordinates and scores must not be NaN")
-    return longest, classes
+    return known or tuple(read)
 
 
 def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
@@ -345,6 +344,18 @@ def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
     out = torch.empty(count + 1, dtype=torch.int64, device=boxes.device)
     out.scatter_(0, slot, p.score_order)  # non-kept all land in the spare slot `count`
     return out[:count]
+
+
+def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float,
+          longest: int, segments: int) -> Tensor:
+    """The nms/batched_nms op body: kept input indices (``idxs`` None: one class)."""
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores, longest):
+        last_path["nms_forward"] = "torchvision"
+        return _cpu.nms(boxes, scores, idxs, iou_threshold)
+    p = Segments(boxes, scores, idxs)
+    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
 
 
 def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float, longest: int = -1,
@@ -364,13 +375,7 @@ def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float, longest: int 
 @torch.library.custom_op("maskrcnn_triton::nms", mutates_args=())
 def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, longest: int,
             segments: int) -> Tensor:
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores, longest):
-        last_path["nms_forward"] = "torchvision"
-        return _cpu.nms(boxes, scores, iou_threshold)
-    p = Segments(boxes, scores, None)
-    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
+    return _kept(boxes, scores, None, iou_threshold, longest, segments)
 
 
 @_nms_op.register_fake
@@ -381,13 +386,7 @@ def _(boxes, scores, iou_threshold, longest, segments):
 @torch.library.custom_op("maskrcnn_triton::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
                     longest: int, segments: int) -> Tensor:
-    if boxes.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores, longest):
-        last_path["nms_forward"] = "torchvision"
-        return _cpu.batched_nms(boxes, scores, idxs, iou_threshold)
-    p = Segments(boxes, scores, idxs)
-    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
+    return _kept(boxes, scores, idxs, iou_threshold, longest, segments)
 
 
 @_batched_nms_op.register_fake
@@ -413,8 +412,9 @@ def _(boxes, scores, idxs, iou_threshold):
 # ---------------------------------------------------------------------------------------
 # Public API
 
-def _check(boxes, scores, idxs, iou_threshold) -> float:
-    """Shapes, dtypes and devices; errors are also torchvision's classes (NMS_ERRORS)."""
+def _check(boxes, scores, idxs, iou_threshold, batched: bool) -> float:
+    """Shapes, dtypes and devices (``idxs`` when ``batched``); errors are also torchvision's
+    classes (NMS_ERRORS)."""
     e = NMS_ERRORS
     check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]", errors=e)
     if boxes.shape[1] != 4:
@@ -426,7 +426,7 @@ def _check(boxes, scores, idxs, iou_threshold) -> float:
         raise e.value(f"scores must have one entry per box: got {scores.shape[0]} scores "
                       f"for {boxes.shape[0]} boxes")
     check_same_device(boxes=boxes, scores=scores)
-    if idxs is not None:
+    if batched:
         check_tensor("idxs", idxs, ndim=1, what="Tensor[N]", errors=e)
         if idxs.is_complex():      # torchvision takes any real dtype (idxs.to(boxes))
             raise e.dtype(f"idxs must be a real tensor, got {idxs.dtype}")
@@ -456,7 +456,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """
     if _quantized(boxes, scores):
         return torchvision.ops.nms(boxes, scores, iou_threshold)
-    threshold = _check(boxes, scores, None, iou_threshold)
+    threshold = _check(boxes, scores, None, iou_threshold, batched=False)
     return _nms_op(boxes, scores, threshold, *_pre_launch_sync(boxes, scores, None))
 
 
@@ -473,8 +473,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if _quantized(boxes, scores):
         return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
-    check_tensor("idxs", idxs, errors=NMS_ERRORS)
-    threshold = _check(boxes, scores, idxs, iou_threshold)
+    threshold = _check(boxes, scores, idxs, iou_threshold, batched=True)
     return _batched_nms_op(boxes, scores, idxs, threshold,
                            *_pre_launch_sync(boxes, scores, idxs))
 
@@ -487,8 +486,7 @@ def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
     the inputs cannot be checked for NaN or infinite values: the mask is unspecified then.
     Fits CUDA graphs and ``torch.compile`` without a graph break.
     """
-    check_tensor("idxs", idxs, errors=NMS_ERRORS)
-    threshold = _check(boxes, scores, idxs, iou_threshold)
+    threshold = _check(boxes, scores, idxs, iou_threshold, batched=True)
     return _batched_nms_mask_op(boxes, scores, idxs, threshold)
 
 
