@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -328,10 +329,28 @@ def pair(name: str, value: Any, errors: Errors = PLAIN, least: int = 1) -> tuple
     return int(value[0]), int(value[1])
 
 
+_CHECKS = threading.local()
+
+
+@contextlib.contextmanager
+def skip_data_checks():
+    """Within this block the public wrappers read no tensor values (no host sync): for
+    callers whose inputs are valid by construction, such as the model's static mode, which
+    must not sync from images in to detections out. Shapes, dtypes and devices are still
+    checked; invalid values then give unspecified results (never an out-of-bounds access)."""
+    before = getattr(_CHECKS, "skip", False)
+    _CHECKS.skip = True
+    try:
+        yield
+    finally:
+        _CHECKS.skip = before
+
+
 def is_tracing() -> bool:
     """True where a data check must not read values: under torch.compile / fake tensors
-    and torch.fx, and while a CUDA stream is capturing a graph (a sync would break it)."""
-    return (torch.compiler.is_compiling()
+    and torch.fx, while a CUDA stream is capturing a graph (a sync would break it), and
+    inside :func:`skip_data_checks`."""
+    return (torch.compiler.is_compiling() or getattr(_CHECKS, "skip", False)
             or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
 

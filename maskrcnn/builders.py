@@ -41,8 +41,8 @@ _DEFAULTS: dict[str, Any] = dict(
     box_positive_fraction=0.25, bbox_reg_weights=None,
     mask_roi_pool=None, mask_head=None, mask_predictor=None,
     # ours
-    mask_threshold=None, representation_size=1024, mask_layers=(256, 256, 256, 256),
-    mask_dim_reduced=256,
+    mask_threshold=None, static_shapes=False, representation_size=1024,
+    mask_layers=(256, 256, 256, 256), mask_dim_reduced=256,
 )
 
 
@@ -65,7 +65,9 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
     OrderedDict of FPN levels "0".."3" plus "pool"), with torchvision's keyword arguments.
 
     Extra keywords: ``mask_threshold`` (None: float mask probabilities like torchvision;
-    a float: bool masks), ``representation_size`` (box head width), ``mask_layers`` and
+    a float: bool masks), ``static_shapes`` (outputs padded to ``box_detections_per_img``
+    rows with a ``num_detections`` count, no host sync: see ``MaskRCNN``),
+    ``representation_size`` (box head width), ``mask_layers`` and
     ``mask_dim_reduced`` (mask head widths).
     """
     unknown = set(kwargs) - set(_DEFAULTS)
@@ -80,6 +82,7 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
     rpn_head = _part(a, "rpn_head", lambda: RPNHead(
         ch, anchor_generator.num_anchors_per_location()[0]))
     rpn = RPN(anchor_generator=anchor_generator, head=rpn_head, nms=ops.batched_nms,
+              nms_mask=ops.batched_nms_mask,
               fg_iou_thresh=a["rpn_fg_iou_thresh"], bg_iou_thresh=a["rpn_bg_iou_thresh"],
               batch_size_per_image=a["rpn_batch_size_per_image"],
               positive_fraction=a["rpn_positive_fraction"],
@@ -101,7 +104,8 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
     roi_heads = RoIHeads(
         box_roi_pool=box_roi_pool, box_head=box_head, box_predictor=box_predictor,
         mask_roi_pool=mask_roi_pool, mask_head=mask_head, mask_predictor=mask_predictor,
-        nms=ops.batched_nms, roi_align=ops.roi_align, mask_loss=ops.mask_predictor_loss,
+        nms=ops.batched_nms, nms_mask=ops.batched_nms_mask, roi_align=ops.roi_align,
+        mask_loss=ops.mask_predictor_loss,
         fg_iou_thresh=a["box_fg_iou_thresh"], bg_iou_thresh=a["box_bg_iou_thresh"],
         batch_size_per_image=a["box_batch_size_per_image"],
         positive_fraction=a["box_positive_fraction"], bbox_reg_weights=a["bbox_reg_weights"],
@@ -113,7 +117,8 @@ def maskrcnn_from_backbone(backbone: nn.Module, *, num_classes: int,
         image_mean=_part(a, "image_mean", lambda: [0.485, 0.456, 0.406]),
         image_std=_part(a, "image_std", lambda: [0.229, 0.224, 0.225]),
         paste_masks=ops.paste_masks_in_image, mask_threshold=a["mask_threshold"])
-    return MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, roi_heads=roi_heads)
+    return MaskRCNN(transform=transform, backbone=backbone, rpn=rpn, roi_heads=roi_heads,
+                    static_shapes=a["static_shapes"])
 
 
 def maskrcnn_resnet50_fpn(*, weights: Union[None, str, os.PathLike,

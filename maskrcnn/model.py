@@ -16,10 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads as _TVRoIHeads
 from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import (GeneralizedRCNNTransform,
-                                                    resize_boxes)
+from torchvision.models.detection.rpn import (RegionProposalNetwork,
+                                              concat_box_prediction_layers)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
+
+import kernels
+
+from .fixed_size import BoxCoder, fixed_sizes, large_enough, leading_rows, select_top
 
 
 class MaskRCNN(nn.Module):
@@ -30,19 +34,42 @@ class MaskRCNN(nn.Module):
     ``masks`` (L, H, W) uint8/bool) and get a dict of losses; in eval get one dict per image
     with ``boxes``, ``labels``, ``scores`` and ``masks`` (L, 1, H, W) probabilities (or bool
     masks when the transform thresholds them).
+
+    ``static_shapes``: every output padded to ``box_detections_per_img`` rows, with the
+    image's row count as ``num_detections`` (an int64 scalar tensor); padding rows are
+    zero. Nothing in it reads a tensor's values on the host, so on CUDA it never syncs and
+    replays as a CUDA graph (see maskrcnn.fixed_size).
     """
 
     def __init__(self, *, transform: nn.Module, backbone: nn.Module, rpn: nn.Module,
-                 roi_heads: nn.Module) -> None:
+                 roi_heads: nn.Module, static_shapes: bool = False) -> None:
         super().__init__()
         self.transform = transform
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
+        self.static_shapes = static_shapes
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
         if self.training and targets is None:
             raise ValueError("targets must be given in training mode")
+        if self.static_shapes and not torch.compiler.is_compiling():
+            with kernels.skip_data_checks():   # the static mode reads no tensor value
+                return self._finish(*self._run(images, targets))
+        out, image_sizes, original_sizes = self._run(images, targets)
+        if fixed_sizes(False) and not (self.training or self.static_shapes):
+            # Traced: cut each image's padded detections to its valid rows. Done here, in
+            # forward's own frame, this is the model's one graph break (a break inside a
+            # nested call would break each caller's frame too).
+            counts = torch.stack([d["valid"].sum() for d in out])
+            rows = leading_rows([d[k] for d in out for k in _FIELDS], counts)
+            n = len(_FIELDS)
+            out = [dict(zip(_FIELDS, rows[i * n:(i + 1) * n])) for i in range(len(out))]
+        return self._finish(out, image_sizes, original_sizes)
+
+    def _run(self, images, targets):
+        """transform, backbone, RPN, heads: losses (training) or the detections before
+        postprocessing, with each image's ``valid`` rows; plus the sizes postprocess needs."""
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         images, targets = self.transform(images, targets)
         if targets is not None:
@@ -50,12 +77,26 @@ class MaskRCNN(nn.Module):
         features = self.backbone(images.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
-        proposals, proposal_losses = self.rpn(images, features, targets)
-        detections, detector_losses = self.roi_heads(features, proposals, images.image_sizes,
-                                                     targets)
+        fixed = fixed_sizes(self.static_shapes) and not self.training
+        proposals, valid, proposal_losses = self.rpn(images, features, targets, fixed=fixed)
+        detections, detector_losses = self.roi_heads(features, proposals, valid,
+                                                     images.image_sizes, targets, fixed=fixed)
         if self.training:
-            return {**proposal_losses, **detector_losses}
-        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+            return {**proposal_losses, **detector_losses}, None, None
+        return detections, images.image_sizes, original_sizes
+
+    def _finish(self, out, image_sizes, original_sizes):
+        if self.training:
+            return out
+        if self.static_shapes:
+            return self.transform.postprocess_static(out, image_sizes, original_sizes,
+                                                     self.roi_heads.detections_per_img)
+        for d in out:
+            d.pop("valid", None)
+        return self.transform.postprocess(out, image_sizes, original_sizes)
+
+
+_FIELDS = ("boxes", "labels", "scores", "masks")
 
 
 def _check_boxes(targets: list[dict[str, Tensor]]) -> None:
@@ -83,6 +124,15 @@ class DetectionTransform(GeneralizedRCNNTransform):
         self.paste_masks = paste_masks
         self.mask_threshold = mask_threshold
 
+    def normalize(self, image: Tensor) -> Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"images must be floating point (values in [0, 1]), "
+                            f"got {image.dtype}")
+        # constants filled on the device: no host-to-device copy (a CUDA sync) per image
+        mean = torch.stack([image.new_full((1, 1), m) for m in self.image_mean])
+        std = torch.stack([image.new_full((1, 1), s) for s in self.image_std])
+        return (image - mean) / std
+
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:
             return result
@@ -94,12 +144,45 @@ class DetectionTransform(GeneralizedRCNNTransform):
                                                  threshold=self.mask_threshold)
         return result
 
+    def postprocess_static(self, result, image_shapes, original_image_sizes, rows: int):
+        """``postprocess`` on padded detections: every tensor padded to ``rows`` rows (the
+        selection gives fewer when there are fewer candidates), padding rows zero,
+        ``num_detections`` counting the valid rows."""
+        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            for k, v in pred.items():
+                pred[k] = torch.cat([v, v.new_zeros(rows - v.shape[0], *v.shape[1:])])
+            valid = pred.pop("valid")
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s) * valid[:, None]
+            pred["labels"] = pred["labels"] * valid
+            pred["scores"] = pred["scores"] * valid
+            masks = self.paste_masks(pred["masks"], pred["boxes"], o_im_s,
+                                     threshold=self.mask_threshold)
+            pred["masks"] = masks * valid.view(-1, 1, 1, 1)
+            pred["num_detections"] = valid.sum()
+        return result
+
+
+def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
+    """torchvision's ``resize_boxes`` (float32 ratios on the boxes' device), its constants
+    filled on the device instead of copied from the host (a copy would sync CUDA)."""
+    def ratio(new: int, orig: int) -> Tensor:
+        def full(v):
+            return torch.full((), v, dtype=torch.float32, device=boxes.device)
+        return full(new) / full(orig)
+
+    ratio_h, ratio_w = ratio(new_size[0], original_size[0]), ratio(new_size[1], original_size[1])
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
 
 class RPN(RegionProposalNetwork):
-    """torchvision's RegionProposalNetwork with the NMS injected (``nms``: batched_nms)."""
+    """torchvision's RegionProposalNetwork with the NMS injected (``nms``: batched_nms,
+    ``nms_mask``: its keep-mask form, for fixed sizes). ``forward`` also returns each
+    image's valid-proposal mask (all True unless sizes are fixed)."""
 
     def __init__(self, *, anchor_generator: nn.Module, head: nn.Module,
                  nms: Callable[[Tensor, Tensor, Tensor, float], Tensor],
+                 nms_mask: Callable[[Tensor, Tensor, Tensor, float], Tensor],
                  fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_top_n: dict[str, int], post_nms_top_n: dict[str, int],
@@ -107,9 +190,31 @@ class RPN(RegionProposalNetwork):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, pre_nms_top_n,
                          post_nms_top_n, nms_thresh, score_thresh)
+        self.box_coder = BoxCoder(self.box_coder.weights)
         self.nms = nms
+        self.nms_mask = nms_mask
 
-    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+    def forward(self, images, features, targets=None, *, fixed: bool = False):
+        features = list(features.values())
+        objectness, deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        # proposals carry no gradient, as in torchvision
+        proposals = self.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, valid = self.filter_proposals(proposals, objectness, images.image_sizes,
+                                             per_level, fixed=fixed)
+        losses = {}
+        if self.training:
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(
+                objectness, deltas, labels, regression_targets)
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, valid, losses
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level,
+                         fixed: bool = False):
         num_images = proposals.shape[0]
         device = proposals.device
         objectness = objectness.detach().reshape(num_images, -1)
@@ -124,17 +229,15 @@ class RPN(RegionProposalNetwork):
         proposals = proposals[batch_idx, top_n_idx]
         probs = torch.sigmoid(objectness)
 
-        final_boxes, final_scores = [], []
+        final_boxes, final_valid = [], []
         for boxes, scores, lvl, img_shape in zip(proposals, probs, levels, image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, img_shape)
-            keep = box_ops.remove_small_boxes(boxes, self.min_size)
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = torch.where(scores >= self.score_thresh)[0]
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = self.nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
-            final_boxes.append(boxes[keep])
-            final_scores.append(scores[keep])
-        return final_boxes, final_scores
+            valid = large_enough(boxes, self.min_size) & (scores >= self.score_thresh)
+            rows, ok = select_top(self.nms, self.nms_mask, boxes, scores, lvl, valid,
+                                  self.nms_thresh, self.post_nms_top_n(), fixed)
+            final_boxes.append(boxes[rows])
+            final_valid.append(ok)
+        return final_boxes, final_valid
 
 
 class MaskRCNNPredictor(nn.Module):
@@ -179,6 +282,7 @@ class RoIHeads(_TVRoIHeads):
                  box_predictor: nn.Module, mask_roi_pool: nn.Module, mask_head: nn.Module,
                  mask_predictor: nn.Module,
                  nms: Callable[[Tensor, Tensor, Tensor, float], Tensor],
+                 nms_mask: Callable[[Tensor, Tensor, Tensor, float], Tensor],
                  roi_align: Callable[..., Tensor], mask_loss: Callable[..., Tensor],
                  fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25,
@@ -190,17 +294,20 @@ class RoIHeads(_TVRoIHeads):
                          score_thresh, nms_thresh, detections_per_img,
                          mask_roi_pool=mask_roi_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor)
+        self.box_coder = BoxCoder(self.box_coder.weights)
         self.nms = nms
+        self.nms_mask = nms_mask
         self.roi_align = roi_align
         self.mask_loss = mask_loss
 
-    def forward(self, features, proposals, image_shapes, targets=None):
+    def forward(self, features, proposals, valid, image_shapes, targets=None, *,
+                fixed: bool = False):
         if self.training:
             if targets is None:
                 raise ValueError("targets must be given in training mode")
             self._check_target_dtypes(targets)
             return [], self._losses(features, proposals, image_shapes, targets)
-        return self._detect(features, proposals, image_shapes), {}
+        return self._detect(features, proposals, valid, image_shapes, fixed), {}
 
     @staticmethod
     def _check_target_dtypes(targets):
@@ -236,41 +343,43 @@ class RoIHeads(_TVRoIHeads):
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
                 "loss_mask": loss_mask}
 
-    def _detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+    def _detect(self, features, proposals, valid, image_shapes,
+                fixed: bool) -> list[dict[str, Tensor]]:
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
-        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
-                                                            proposals, image_shapes)
+        boxes, scores, labels, valid = self.postprocess_detections(
+            class_logits, box_regression, proposals, valid, image_shapes, fixed)
         mask_logits = self.mask_predictor(
             self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
         picked = mask_logits[torch.arange(mask_logits.shape[0], device=mask_logits.device),
                              torch.cat(labels)][:, None].sigmoid()
         masks = picked.split([len(b) for b in boxes])
-        return [{"boxes": b, "labels": lab, "scores": s, "masks": m}
-                for b, lab, s, m in zip(boxes, labels, scores, masks)]
+        return [{"boxes": b, "labels": lab, "scores": s, "masks": m, "valid": v}
+                for b, lab, s, m, v in zip(boxes, labels, scores, masks, valid)]
 
-    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+    def postprocess_detections(self, class_logits, box_regression, proposals, valid,
+                               image_shapes, fixed: bool = False):
         num_classes = class_logits.shape[-1]
         per_image = [len(p) for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals).split(per_image)
         pred_scores = F.softmax(class_logits, -1).split(per_image)
-        all_boxes, all_scores, all_labels = [], [], []
-        for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
+        out_boxes, out_scores, out_labels, out_valid = [], [], [], []
+        for boxes, scores, ok, image_shape in zip(pred_boxes, pred_scores, valid, image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
             labels = torch.arange(num_classes, device=boxes.device).view(1, -1).expand_as(scores)
             # every (proposal, non-background class) pair is a candidate detection
             boxes = boxes[:, 1:].reshape(-1, 4)
             scores = scores[:, 1:].reshape(-1)
             labels = labels[:, 1:].reshape(-1)
-            keep = torch.where(scores > self.score_thresh)[0]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = self.nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            all_boxes.append(boxes[keep])
-            all_scores.append(scores[keep])
-            all_labels.append(labels[keep])
-        return all_boxes, all_scores, all_labels
+            ok = (ok[:, None].expand(-1, num_classes - 1).reshape(-1)
+                  & (scores > self.score_thresh) & large_enough(boxes, 1e-2))
+            rows, ok = select_top(self.nms, self.nms_mask, boxes, scores, labels, ok,
+                                  self.nms_thresh, self.detections_per_img, fixed)
+            out_boxes.append(boxes[rows])
+            out_scores.append(scores[rows])
+            out_labels.append(labels[rows])
+            out_valid.append(ok)
+        return out_boxes, out_scores, out_labels, out_valid
 
 
 __all__ = ["MaskRCNN", "DetectionTransform", "RPN", "RoIHeads", "MaskRCNNPredictor",

@@ -36,6 +36,15 @@ def paste_masks_torchvision(masks: Tensor, boxes: Tensor, img_shape, padding: in
     return out if threshold is None else out > threshold
 
 
+def batched_nms_mask_torchvision(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                                 iou_threshold: float) -> Tensor:
+    """torchvision's batched_nms as a keep mask in input order (kernels.batched_nms_mask's
+    form); it reads the kept count, so it syncs like torchvision's."""
+    keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    keep[torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)] = True
+    return keep
+
+
 @dataclass(frozen=True)
 class Ops:
     """The op set a model is built with (see ``resolve_ops``)."""
@@ -44,6 +53,8 @@ class Ops:
     # a class with torchvision.ops.MultiScaleRoIAlign's constructor and forward
     multiscale_roi_align: Callable[..., torch.nn.Module]
     batched_nms: Callable[[Tensor, Tensor, Tensor, float], Tensor]
+    # the same selection as a BoolTensor[N] keep mask in input order (fixed sizes)
+    batched_nms_mask: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     # (masks (N,1,M,M), boxes, (H, W), padding=1, *, threshold=None) -> (N,1,H,W) float or bool
     paste_masks_in_image: Callable[..., Tensor]
     # (features (N,C,M,M), weight (K,C,1,1), bias (K,), targets (N,M,M), labels (N,)) -> loss
@@ -55,6 +66,7 @@ KERNELS = Ops(
     roi_align=kernels.roi_align,
     multiscale_roi_align=kernels.MultiScaleRoIAlign,
     batched_nms=kernels.batched_nms,
+    batched_nms_mask=kernels.batched_nms_mask,
     paste_masks_in_image=kernels.paste_masks_in_image,
     mask_predictor_loss=kernels.mask_predictor_loss,
 )
@@ -64,6 +76,7 @@ TORCHVISION = Ops(
     roi_align=torchvision.ops.roi_align,
     multiscale_roi_align=torchvision.ops.MultiScaleRoIAlign,
     batched_nms=torchvision.ops.batched_nms,
+    batched_nms_mask=batched_nms_mask_torchvision,
     paste_masks_in_image=paste_masks_torchvision,
     mask_predictor_loss=mask_predictor_loss_torchvision,
 )

@@ -196,7 +196,7 @@ def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w
 def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
     """Finite, not absurdly large coordinates, in the public wrapper: one host sync,
     skipped while tracing or capturing."""
-    if boxes.numel() == 0 or is_tracing():
+    if is_tracing() or boxes.numel() == 0:
         return
     biggest = float(boxes.detach().abs().max())  # NaN propagates through max
     if not biggest < COORD_LIMIT:

@@ -343,7 +343,7 @@ def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: 
 def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
     """Data checks that need the values, in the public wrappers: one host sync, skipped
     while tracing or capturing."""
-    if rois.numel() == 0 or is_tracing():
+    if is_tracing() or rois.numel() == 0:
         return
     batch = rois[:, 0].detach()
     lo, hi, finite, whole = torch.stack([

@@ -1,0 +1,111 @@
+"""The model's selections written for fixed tensor sizes, so that one graph holds it.
+
+torchvision's Mask R-CNN selects with data-dependent sizes everywhere (``torch.where``,
+``boxes[keep]``, ``keep[:n]``): each is a graph break under ``torch.compile``, a guard
+``torch.export`` cannot satisfy, and a host sync on CUDA. Here every selection also has a
+fixed-size form: a mask of the valid rows travels beside tensors whose sizes depend on
+shapes only. The model takes that form in its static mode and whenever ``torch.compile`` or
+``torch.export`` traces it (:func:`fixed_sizes`); eager calls keep torchvision's
+data-dependent selections, which do less work when few rows survive. Both forms select the
+same rows in the same order (tests/test_one_graph.py).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+
+
+def fixed_sizes(static: bool) -> bool:
+    """Whether sizes stay fixed: in the static mode, and while torch.compile/export trace."""
+    return static or torch.compiler.is_compiling()
+
+
+def large_enough(boxes: Tensor, min_size: float) -> Tensor:
+    """torchvision's ``remove_small_boxes`` as a mask: both sides at least ``min_size``."""
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return (widths >= min_size) & (heights >= min_size)
+
+
+def select_top(nms: Callable[..., Tensor], nms_mask: Callable[..., Tensor], boxes: Tensor,
+               scores: Tensor, idxs: Tensor, valid: Tensor, iou_threshold: float, k: int,
+               fixed: bool) -> tuple[Tensor, Tensor]:
+    """torchvision's selection: the ``valid`` boxes, batched NMS among them, the ``k`` best
+    kept (decreasing score, ties by lower index). Returns ``(rows, row_valid)``, ``rows``
+    indexing ``boxes``.
+
+    Eager (``fixed`` False): only the selected rows, all valid. Fixed: ``min(k, N)`` rows, the
+    selected first, then padding rows flagged invalid. The invalid boxes take part in NMS
+    with score -inf, so they sort after every valid box of their class and suppress none.
+    """
+    if not fixed:
+        candidates = torch.where(valid)[0]
+        kept = nms(boxes[candidates], scores[candidates], idxs[candidates], iou_threshold)
+        rows = candidates[kept[:k]]
+        return rows, torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+    minus_inf = float("-inf")
+    kept = nms_mask(boxes, scores.masked_fill(~valid, minus_inf), idxs, iou_threshold) & valid
+    rows = torch.argsort(scores.masked_fill(~kept, minus_inf), descending=True, stable=True)[:k]
+    return rows, kept[rows]
+
+
+class BoxCoder(det_utils.BoxCoder):
+    """torchvision's box coder with its constants as Python numbers: the same arithmetic,
+    but no host-to-device copy per call (``torch.tensor(0.5, device=...)`` in its decode,
+    ``torch.as_tensor(weights, device=...)`` in its encode), which would sync a CUDA host."""
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        wx, wy, ww, wh = self.weights
+        p_w = proposals[:, 2:3] - proposals[:, 0:1]
+        p_h = proposals[:, 3:4] - proposals[:, 1:2]
+        p_x = proposals[:, 0:1] + 0.5 * p_w
+        p_y = proposals[:, 1:2] + 0.5 * p_h
+        g_w = reference_boxes[:, 2:3] - reference_boxes[:, 0:1]
+        g_h = reference_boxes[:, 3:4] - reference_boxes[:, 1:2]
+        g_x = reference_boxes[:, 0:1] + 0.5 * g_w
+        g_y = reference_boxes[:, 1:2] + 0.5 * g_h
+        return torch.cat((wx * (g_x - p_x) / p_w, wy * (g_y - p_y) / p_h,
+                          ww * torch.log(g_w / p_w), wh * torch.log(g_h / p_h)), dim=1)
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        boxes = boxes.to(rel_codes.dtype)
+        wx, wy, ww, wh = self.weights
+        widths = boxes[:, 2] - boxes[:, 0]
+        heights = boxes[:, 3] - boxes[:, 1]
+        ctr_x = boxes[:, 0] + 0.5 * widths
+        ctr_y = boxes[:, 1] + 0.5 * heights
+        dw = torch.clamp(rel_codes[:, 2::4] / ww, max=self.bbox_xform_clip)
+        dh = torch.clamp(rel_codes[:, 3::4] / wh, max=self.bbox_xform_clip)
+        x = rel_codes[:, 0::4] / wx * widths[:, None] + ctr_x[:, None]
+        y = rel_codes[:, 1::4] / wy * heights[:, None] + ctr_y[:, None]
+        half_w = 0.5 * (torch.exp(dw) * widths[:, None])
+        half_h = 0.5 * (torch.exp(dh) * heights[:, None])
+        return torch.stack((x - half_w, y - half_h, x + half_w, y + half_h), dim=2).flatten(1)
+
+
+@torch.library.custom_op("maskrcnn::leading_rows", mutates_args=())
+def leading_rows(fields: list[Tensor], counts: Tensor) -> list[Tensor]:
+    """``fields[i][:counts[i // F]]`` for F = len(fields) // len(counts): each image's fields
+    cut to its valid rows (which lead). The default mode's one data-dependent step: one
+    host sync on CUDA, one graph break under the default torch.compile config, none with
+    ``capture_dynamic_output_shape_ops``; torch.export records the sizes as unbacked."""
+    per_image = len(fields) // max(counts.numel(), 1)
+    sizes = counts.tolist()
+    return [f[:sizes[i // per_image]].clone() for i, f in enumerate(fields)]
+
+
+@leading_rows.register_fake
+def _(fields, counts):
+    per_image = len(fields) // max(counts.shape[0], 1)
+    ctx = torch.library.get_ctx()
+    out = []
+    for i, f in enumerate(fields):
+        if i % per_image == 0:
+            size = ctx.new_dynamic_size(max=f.shape[0])
+        out.append(f.new_empty((size, *f.shape[1:])))
+    return out
+
+
+__all__ = ["fixed_sizes", "large_enough", "select_top", "BoxCoder", "leading_rows"]
