@@ -3,10 +3,17 @@ maskrcnn_resnet50_fpn with identical weights.
 
 One training step (forward + backward, batch of 2) and one inference pass (batch of 2, 100
 detections per image: box_score_thresh=0) at 800x1216 on CUDA. Outputs (losses; boxes,
-labels, scores, masks) are checked against torchvision's before timing. On the CPU (and with
---quick) images are 128x192 and proposal counts are cut, so the run takes about a minute.
+labels, scores, masks) are checked against torchvision's before timing; the losses with
+sampling budgets above every candidate count (the samplers then pick the same anchors and
+proposals, whatever their draws). On the CPU (and with --quick) images are 128x192 and
+proposal counts are cut, so the run takes about a minute.
 
-    python -m benchmarks.bench_model [--quick] [--device cuda] [--amp]
+Our model also runs in its static mode (``static_shapes=True``; on CUDA captured once and
+replayed as a CUDA graph) and, with ``--compiled``, under ``torch.compile`` (inference and
+training step; compile time excluded, one warm-up call). Every row times torchvision's
+eager model, once per mode, in the same run.
+
+    python -m benchmarks.bench_model [--quick] [--device cuda] [--amp] [--compiled]
 """
 from __future__ import annotations
 
@@ -52,8 +59,40 @@ def build_pair(device: str, **kwargs):
     return tv.to(device), ours.to(device)
 
 
+@contextlib.contextmanager
+def covering_budgets(*models):
+    """Sampling budgets above any candidate count, in every sampler of ``models``."""
+    samplers = [s for m in models for s in (m.rpn.fg_bg_sampler, m.roi_heads.fg_bg_sampler)]
+    saved = [(s.batch_size_per_image, s.positive_fraction) for s in samplers]
+    for s in samplers:
+        s.batch_size_per_image, s.positive_fraction = 10**9, 0.5
+    try:
+        yield
+    finally:
+        for s, (b, f) in zip(samplers, saved):
+            s.batch_size_per_image, s.positive_fraction = b, f
+
+
+def cuda_graph(model, images):
+    """``model(images)`` captured once as a CUDA graph: returns the replay."""
+    inputs = [im.clone() for im in images]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        model(inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        outputs = model(inputs)
+
+    def replay():
+        graph.replay()
+        return outputs
+    return replay
+
+
 def run(quick: bool = False, device: str | None = None, write: bool = True,
-        amp: bool = False, tiny: bool = False) -> list[dict]:
+        amp: bool = False, tiny: bool = False, compiled: bool = False) -> list[dict]:
     """The model in float32 (``amp``: bfloat16 autocast on CUDA)."""
     device = device or default_device()
     if device == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
@@ -94,44 +133,80 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
         return step
 
     # equality before timing
-    torch.manual_seed(1)
-    tv.train()
-    ref_losses = tv(images, targets)
-    torch.manual_seed(1)
-    ours.train()
-    our_losses = ours(images, targets)
+    with covering_budgets(tv, ours):
+        ref_losses = tv.train()(images, targets)
+        our_losses = ours.train()(images, targets)
 
-    def same_losses():
-        for k in ref_losses:
-            torch.testing.assert_close(our_losses[k].float(), ref_losses[k].float(),
+    def same_losses(losses, expected):
+        for k in expected:
+            torch.testing.assert_close(losses[k].float(), expected[k].float(),
                                        rtol=2e-2 if amp else 1e-3, atol=2e-2 if amp else 1e-4,
                                        msg=lambda m, k=k: f"{k}: {m}")
 
     ref_out, our_out = infer(tv)(), infer(ours)()
 
-    def same_detections():
-        for r, o in zip(ref_out, our_out):
+    def same_detections(out):
+        for r, o in zip(ref_out, out):
             assert torch.equal(o["labels"], r["labels"]), "labels differ"
             torch.testing.assert_close(o["boxes"], r["boxes"], rtol=1e-3,
                                        atol=1e-2 if not amp else 1)
             torch.testing.assert_close(o["masks"].float(), r["masks"].float(), rtol=1e-2,
                                        atol=1e-2 if not amp else 5e-2)
 
-    match = {"train step": parity(same_losses), "inference": parity(same_detections)}
+    static = maskrcnn.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                            static_shapes=True, **kwargs).to(device)
+    static.load_state_dict(ours.state_dict())
+    static.eval()
+    static_infer = cuda_graph(static, images) if device == "cuda" and not amp else infer(static)
+
+    def same_static_rows():
+        for o, s in zip(our_out, static_infer()):
+            n = int(s["num_detections"])
+            assert n == len(o["boxes"]), f"{n} static rows, {len(o['boxes'])} detections"
+            for k in ("boxes", "labels", "scores", "masks"):
+                torch.testing.assert_close(s[k][:n], o[k], msg=lambda m, k=k: f"{k}: {m}")
+
+    static_mode = "inference (static, CUDA graph)" if device == "cuda" and not amp \
+        else "inference (static)"
+    modes = [("train step", train_step(ours),
+              parity(lambda: same_losses(our_losses, ref_losses))),
+             ("inference", infer(ours), parity(lambda: same_detections(our_out))),
+             (static_mode, static_infer, parity(same_static_rows))]
+    if compiled:
+        fast = torch.compile(ours)
+
+        def same_compiled_losses():
+            # compiled graphs draw their random numbers in their own order: compare with
+            # budgets that sample every candidate, as against torchvision above
+            with covering_budgets(ours):
+                same_losses(train_step(fast)(), train_step(ours)())
+
+        def same_compiled_scores():
+            # Inductor's fused arithmetic moves scores by rounding, which reorders the
+            # near-ties of random weights: the same count and the same sorted scores as our
+            # eager model now (training steps have moved its BatchNorm statistics).
+            for o, c in zip(infer(ours)(), infer(fast)()):
+                assert len(c["scores"]) == len(o["scores"]), "detection counts differ"
+                torch.testing.assert_close(c["scores"].sort().values,
+                                           o["scores"].sort().values, rtol=1e-3, atol=1e-5)
+
+        modes += [("train step (compiled)", train_step(fast), parity(same_compiled_losses)),
+                  ("inference (compiled)", infer(fast), parity(same_compiled_scores))]
     rows = []
-    for mode, make in (("train step", train_step), ("inference", infer)):
+    for mode, ours_fn, match in modes:
         row = {"mode": mode, "images": len(images), "size": f"{size[0]}x{size[1]}",
                "dtype": "bf16 autocast" if amp and device == "cuda" else "float32",
-               "detections": sum(len(o["boxes"]) for o in our_out), "parity": match[mode]}
-        for provider, model in (("ours", ours), ("torchvision", tv)):
-            measure(row, provider, make(model), device, None, reps)
+               "detections": sum(len(o["boxes"]) for o in our_out), "parity": match}
+        measure(row, "ours", ours_fn, device, None, reps)
+        measure(row, "torchvision", (train_step if mode.startswith("train") else infer)(tv),
+                device, None, reps)
         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
         if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
             row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]
         rows.append(row)
     if write:
         path = write_results("model", rows, {"size": size, "images": len(images), **{
-            k: v for k, v in kwargs.items()}, "amp": amp}, device)
+            k: v for k, v in kwargs.items()}, "amp": amp, "compiled": compiled}, device)
         print(f"results: {path}")
     return rows
 
@@ -141,8 +216,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small images, fewer repeats")
     p.add_argument("--device", default=None)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--compiled", action="store_true",
+                   help="also torch.compile'd inference and training step")
     a = p.parse_args(argv)
-    rows = run(a.quick, device=a.device, amp=a.amp)
+    rows = run(a.quick, device=a.device, amp=a.amp, compiled=a.compiled)
     print(format_table(rows, ["mode", "size", "dtype", "detections", "ours_ms",
                               "torchvision_ms", "speedup", "ours_peak_bytes",
                               "torchvision_peak_bytes"]))

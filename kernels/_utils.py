@@ -122,6 +122,13 @@ def use_triton(t: torch.Tensor) -> bool:
 last_path: dict[str, str] = {}
 
 
+def record_path(launcher: str, path: str) -> None:
+    """``last_path[launcher] = path`` from a public function; skipped while torch.compile
+    traces (a write to a global dict there would guard on it and recompile each call)."""
+    if not torch.compiler.is_compiling():
+        last_path[launcher] = path
+
+
 def cpu_path(t: torch.Tensor) -> bool:
     """True when ``t`` takes an op's CPU path (``kernels._cpu``): a CPU tensor of a float
     dtype, outside the interpreter and ``reference_path()``."""

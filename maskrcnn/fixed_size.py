@@ -85,6 +85,62 @@ class BoxCoder(det_utils.BoxCoder):
         return torch.stack((x - half_w, y - half_h, x + half_w, y + half_h), dim=2).flatten(1)
 
 
+class Matcher(det_utils.Matcher):
+    """torchvision's Matcher; its low-quality matches found with a mask, not ``torch.where``
+    (the same matches, no data-dependent size)."""
+
+    def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor,
+                                 match_quality_matrix: Tensor) -> None:
+        highest = match_quality_matrix.max(dim=1).values
+        update = (match_quality_matrix == highest[:, None]).any(dim=0)
+        matches.copy_(torch.where(update, all_matches, matches))
+
+
+class BalancedSampler:
+    """torchvision's BalancedPositiveNegativeSampler without data-dependent sizes.
+
+    Per image, ``min(#positives, int(batch_size_per_image * positive_fraction))`` positives
+    (label >= 1) and ``min(#negatives, batch_size_per_image - that)`` negatives (label 0),
+    each drawn uniformly without replacement, counted in tensors. Returns bool masks.
+    When the budget covers every candidate the picks are torchvision's (all of them);
+    otherwise the draw differs from its ``randperm`` (another use of the generator).
+    """
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+
+    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        pos_masks, neg_masks = [], []
+        for lab in labels:
+            positive, negative = lab >= 1, lab == 0
+            num_pos = positive.sum().clamp(
+                max=int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = torch.minimum(negative.sum(), self.batch_size_per_image - num_pos)
+            pos_masks.append(_draw(positive, num_pos))
+            neg_masks.append(_draw(negative, num_neg))
+        return pos_masks, neg_masks
+
+
+def _draw(candidates: Tensor, count: Tensor) -> Tensor:
+    """A uniformly random ``count`` of the ``candidates`` (a bool mask), as a mask: each
+    candidate gets a random key, non-candidates a key above every draw; the ``count``
+    smallest keys win."""
+    keys = torch.rand(candidates.shape, device=candidates.device).masked_fill(~candidates, 2.0)
+    order = torch.argsort(keys)
+    rank = torch.empty_like(order).scatter_(
+        0, order, torch.arange(order.shape[0], device=order.device))
+    return candidates & (rank < count)
+
+
+def leading(mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The rows of ``mask`` first, in index order, then the others: ``min(k, N)`` row
+    indices and whether each is a ``mask`` row (torchvision's ``torch.where(mask)[0]``
+    when ``mask`` has at most ``k`` rows, padded)."""
+    rows = torch.argsort((~mask).to(torch.uint8), stable=True)[:k]
+    return rows, mask[rows]
+
+
 @torch.library.custom_op("maskrcnn::leading_rows", mutates_args=())
 def leading_rows(fields: list[Tensor], counts: Tensor) -> list[Tensor]:
     """``fields[i][:counts[i // F]]`` for F = len(fields) // len(counts): each image's fields
@@ -108,4 +164,5 @@ def _(fields, counts):
     return out
 
 
-__all__ = ["fixed_sizes", "large_enough", "select_top", "BoxCoder", "leading_rows"]
+__all__ = ["fixed_sizes", "large_enough", "select_top", "BoxCoder", "Matcher", "BalancedSampler",
+           "leading", "leading_rows"]

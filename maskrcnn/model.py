@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads as _TVRoIHeads
-from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import (RegionProposalNetwork,
                                               concat_box_prediction_layers)
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -23,7 +22,8 @@ from torchvision.ops import boxes as box_ops
 
 import kernels
 
-from .fixed_size import BoxCoder, fixed_sizes, large_enough, leading_rows, select_top
+from .fixed_size import (BalancedSampler, BoxCoder, Matcher, fixed_sizes, large_enough, leading,
+                         leading_rows, select_top)
 
 
 class MaskRCNN(nn.Module):
@@ -77,7 +77,7 @@ class MaskRCNN(nn.Module):
         features = self.backbone(images.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
-        fixed = fixed_sizes(self.static_shapes) and not self.training
+        fixed = fixed_sizes(self.static_shapes)
         proposals, valid, proposal_losses = self.rpn(images, features, targets, fixed=fixed)
         detections, detector_losses = self.roi_heads(features, proposals, valid,
                                                      images.image_sizes, targets, fixed=fixed)
@@ -104,6 +104,8 @@ def _check_boxes(targets: list[dict[str, Tensor]]) -> None:
         boxes = t["boxes"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"targets[{i}]['boxes'] must be (L, 4), got {tuple(boxes.shape)}")
+        if torch.compiler.is_compiling():
+            continue                # a value check: it would break the graph
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():
             raise ValueError(f"targets[{i}]['boxes'] has a box of non-positive size: "
@@ -123,6 +125,12 @@ class DetectionTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, image_mean, image_std, **kwargs)
         self.paste_masks = paste_masks
         self.mask_threshold = mask_threshold
+
+    def torch_choice(self, k: list[int]) -> int:
+        # torchvision's draw, so the generator advances as in torchvision; read on the host
+        # only when there is a choice (a single size compiles without a graph break)
+        draw = torch.empty(1).uniform_(0.0, float(len(k)))
+        return k[0] if len(k) == 1 else k[int(draw.item())]
 
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
@@ -191,8 +199,25 @@ class RPN(RegionProposalNetwork):
                          batch_size_per_image, positive_fraction, pre_nms_top_n,
                          post_nms_top_n, nms_thresh, score_thresh)
         self.box_coder = BoxCoder(self.box_coder.weights)
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
+                                        allow_low_quality_matches=True)
+        self.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         self.nms = nms
         self.nms_mask = nms_mask
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        """torchvision's RPN losses over the sampled anchors, as masked sums."""
+        positive, negative = (torch.cat(m) for m in self.fg_bg_sampler(labels))
+        sampled = positive | negative
+        count = sampled.sum()
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas, torch.cat(regression_targets),
+                                    beta=1 / 9, reduction="none").sum(1)
+        # where, not a product: unsampled anchors of a gt-less image have infinite targets
+        box_loss = torch.where(positive, box_loss, 0.0).sum() / count
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten(), torch.cat(labels), reduction="none")
+        objectness_loss = torch.where(sampled, objectness_loss, 0.0).sum() / count
+        return objectness_loss, box_loss
 
     def forward(self, images, features, targets=None, *, fixed: bool = False):
         features = list(features.values())
@@ -270,6 +295,20 @@ def project_masks_on_boxes(roi_align: Callable[..., Tensor], gt_masks: Tensor, b
     return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
 
 
+def _box_losses(class_logits: Tensor, box_regression: Tensor, labels: Tensor, sampled: Tensor,
+                regression_targets: Tensor) -> tuple[Tensor, Tensor]:
+    """torchvision's ``fastrcnn_loss`` over the ``sampled`` rows, as masked sums."""
+    count = sampled.sum()
+    classes = labels.clamp(min=0)
+    loss_classifier = F.cross_entropy(class_logits, classes, reduction="none")
+    loss_classifier = torch.where(sampled, loss_classifier, 0.0).sum() / count
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    box_loss = F.smooth_l1_loss(box_regression.reshape(labels.shape[0], -1, 4)[rows, classes],
+                                regression_targets, beta=1 / 9, reduction="none").sum(1)
+    box_loss = torch.where(sampled & (labels > 0), box_loss, 0.0).sum() / count
+    return loss_classifier, box_loss
+
+
 class RoIHeads(_TVRoIHeads):
     """Box and mask heads (torchvision's sampling and box loss) with the ops injected.
 
@@ -295,6 +334,9 @@ class RoIHeads(_TVRoIHeads):
                          mask_roi_pool=mask_roi_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor)
         self.box_coder = BoxCoder(self.box_coder.weights)
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
+                                        allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
         self.nms = nms
         self.nms_mask = nms_mask
         self.roi_align = roi_align
@@ -306,7 +348,7 @@ class RoIHeads(_TVRoIHeads):
             if targets is None:
                 raise ValueError("targets must be given in training mode")
             self._check_target_dtypes(targets)
-            return [], self._losses(features, proposals, image_shapes, targets)
+            return [], self._losses(features, proposals, valid, image_shapes, targets)
         return self._detect(features, proposals, valid, image_shapes, fixed), {}
 
     @staticmethod
@@ -318,28 +360,71 @@ class RoIHeads(_TVRoIHeads):
             if t["labels"].dtype != torch.int64:
                 raise TypeError(f"targets[{i}]['labels'] must be int64, got {t['labels'].dtype}")
 
-    def _losses(self, features, proposals, image_shapes, targets) -> dict[str, Tensor]:
-        proposals, matched_idxs, labels, regression_targets = \
-            self.select_training_samples(proposals, targets)
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels,
-                                                      regression_targets)
+    def _sample(self, proposals, valid, targets):
+        """torchvision's ``select_training_samples`` in fixed sizes: per image the gt boxes
+        join the valid proposals, are matched and sampled; the sampled rows lead (in index
+        order, as torchvision's ``torch.where``) in ``min(rows, batch_size_per_image)``
+        rows, ``sampled`` flagging them. Invalid proposals are never sampled."""
+        out = {k: [] for k in ("proposals", "matched", "labels", "sampled", "targets")}
+        labels_all, rows_all = [], []
+        for p, ok, t in zip(proposals, valid, targets):
+            gt_boxes = t["boxes"].to(p.dtype)
+            p = torch.cat([p, gt_boxes])
+            ok = torch.cat([ok, torch.ones(gt_boxes.shape[0], dtype=torch.bool,
+                                           device=ok.device)])
+            if gt_boxes.shape[0] == 0:
+                matched = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+                labels = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+                gt_boxes = torch.zeros((1, 4), dtype=p.dtype, device=p.device)
+            else:
+                matched = self.proposal_matcher(box_ops.box_iou(gt_boxes, p))
+                labels = t["labels"][matched.clamp(min=0)].to(torch.int64)
+                labels = torch.where(matched == self.proposal_matcher.BELOW_LOW_THRESHOLD,
+                                     0, labels)
+                labels = torch.where(matched == self.proposal_matcher.BETWEEN_THRESHOLDS,
+                                     -1, labels)
+                matched = matched.clamp(min=0)
+            labels_all.append(torch.where(ok, labels, -1))
+            rows_all.append((p, matched, gt_boxes))
+        positive, negative = self.fg_bg_sampler(labels_all)
+        for (p, matched, gt_boxes), labels, pos, neg in zip(rows_all, labels_all, positive,
+                                                            negative):
+            rows, sampled = leading(pos | neg, self.fg_bg_sampler.batch_size_per_image)
+            out["proposals"].append(p[rows])
+            out["matched"].append(matched[rows])
+            out["labels"].append(torch.where(sampled, labels[rows], -1))
+            out["sampled"].append(sampled)
+            out["targets"].append(gt_boxes[matched[rows]])
+        out["targets"] = self.box_coder.encode(out["targets"], out["proposals"])
+        return out
 
-        # the mask branch trains on positive proposals only
-        pos = [torch.where(lab > 0)[0] for lab in labels]
-        mask_proposals = [p[i] for p, i in zip(proposals, pos)]
-        pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
+    def _losses(self, features, proposals, valid, image_shapes, targets) -> dict[str, Tensor]:
+        s = self._sample(proposals, valid, targets)
+        box_features = self.box_head(self.box_roi_pool(features, s["proposals"], image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = _box_losses(
+            class_logits, box_regression, torch.cat(s["labels"]), torch.cat(s["sampled"]),
+            torch.cat(s["targets"]))
+
+        # The mask branch trains on the positive rows: cut to their count (a data-dependent
+        # size: the training graph's break) and pooled.
+        cap = int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction)
+        fields, counts = [], []
+        for p, m, lab in zip(s["proposals"], s["matched"], s["labels"]):
+            rows, pos = leading(lab > 0, cap)
+            fields += [p[rows], m[rows], lab[rows]]
+            counts.append(pos.sum())
+        cut = leading_rows(fields, torch.stack(counts))
+        mask_proposals, pos_matched, mask_labels = cut[0::3], cut[1::3], cut[2::3]
         mask_features = self.mask_predictor.features(
             self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
         size = mask_features.shape[-1]
         mask_targets = torch.cat([
             project_masks_on_boxes(self.roi_align, t["masks"], p, m, size)
             for t, p, m in zip(targets, mask_proposals, pos_matched)])
-        mask_labels = torch.cat([t["labels"][m] for t, m in zip(targets, pos_matched)])
         predictor = self.mask_predictor.mask_fcn_logits
         loss_mask = self.mask_loss(mask_features, predictor.weight, predictor.bias,
-                                   mask_targets, mask_labels)
+                                   mask_targets, torch.cat(mask_labels))
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
                 "loss_mask": loss_mask}
 

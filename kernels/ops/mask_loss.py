@@ -26,7 +26,7 @@ from .. import _cpu, reference
 from .._sampling import roi_box, sample_rows
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_same_device,
                       check_tensor, check_values, compute_dtype, cpu_path, is_channels_last,
-                      last_path, launch, needs_grad, pick_path, pick_tuning, register_tuning)
+                      launch, needs_grad, pick_path, pick_tuning, record_path, register_tuning)
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
         return mask_logits.sum() * 0
     check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
     if cpu_path(mask_logits):        # PyTorch's own formula and backward (kernels._cpu)
-        last_path["mask_loss_forward"] = "torch"
+        record_path("mask_loss_forward", "torch")
         loss = _cpu.mask_loss(mask_logits, gt_masks, gt_labels.long())
     else:
         loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels.long(),
@@ -431,7 +431,7 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     rois = torch.cat([torch.cat(idx).to(torch.float32)[:, None],
                       torch.cat([p.to(torch.float32) for p in proposals])], 1)
     if cpu_path(mask_logits):        # torchvision's targets, PyTorch's loss (kernels._cpu)
-        last_path["maskrcnn_loss_forward"] = "torch"
+        record_path("maskrcnn_loss_forward", "torch")
         loss = _cpu.maskrcnn_loss(mask_logits, rois, labels, gt_masks, rows)
     else:
         loss, _ = _maskrcnn_loss_op(mask_logits, rois, labels, gt_masks, rows,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import _cpu, reference
 from .._sampling import MAX_LEVELS, Pyramid
 from .._utils import (check_float_dtype, check_same_device, check_tensor, cpu_path,
-                      deterministic_algorithms, last_path, pair, pick_path, TypeAttributeError)
+                      deterministic_algorithms, pair, pick_path, record_path, TypeAttributeError)
 from .roi_align import (boxes_to_rois, pool_backward, pool_forward,
                         roi_align_backward_deterministic)
 
@@ -240,7 +240,7 @@ def _pool(features: list[Tensor], rois: Tensor, output_size, sampling_ratio, sca
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     p = LevelMapper.pyramid(mapper, scales)     # ours or torchvision's mapper: same fields
     if cpu_path(features[0]):       # torchvision's per-level kernels and autograd (_cpu)
-        last_path["multiscale_roi_align_forward"] = "torchvision"
+        record_path("multiscale_roi_align_forward", "torchvision")
         return _cpu.multiscale_roi_align(list(features), rois, p, pooled_h, pooled_w,
                                          int(sampling_ratio))
     return _multiscale_roi_align_op(list(features), rois, list(p.scales), p.k_min, p.k_max,
