@@ -57,7 +57,7 @@ class MaskRCNN(nn.Module):
             with kernels.skip_data_checks():   # the static mode reads no tensor value
                 return self._finish(*self._run(images, targets))
         out, image_sizes, original_sizes = self._run(images, targets)
-        if fixed_sizes(False) and not (self.training or self.static_shapes):
+        if torch.compiler.is_compiling() and not (self.training or self.static_shapes):
             # Traced: cut each image's padded detections to its valid rows. Done here, in
             # forward's own frame, this is the model's one graph break (a break inside a
             # nested call would break each caller's frame too).

@@ -119,6 +119,11 @@ def test_nms_path_follows_the_longest_class(n, classes, path):
     assert torch.equal(kept, expected)
     if classes == 1:
         assert torch.equal(kernels.nms(boxes, scores, 0.4), expected)
+    # the keep-mask form takes the same path, with the same result
+    last_path.clear()
+    mask = kernels.batched_nms_mask(boxes, scores, idxs, 0.4)
+    assert last_path["nms_forward"] == path
+    assert torch.equal(torch.where(mask)[0], expected.sort().values)
 
 
 def _mask_case(dtype):
