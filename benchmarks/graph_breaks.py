@@ -26,8 +26,10 @@ SETTINGS = dict(num_classes=4, min_size=64, max_size=96, rpn_pre_nms_top_n_test=
                 box_detections_per_img=5, box_score_thresh=0.0)
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
+def inputs(generator: torch.Generator | None = None):
+    """Two images of different sizes and one box-and-mask target each (also the model
+    tests' batch, drawn there from the test's seed)."""
+    g = generator
     images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
     targets = []
     for im in images:
@@ -61,7 +63,7 @@ def main() -> None:
               "ours, static_shapes=True": maskrcnn.maskrcnn_resnet18_fpn(
                   fpn_channels=16, static_shapes=True, **SETTINGS),
               "torchvision": MaskRCNN(fpn, **SETTINGS)}
-    images, targets = _inputs()
+    images, targets = inputs(torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     print("| model | inference | training |\n|---|---|---|")
     details = []
