@@ -7,7 +7,7 @@ fixed-size form: a mask of the valid rows travels beside tensors whose sizes dep
 shapes only. The model takes that form in its static mode and whenever ``torch.compile`` or
 ``torch.export`` traces it (:func:`fixed_sizes`); eager calls keep torchvision's
 data-dependent selections, which do less work when few rows survive. Both forms select the
-same rows in the same order (tests/test_one_graph.py).
+same rows in the same order (tests/test_compile_model.py).
 """
 from __future__ import annotations
 
