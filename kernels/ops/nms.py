@@ -399,13 +399,10 @@ def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
                          iou_threshold: float) -> Tensor:
     keep_in = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     if boxes.shape[0] and cpu_path(boxes):
-        # the CPU path as batched_nms's (no sync to avoid on a CPU): the longest class
-        # decides between torchvision's loop and our blocked path
+        # no sync to avoid on a CPU: batched_nms's body, its path picked by the longest class
         longest = int(torch.unique(idxs, return_counts=True)[1].max())
-        if _cpu.nms_wins(boxes, scores, longest):
-            last_path["nms_forward"] = "torchvision"
-            keep_in[_cpu.nms(boxes, scores, idxs, iou_threshold)] = True
-            return keep_in
+        keep_in[_kept(boxes, scores, idxs, iou_threshold, longest, -1)] = True
+        return keep_in
     if boxes.shape[0]:
         p = Segments(boxes, scores, idxs)
         keep_in[p.perm] = _keep_sorted(p, boxes, iou_threshold).bool()
