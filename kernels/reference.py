@@ -160,19 +160,25 @@ def _project_masks(masks: Tensor, rois: Tensor, size: int, dtype: torch.dtype) -
     return out
 
 
-def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
-                          gt_masks: list[Tensor], rows: list[int],
-                          compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """:func:`mask_loss_forward` on torchvision's ``project_masks_on_boxes`` targets of
-    every image (materialized here, sampled inside the kernel on the Triton path)."""
-    size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
+def _image_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: int,
+                   dtype: torch.dtype) -> Tensor:
+    """torchvision's ``project_masks_on_boxes`` targets of every image, (N, M, M)
+    (materialized here, sampled inside the kernels on the Triton path)."""
     targets, start = [], 0
     for masks, r in zip(gt_masks, rows):
         if r:
-            targets.append(_project_masks(masks, rois[start:start + r], size, cdt))
+            targets.append(_project_masks(masks, rois[start:start + r], size, dtype))
         start += r
-    targets = torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=cdt)
-    return mask_loss_forward(logits, targets, labels, compute_grad)
+    return torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=dtype)
+
+
+def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
+                          gt_masks: list[Tensor], rows: list[int],
+                          compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """:func:`mask_loss_forward` on the projected targets of every image."""
+    size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
+    return mask_loss_forward(logits, _image_targets(rois, gt_masks, rows, size, cdt), labels,
+                             compute_grad)
 
 
 def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
@@ -187,6 +193,16 @@ def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
         return loss.mean(), x.new_empty(0, m * m), x.new_empty(0)
     dx = dx / x.numel()
     return loss.mean(), dx, dx.sum(1)
+
+
+def maskrcnn_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
+                                    rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
+                                    rows: list[int], compute_grad: bool):
+    """:func:`mask_predictor_loss_forward` on the projected targets of every image."""
+    size, cdt = features.shape[-1], compute_dtype(features.dtype)
+    return mask_predictor_loss_forward(features, weight, bias,
+                                       _image_targets(rois, gt_masks, rows, size, cdt), labels,
+                                       compute_grad)
 
 
 def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel, dsum):

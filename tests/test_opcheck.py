@@ -92,6 +92,14 @@ SAMPLES = {
                  _leaf(torch.randn(3, 5), torch.float16), _leaf(torch.randn(3), torch.float16),
                  torch.rand(2, 4, 4), LABELS, True),
     ],
+    "maskrcnn_predictor_loss": [
+        lambda: (_leaf(torch.randn(2, 5, 4, 4)), _leaf(torch.randn(3, 5)),
+                 _leaf(torch.randn(3)), MASK_ROIS, LABELS,
+                 [(torch.rand(2, 9, 11) > 0.5).to(torch.uint8)], [2], True),
+        lambda: (_leaf(torch.randn(2, 5, 4, 4), torch.bfloat16, CL),
+                 _leaf(torch.randn(3, 5), torch.bfloat16), _leaf(torch.randn(3), torch.bfloat16),
+                 MASK_ROIS, LABELS, [torch.rand(2, 9, 11) > 0.5], [2], True),
+    ],
     "mask_predictor_loss_backward": [
         lambda: (torch.tensor(1.0), torch.randn(2, 5, 4, 4), torch.randn(3, 5), LABELS,
                  torch.rand(2, 16), torch.rand(2)),

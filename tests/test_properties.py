@@ -267,6 +267,35 @@ def test_maskrcnn_loss_property(data, images, k, m, per_image):
                      msg=lambda msg: f"{name} grad: {msg}")
 
 
+@given(data=st.data(), images=st.integers(1, 2), c=st.sampled_from([1, 4]),
+       k=st.integers(1, 3), m=st.sampled_from([2, 5]), per_image=st.integers(0, 3))
+def test_maskrcnn_predictor_loss_property(data, images, c, k, m, per_image):
+    from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_loss
+    h, w = 13, 17
+    gt_masks = [(torch.rand(2, h, w) > 0.5).to(torch.uint8) for _ in range(images)]
+    gt_labels = [torch.randint(0, k, (2,)) for _ in range(images)]
+    proposals = [data.draw(boxes_xyxy(per_image, w, h)) for _ in range(images)]
+    matched = [torch.randint(0, 2, (per_image,)) for _ in range(images)]
+    feats = torch.randn(images * per_image, c, m, m)
+    weight = torch.randn(k, c, 1, 1)
+    bias = torch.randn(k)
+    ft, wt, bt = (t.clone().requires_grad_() for t in (feats, weight, bias))
+    ref = tv_loss(F.conv2d(ft, wt, bt), proposals, gt_masks, gt_labels, matched)
+    ref.backward()
+    for name, device, ctx in paths():
+        with ctx():
+            fo, wo, bo = (leaf(t, device) for t in (feats, weight, bias))
+            loss = kernels.maskrcnn_predictor_loss(
+                fo, wo, bo, [p.to(device) for p in proposals], [g.to(device) for g in gt_masks],
+                [g.to(device) for g in gt_labels], [i.to(device) for i in matched])
+            loss.backward()
+        assert_close(loss.cpu(), ref.detach(), **tol(torch.float32),
+                     msg=lambda msg: f"{name}: {msg}")
+        for got, want in ((fo, ft), (wo, wt), (bo, bt)):
+            assert_close(got.grad.cpu(), want.grad, **tol(torch.float32),
+                         msg=lambda msg: f"{name} grad: {msg}")
+
+
 def test_every_op_has_a_property_test():
     """Every forward op registered under torch.ops.maskrcnn_triton is public under its own
     name (one name per op) and called by a property test above: a new op without its

@@ -186,6 +186,19 @@ class Smoke:
         err = close(ours, ref, dtype, "loss")
         for what, o, r in zip(("features", "weight", "bias"), ours_p, ref_p):
             err = max(err, close(o.grad, r.grad, dtype, f"{what} gradient"))
+        # the same with the targets sampled from uint8 gt masks vs torchvision's maskrcnn_loss
+        z = self.size
+        inst = bench_mask_loss.make_instances(n, 91, dtype, self.device, images=z.images,
+                                              image=z.image)[3]
+        ours_p = leaves(feats, weight, bias)
+        ref_p = leaves(feats.float(), weight.float(), bias.float())
+        ours = kernels.maskrcnn_predictor_loss(*ours_p, *inst)
+        ours.backward()
+        ref = bench_mask_predictor_loss.torchvision_predictor_loss(*ref_p, *inst)
+        ref.backward()
+        err = max(err, close(ours, ref, dtype, "maskrcnn_predictor_loss loss"))
+        for what, o, r in zip(("features", "weight", "bias"), ours_p, ref_p):
+            err = max(err, close(o.grad, r.grad, dtype, f"maskrcnn_predictor_loss {what} gradient"))
         return err
 
     def paste_masks_in_image(self, dtype):
@@ -267,7 +280,7 @@ class Smoke:
             self.check(f"nms, batched_nms, batched_nms_mask {d}", lambda: self.nms(dtype))
             self.check(f"mask_loss, maskrcnn_loss forward+backward {d}",
                        lambda: self.mask_loss(dtype))
-            self.check(f"mask_predictor_loss forward+backward {d}",
+            self.check(f"mask_predictor_loss, maskrcnn_predictor_loss forward+backward {d}",
                        lambda: self.mask_predictor_loss(dtype))
             self.check(f"paste_masks_in_image float and threshold {d}", lambda: self.paste_masks_in_image(dtype))
         self.check("roi_align channels_last float32",

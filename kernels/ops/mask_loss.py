@@ -45,7 +45,7 @@ def bce_with_logits(x, t):
 
 
 @triton.jit
-def _pixel_block(M, BLOCK_P: tl.constexpr):
+def pixel_block(M, BLOCK_P: tl.constexpr):
     """Program (row, block of the M x M plane): the row, its pixel offsets, which are in
     the plane, and their (h, w)."""
     r = tl.program_id(0).to(tl.int64)
@@ -80,37 +80,25 @@ def _mask_loss_fwd_kernel(
     inv_count,  # 1 / (N * M * M)
     WRITE_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    n, offs, mask, h, w = _pixel_block(M, BLOCK_P)
+    n, offs, mask, h, w = pixel_block(M, BLOCK_P)
     t = tl.load(targets_ptr + n * t_stride_n + h * t_stride_h + w * t_stride_w,
                 mask=mask, other=0).to(tl.float32)
     _selected_loss(logits_ptr, labels_ptr, partial_ptr, grad_ptr, n, offs, mask, h, w, t, M,
                    l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count, WRITE_GRAD)
 
 
-# Each image's gt mask size and strides would otherwise specialize the kernel (== 1,
-# divisible by 16): a new compile per size pattern in the first steps of a run.
-@triton.jit(do_not_specialize=["H", "W", "m_stride_g", "m_stride_h", "m_stride_w"])
-def _maskrcnn_loss_fwd_kernel(
-    logits_ptr,  # (R, K, M, M) float, any strides: one image's rows
-    rois_ptr,  # (R, 5) float32: gt mask index, x1, y1, x2, y2 (the proposal)
-    masks_ptr,  # (G, H, W) uint8 or float, any strides: the image's gt masks
-    labels_ptr,  # (R,) int64 in [0, K)
-    partial_ptr,  # (R, num_programs(1)) float32: loss sum of each program
-    grad_ptr,  # (R, M*M) float32: d loss / d selected logit (unwritten if not WRITE_GRAD)
-    M, H, W, l_stride_n, l_stride_k, l_stride_h, l_stride_w,
-    m_stride_g, m_stride_h, m_stride_w,
-    inv_count,  # 1 / (N * M * M), N counted over all images
-    WRITE_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    r, offs, mask, h, w = _pixel_block(M, BLOCK_P)
-    # The target: torchvision's roi_align(gt_masks[:, None], rois, (M, M), 1.0)[:, 0],
-    # i.e. spatial scale 1, adaptive sampling, aligned=False.
+@triton.jit
+def roi_target(rois_ptr, masks_ptr, r, h, w, mask, M, H, W, m_stride_g, m_stride_h,
+               m_stride_w):
+    """Row r's target at pixels (h, w): torchvision's ``roi_align(gt_masks[:, None], rois,
+    (M, M), 1.0)[:, 0]`` (spatial scale 1, adaptive sampling, aligned=False) read from the
+    uint8/float gt masks of one image, four gathers per sample."""
     g, start_h, start_w, bin_h, bin_w, grid_h, grid_w = roi_box(
         rois_ptr, r, 1.0, M, M, -1, False)
     ph = h.to(tl.float32)
     pw = w.to(tl.float32)
     base = masks_ptr + g * m_stride_g
-    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    acc = tl.zeros_like(ph)
     for iy in range(0, grid_h):
         row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
                                                             m_stride_h.to(tl.int64))
@@ -124,8 +112,30 @@ def _maskrcnn_loss_fwd_kernel(
             v4 = tl.load(base + row_hi + col_hi, mask=m, other=0).to(tl.float32)
             acc += (wy_lo * wx_lo * v1 + wy_lo * wx_hi * v2 + wy_hi * wx_lo * v3
                     + wy_hi * wx_hi * v4)
-    t = acc / tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    return acc / tl.maximum(grid_h * grid_w, 1).to(tl.float32)
 
+
+# Each image's gt mask size and strides would otherwise specialize the kernel (== 1,
+# divisible by 16): a new compile per size pattern in the first steps of a run.
+SAMPLED_ARGS = ["H", "W", "m_stride_g", "m_stride_h", "m_stride_w"]
+
+
+@triton.jit(do_not_specialize=SAMPLED_ARGS)
+def _maskrcnn_loss_fwd_kernel(
+    logits_ptr,  # (R, K, M, M) float, any strides: one image's rows
+    rois_ptr,  # (R, 5) float32: gt mask index, x1, y1, x2, y2 (the proposal)
+    masks_ptr,  # (G, H, W) uint8 or float, any strides: the image's gt masks
+    labels_ptr,  # (R,) int64 in [0, K)
+    partial_ptr,  # (R, num_programs(1)) float32: loss sum of each program
+    grad_ptr,  # (R, M*M) float32: d loss / d selected logit (unwritten if not WRITE_GRAD)
+    M, H, W, l_stride_n, l_stride_k, l_stride_h, l_stride_w,
+    m_stride_g, m_stride_h, m_stride_w,
+    inv_count,  # 1 / (N * M * M), N counted over all images
+    WRITE_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    r, offs, mask, h, w = pixel_block(M, BLOCK_P)
+    t = roi_target(rois_ptr, masks_ptr, r, h, w, mask, M, H, W, m_stride_g, m_stride_h,
+                   m_stride_w)
     _selected_loss(logits_ptr, labels_ptr, partial_ptr, grad_ptr, r, offs, mask, h, w, t, M,
                    l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count, WRITE_GRAD)
 
@@ -215,18 +225,23 @@ def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
     grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
                        device=logits.device)
     inv_count = 1.0 / (n * m * m)
+    for rows_i, masks in image_rows(gt_masks, rows):
+        launch(_maskrcnn_loss_fwd_kernel, (rows_i.stop - rows_i.start, blocks),
+               logits[rows_i], rois[rows_i], masks, labels[rows_i], partial[rows_i],
+               grad[rows_i] if compute_grad else grad, m, masks.shape[1], masks.shape[2],
+               *logits.stride(), *masks.stride(), inv_count,
+               tuning=tuning, WRITE_GRAD=bool(compute_grad))
+    return partial.sum() * inv_count, grad
+
+
+def image_rows(gt_masks: list[Tensor], rows: list[int]):
+    """(slice of the image's rows, its gt masks as the kernels load them) per image with
+    rows: the sampled kernels launch once per image (each has its own masks and size)."""
     start = 0
     for masks, r in zip(gt_masks, rows):
         if r:
-            masks = kernel_targets(masks)
-            end = start + r
-            launch(_maskrcnn_loss_fwd_kernel, (r, blocks), logits[start:end],
-                   rois[start:end], masks, labels[start:end], partial[start:end],
-                   grad[start:end] if compute_grad else grad, m, masks.shape[1],
-                   masks.shape[2], *logits.stride(), *masks.stride(), inv_count,
-                   tuning=tuning, WRITE_GRAD=bool(compute_grad))
+            yield slice(start, start + r), kernel_targets(masks)
         start += r
-    return partial.sum() * inv_count, grad
 
 
 def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: int,
@@ -328,7 +343,7 @@ def _check_logits(name: str, t) -> tuple[int, int, int]:
 
 
 def check_labels(name: str, t, n: int) -> None:
-    check_tensor(name, t, ndim=1, what=f"a 1-D (N,) = ({n},) tensor")
+    check_tensor(name, t, ndim=1, what="a 1-D (N,) tensor")  # no f-string: n may be symbolic
     check_integer(name, t)
     if t.shape[0] != n:
         raise ValueError(f"{name} must have {n} entries (one per instance), got {t.shape[0]}")
@@ -338,9 +353,6 @@ def check_targets(name: str, t, shape: tuple[int, ...] | None) -> None:
     check_tensor(name, t, dtypes=TARGET_DTYPES)
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-
-# How far past [0, 1] a float target may stray (float32 rounding of bilinear weights).
 
 
 def loss_dtype(input_dtype: torch.dtype, *target_dtypes: torch.dtype) -> torch.dtype:
@@ -386,6 +398,51 @@ def _check_list(name: str, value, length: int | None) -> list:
     return list(value)
 
 
+def check_images(lead: dict[str, Tensor], k: int, proposals, gt_masks, gt_labels,
+                 mask_matched_idxs) -> tuple[list, list, list, list]:
+    """Check torchvision's per-image loss arguments against the (N, ...) tensor ``lead``
+    (its name and value) of K classes; return them as lists and each image's row count
+    (an int, or a symbolic size while compiling: no specialization per count)."""
+    (name, t), = lead.items()
+    proposals = _check_list("proposals", proposals, None)
+    images = len(proposals)
+    gt_masks = _check_list("gt_masks", gt_masks, images)
+    gt_labels = _check_list("gt_labels", gt_labels, images)
+    idxs = _check_list("mask_matched_idxs", mask_matched_idxs, images)
+    for i in range(images):
+        check_tensor(f"proposals[{i}]", proposals[i], ndim=2)
+        if proposals[i].shape[1] != 4 or not proposals[i].is_floating_point():
+            raise ValueError(f"proposals[{i}] must be a float Tensor[L, 4], got "
+                             f"{proposals[i].dtype} of shape {tuple(proposals[i].shape)}")
+        check_tensor(f"gt_masks[{i}]", gt_masks[i], ndim=3, dtypes=TARGET_DTYPES,
+                     what="a 3-D (G, H, W) tensor")
+        check_labels(f"gt_labels[{i}]", gt_labels[i], gt_masks[i].shape[0])
+        check_labels(f"mask_matched_idxs[{i}]", idxs[i], proposals[i].shape[0])
+        check_same_device(**{name: t}, **{
+            f"proposals[{i}]": proposals[i], f"gt_masks[{i}]": gt_masks[i],
+            f"gt_labels[{i}]": gt_labels[i], f"mask_matched_idxs[{i}]": idxs[i]})
+    rows = [p.shape[0] for p in proposals]
+    n = t.shape[0]
+    if torch.compiler.is_compiling():
+        torch._check(sum(rows) == n, lambda: f"{name} has one row per proposal")
+    elif sum(rows) != n:
+        raise ValueError(f"{name} has {n} rows but the proposals hold {sum(rows)} boxes")
+    if n:
+        check_values(
+            indices=[(f"gt_labels[{i}]", gt_labels[i], k) for i in range(images)]
+            + [(f"mask_matched_idxs[{i}]", idxs[i], gt_masks[i].shape[0])
+               for i in range(images)],
+            unit=[(f"gt_masks[{i}]", gt_masks[i]) for i in range(images)],
+            finite=[(f"proposals[{i}]", p) for i, p in enumerate(proposals)])
+    return proposals, gt_masks, [lab.long()[i.long()] for lab, i in zip(gt_labels, idxs)], rows
+
+
+def sampled_rois(proposals: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
+    """(N, 5) float32 RoIs over the gt masks: matched gt index, then the proposal box."""
+    return torch.cat([torch.cat([i.long() for i in mask_matched_idxs]).to(torch.float32)[:, None],
+                      torch.cat([p.to(torch.float32) for p in proposals])], 1)
+
+
 def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
                   gt_labels: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
     """Drop-in for ``torchvision.models.detection.roi_heads.maskrcnn_loss``.
@@ -398,38 +455,12 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     loss has torchvision's dtype: mask_logits' promoted with the proposals'.
     """
     n, k, m = _check_logits("mask_logits", mask_logits)
-    proposals = _check_list("proposals", proposals, None)
-    images = len(proposals)
-    gt_masks = _check_list("gt_masks", gt_masks, images)
-    gt_labels = _check_list("gt_labels", gt_labels, images)
-    idxs = _check_list("mask_matched_idxs", mask_matched_idxs, images)
-    rows = []
-    for i in range(images):
-        check_tensor(f"proposals[{i}]", proposals[i], ndim=2)
-        if proposals[i].shape[1] != 4 or not proposals[i].is_floating_point():
-            raise ValueError(f"proposals[{i}] must be a float Tensor[L, 4], got "
-                             f"{proposals[i].dtype} of shape {tuple(proposals[i].shape)}")
-        check_tensor(f"gt_masks[{i}]", gt_masks[i], ndim=3, dtypes=TARGET_DTYPES,
-                     what="a 3-D (G, H, W) tensor")
-        check_labels(f"gt_labels[{i}]", gt_labels[i], gt_masks[i].shape[0])
-        check_labels(f"mask_matched_idxs[{i}]", idxs[i], proposals[i].shape[0])
-        check_same_device(mask_logits=mask_logits, **{
-            f"proposals[{i}]": proposals[i], f"gt_masks[{i}]": gt_masks[i],
-            f"gt_labels[{i}]": gt_labels[i], f"mask_matched_idxs[{i}]": idxs[i]})
-        rows.append(int(proposals[i].shape[0]))
-    if sum(rows) != n:
-        raise ValueError(f"mask_logits has {n} rows but the proposals hold {sum(rows)} boxes")
+    proposals, gt_masks, labels, rows = check_images(
+        {"mask_logits": mask_logits}, k, proposals, gt_masks, gt_labels, mask_matched_idxs)
     if n == 0:
         return mask_logits.sum() * 0
-    check_values(
-        indices=[(f"gt_labels[{i}]", gt_labels[i], k) for i in range(images)]
-        + [(f"mask_matched_idxs[{i}]", idxs[i], gt_masks[i].shape[0]) for i in range(images)],
-        unit=[(f"gt_masks[{i}]", gt_masks[i]) for i in range(images)],
-        finite=[(f"proposals[{i}]", proposals[i]) for i in range(images)])
-    idx = [i.long() for i in idxs]
-    labels = torch.cat([lab.long()[i] for lab, i in zip(gt_labels, idx)])
-    rois = torch.cat([torch.cat(idx).to(torch.float32)[:, None],
-                      torch.cat([p.to(torch.float32) for p in proposals])], 1)
+    labels = torch.cat(labels)
+    rois = sampled_rois(proposals, mask_matched_idxs)
     if cpu_path(mask_logits):        # torchvision's targets, PyTorch's loss (kernels._cpu)
         record_path("maskrcnn_loss_forward", "torch")
         loss = _cpu.maskrcnn_loss(mask_logits, rois, labels, gt_masks, rows)
@@ -440,21 +471,28 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     return loss.to(loss_dtype(mask_logits.dtype, *(p.dtype for p in proposals)))
 
 
-def _compile_examples(device: str = "cpu") -> None:
-    """Launch every specialization the launchers can pick (for the GPU compile check and
-    the GPU kit's memory check, which runs these on CUDA): each dtype and layout of the
-    logits, each kind of target (the logits' own float dtype, float32, bool, uint8); the
-    compile check expands each over its tuning table."""
-    n, k, m = 2, 3, 4
+def loss_examples(channels: int, device: str):
+    """Inputs that reach every specialization of the mask-loss launchers: yields ``(x,
+    targets, gt_masks, (labels, boxes, matched))`` with x a (2, channels, 4, 4) leaf of each
+    float dtype and layout, targets (2, 4, 4) and one image's gt masks (2, 9, 11) of each
+    target kind (x's own dtype, float32, bool, uint8), labels in [0, 3)."""
     labels = torch.tensor([0, 2], device=device)
     matched = [torch.tensor([1, 0], device=device)]
     boxes = [torch.tensor([[0.5, 1.0, 8.0, 7.5], [2.0, 0.0, 5.0, 9.0]], device=device)]
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for fmt in (torch.contiguous_format, torch.channels_last):
-            logits = torch.randn(n, k, m, m, dtype=dtype, device=device).contiguous(
+            x = torch.randn(2, channels, 4, 4, dtype=dtype, device=device).contiguous(
                 memory_format=fmt).requires_grad_()
             for target_dtype in (dtype, torch.float32, torch.bool, torch.uint8):
-                targets = (torch.rand(n, m, m, device=device) > 0.5).to(target_dtype)
+                targets = (torch.rand(2, 4, 4, device=device) > 0.5).to(target_dtype)
                 gt = (torch.rand(2, 9, 11, device=device) > 0.5).to(target_dtype)
-                mask_loss(logits, targets, labels).backward()
-                maskrcnn_loss(logits, boxes, [gt], [labels], matched).backward()
+                yield x, targets, gt, (labels, boxes, matched)
+
+
+def _compile_examples(device: str = "cpu") -> None:
+    """Launch every specialization the launchers can pick (for the GPU compile check and
+    the GPU kit's memory check, which runs these on CUDA); the compile check expands each
+    over its tuning table."""
+    for logits, targets, gt, (labels, boxes, matched) in loss_examples(3, device):
+        mask_loss(logits, targets, labels).backward()
+        maskrcnn_loss(logits, boxes, [gt], [labels], matched).backward()

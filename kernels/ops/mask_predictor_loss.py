@@ -1,11 +1,17 @@
-"""The mask predictor's 1x1 conv and Mask R-CNN's mask loss fused: :func:`mask_predictor_loss`.
+"""The mask predictor's 1x1 conv and Mask R-CNN's mask loss fused.
 
-``mask_loss(F.conv2d(features, weight, bias), gt_masks, gt_labels)`` where only row
-``W[label]`` of the predictor is applied per instance, so the (N, K, M, M) logits never
-exist. Forward keeps d loss / d logit (N, M*M float32) for the backward, which reads the
-features once and writes their gradient plus per-instance weight-row gradients. The BCE,
-the target handling and the checks are :mod:`kernels.ops.mask_loss`'s; the CPU path and
-test oracle are in :mod:`kernels.reference`.
+* :func:`mask_predictor_loss` — ``mask_loss(F.conv2d(features, weight, bias), gt_masks,
+  gt_labels)``: only row ``W[label]`` of the predictor is applied per instance, so the
+  (N, K, M, M) logits never exist.
+* :func:`maskrcnn_predictor_loss` — torchvision's ``maskrcnn_loss`` on those logits: the
+  same kernel with each target sampled from the image's uint8/bool/float gt masks
+  (``maskrcnn_loss``'s ``roi_target``) instead of loaded, so neither the float copy of the
+  full-resolution masks nor the (N, M, M) targets exist. The model trains with this one.
+
+Forward keeps d loss / d logit (N, M*M float32) for the backward, which reads the features
+once and writes their gradient plus per-instance weight-row gradients; both ops share it.
+The BCE, the target sampling and the checks are :mod:`kernels.ops.mask_loss`'s; the CPU
+path and test oracle are in :mod:`kernels.reference`.
 """
 from __future__ import annotations
 
@@ -19,38 +25,40 @@ from .._sampling import along_c, along_p, p_major
 from .._utils import (cdiv, check_float_dtype, check_same_device, check_tensor, check_values,
                       compute_dtype, launch, memory_format, needs_grad, pick_path, pick_tuning,
                       register_lanes, register_tuning)
-from .mask_loss import bce_with_logits, check_labels, check_targets, kernel_targets, loss_dtype
+from .mask_loss import (SAMPLED_ARGS, bce_with_logits, check_images, check_labels,
+                        check_targets, image_rows, kernel_targets, loss_dtype, loss_examples,
+                        pixel_block, roi_target, sampled_rois)
 
 
 # ---------------------------------------------------------------------------------------
 # Kernels
 
 
-@triton.jit
+# The sampled variant's gt mask sizes and strides would otherwise specialize the kernel
+# (maskrcnn_loss's SAMPLED_ARGS): a new compile per image-size pattern.
+@triton.jit(do_not_specialize=SAMPLED_ARGS)
 def _mask_predictor_loss_fwd_kernel(
     features_ptr,  # (N, C, M, M) float, any strides
     weight_ptr,  # (K, C) contiguous, features dtype: the 1x1 predictor conv
     bias_ptr,  # (K,) features dtype
-    targets_ptr,  # (N, M, M) float or uint8, any strides
+    masks_ptr,  # (N, M, M) targets, or SAMPLED: one image's (G, H, W) gt masks; float or uint8
+    rois_ptr,  # SAMPLED: (N, 5) float32 gt mask index, x1, y1, x2, y2 (else unused)
     labels_ptr,  # (N,) int64 in [0, K)
     partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program
     dsum_ptr,  # (N, num_programs(1)) float32: sum of d loss / d logit of each program
     grad_ptr,  # (N, M*M) float32: d loss / d logit of the instance's class
-    C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w, t_stride_n, t_stride_h, t_stride_w,
-    inv_count,  # 1 / (N * M * M)
-    WRITE_GRAD: tl.constexpr, P_MAJOR: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    C, M, H, W, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
+    m_stride_g, m_stride_h, m_stride_w,  # of the targets (g: instance) or of the gt masks
+    inv_count,  # 1 / (N * M * M), N counted over all images
+    SAMPLED: tl.constexpr, WRITE_GRAD: tl.constexpr, P_MAJOR: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < M * M
-    h = offs_p // M
-    w = offs_p % M
+    n, offs_p, mask_p, h, w = pixel_block(M, BLOCK_P)
     label = tl.load(labels_ptr + n)
-    f_base = features_ptr + n * f_stride_n + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR)
     # logit = b[label] + sum_c W[label, c] * f[c]: only the instance's own class row.
     # Tiles are (C, P) with lanes along pixels for NCHW features (P_MAJOR), (P, C) with
     # lanes along channels for channels_last ones.
+    f_base = features_ptr + n * f_stride_n + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR)
     acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
            + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for c0 in range(0, C, BLOCK_C):
@@ -66,8 +74,14 @@ def _mask_predictor_loss_fwd_kernel(
     else:
         x = tl.sum(acc, axis=1)
     x += tl.load(bias_ptr + label).to(tl.float32)
-    t = tl.load(targets_ptr + n * t_stride_n + h * t_stride_h + w * t_stride_w,
-                mask=mask_p, other=0).to(tl.float32)
+    if SAMPLED:
+        # maskrcnn_loss's target, sampled from the gt masks as that kernel does: no float
+        # copy of the masks, no (N, M, M) target tensor
+        t = roi_target(rois_ptr, masks_ptr, n, h, w, mask_p, M, H, W, m_stride_g, m_stride_h,
+                       m_stride_w)
+    else:
+        t = tl.load(masks_ptr + n * m_stride_g + h * m_stride_h + w * m_stride_w,
+                    mask=mask_p, other=0).to(tl.float32)
     loss, dx = bce_with_logits(x, t)
     slot = n * tl.num_programs(1) + tl.program_id(1)
     tl.store(partial_ptr + slot, tl.sum(tl.where(mask_p, loss, 0.0), axis=0))
@@ -123,8 +137,6 @@ def _mask_predictor_loss_bwd_kernel(
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
-
-
 # Predictor tiles at 4-8 elements per thread. sm_90 registers (occupancy): forward
 # [16 channels, 128 pixels] 32 (100%) on Triton 3.8/3.9, 64 (50%) on 3.6, where [32, 128]
 # took 145 (12%); backward [16, 64] 48 (62%), its tile reading 256 contiguous bytes per
@@ -158,22 +170,42 @@ register_lanes(_mask_predictor_loss_bwd_kernel, _lanes)
 
 def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
                                 targets: Tensor, labels: Tensor, compute_grad: bool):
-    n, c, m, _ = features.shape
-    weight = weight.contiguous()
-    bias = bias.contiguous()
     targets = kernel_targets(targets)
+    return _forward(features, weight, bias, labels, compute_grad,
+                    [(slice(None), targets, None)])
+
+
+def maskrcnn_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
+                                    rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
+                                    rows: list[int], compute_grad: bool):
+    """One launch per image (each image has its own masks and size)."""
+    rois = rois.to(torch.float32).contiguous()
+    return _forward(features, weight, bias, labels, compute_grad,
+                    [(i, masks, rois[i]) for i, masks in image_rows(gt_masks, rows)])
+
+
+def _forward(features, weight, bias, labels, compute_grad: bool, launches):
+    """Launch the forward over ``launches``: (rows, their targets or gt masks, their RoIs
+    over those masks, None for given targets). Returns the loss, d loss / d logit and its
+    per-instance sums (no rows unless ``compute_grad``)."""
+    n, c, m, _ = features.shape
+    weight, bias = weight.contiguous(), bias.contiguous()
     tuning = pick_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR[0])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
-    partial = torch.empty(n, blocks, dtype=torch.float32, device=features.device)
-    dsum = torch.empty(n if compute_grad else 0, blocks, dtype=torch.float32,
-                       device=features.device)
-    grad = torch.empty(n if compute_grad else 0, m * m, dtype=torch.float32,
-                       device=features.device)
+    out = dict(dtype=torch.float32, device=features.device)
+    partial = torch.empty(n, blocks, **out)
+    dsum = torch.empty(n if compute_grad else 0, blocks, **out)
+    grad = torch.empty(n if compute_grad else 0, m * m, **out)
     inv_count = 1.0 / (n * m * m)
-    launch(_mask_predictor_loss_fwd_kernel, (n, blocks), features, weight, bias, targets,
-           labels, partial, dsum, grad, c, m, *features.stride(), *targets.stride(),
-           inv_count, tuning=tuning, WRITE_GRAD=bool(compute_grad),
-           P_MAJOR=p_major([features]))
+    for i, masks, rois in launches:
+        sampled = rois is not None
+        h, w = masks.shape[1:] if sampled else (m, m)
+        launch(_mask_predictor_loss_fwd_kernel, (rois.shape[0] if sampled else n, blocks),
+               features[i], weight, bias, masks, rois if sampled else labels, labels[i],
+               partial[i], dsum[i] if compute_grad else dsum,
+               grad[i] if compute_grad else grad, c, m, h, w, *features.stride(),
+               *masks.stride(), inv_count, tuning=tuning, SAMPLED=sampled,
+               WRITE_GRAD=bool(compute_grad), P_MAJOR=p_major([features]))
     return partial.sum() * inv_count, grad, dsum.sum(1)
 
 
@@ -201,10 +233,6 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
 # ---------------------------------------------------------------------------------------
 # torch.library registration and autograd
 
-
-# ---------------------------------------------------------------------------------------
-# torch.library registration and autograd
-
 @torch.library.custom_op("maskrcnn_triton::mask_predictor_loss", mutates_args=())
 def _mask_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
                             labels: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -215,11 +243,29 @@ def _mask_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, targ
 
 @_mask_predictor_loss_op.register_fake
 def _(features, weight, bias, targets, labels, compute_grad):
+    return _fake_forward(features, compute_grad)
+
+
+def _fake_forward(features: Tensor, compute_grad: bool):
     n, _, m, _ = features.shape
     rows = n if compute_grad else 0
     dtype = compute_dtype(features.dtype)
     return (features.new_empty((), dtype=dtype), features.new_empty(rows, m * m, dtype=dtype),
             features.new_empty(rows, dtype=dtype))
+
+
+@torch.library.custom_op("maskrcnn_triton::maskrcnn_predictor_loss", mutates_args=())
+def _maskrcnn_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, rois: Tensor,
+                                labels: Tensor, gt_masks: list[Tensor], rows: list[int],
+                                compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    impl = pick_path(features, maskrcnn_predictor_loss_forward,
+                     reference.maskrcnn_predictor_loss_forward)
+    return impl(features, weight, bias, rois, labels, gt_masks, rows, compute_grad)
+
+
+@_maskrcnn_predictor_loss_op.register_fake
+def _(features, weight, bias, rois, labels, gt_masks, rows, compute_grad):
+    return _fake_forward(features, compute_grad)
 
 
 @torch.library.custom_op("maskrcnn_triton::mask_predictor_loss_backward", mutates_args=())
@@ -238,39 +284,29 @@ def _(grad, features, weight, labels, grad_sel, dsum):
 
 
 def _predictor_setup(ctx, inputs, output):
-    features, weight, _, _, labels, _ = inputs
+    features, weight, _, _, labels = inputs[:5]  # labels follow the targets or the RoIs
     ctx.save_for_backward(features, weight, labels, output[1], output[2])
+    # no gradient for the rest; a list input (the gt masks) needs a list of Nones
+    ctx.no_grads = tuple([None] * len(x) if isinstance(x, (list, tuple)) and x
+                         and isinstance(x[0], Tensor) else None for x in inputs[3:])
 
 
 def _predictor_grad(ctx, grad, _grad_sel_grad, _dsum_grad):
     features, weight, labels, grad_sel, dsum = ctx.saved_tensors
     grad_features, grad_weight, grad_bias = _mask_predictor_loss_backward_op(
         grad, features, weight, labels, grad_sel, dsum)
-    return grad_features, grad_weight, grad_bias, None, None, None
+    return (grad_features, grad_weight, grad_bias) + ctx.no_grads
 
 
 _mask_predictor_loss_op.register_autograd(_predictor_grad, setup_context=_predictor_setup)
+_maskrcnn_predictor_loss_op.register_autograd(_predictor_grad, setup_context=_predictor_setup)
 
 
 # ---------------------------------------------------------------------------------------
 # Public API: validation, then the ops
 
-
-# ---------------------------------------------------------------------------------------
-# Public API
-
-def mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
-                              gt_masks: Tensor, gt_labels: Tensor) -> Tensor:
-    """``mask_loss(F.conv2d(features, weight, bias), gt_masks, gt_labels)`` without the logits.
-
-    features: (N, C, M, M) float32/float16/bfloat16 (float64: reference path), NCHW or
-    channels_last; weight (K, C, 1, 1) and bias (K,) of the 1x1 mask predictor, cast to
-    features' dtype (as conv2d under autocast). Only row ``weight[label]`` is applied per
-    instance, so no (N, K, M, M) tensor is allocated in forward or backward; gradients for
-    features, weight and bias equal autograd through conv2d + gather + BCE, and the loss
-    has its dtype (features' promoted with a float gt_masks'). Values are checked in one host
-    sync. N == 0 returns a zero connected to features, weight and bias.
-    """
+def _check_predictor(features, weight, bias) -> tuple[int, int, int, int]:
+    """Check the features and the 1x1 predictor; return N, C, M and K."""
     check_tensor("features", features, ndim=4, what="a 4-D (N, C, M, M) tensor")
     check_float_dtype("features", features)
     n, c, m, mw = features.shape
@@ -283,17 +319,38 @@ def mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     if not weight.is_floating_point():
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
     k = weight.shape[0]
-    check_tensor("bias", bias, ndim=1, what=f"a 1-D (K,) = ({k},) tensor")
+    check_tensor("bias", bias, ndim=1, what="a 1-D (K,) tensor")
     if bias.shape[0] != k:
         raise ValueError(f"bias must have shape ({k},), got {tuple(bias.shape)}")
     if not bias.is_floating_point():
         raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+    check_same_device(features=features, weight=weight, bias=bias)
+    return n, c, m, k
+
+
+def _zero_loss(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """N == 0: a zero connected to features, weight and bias."""
+    return (features.sum() + weight.sum() + bias.sum()).to(features.dtype) * 0
+
+
+def mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
+                        gt_masks: Tensor, gt_labels: Tensor) -> Tensor:
+    """``mask_loss(F.conv2d(features, weight, bias), gt_masks, gt_labels)`` without the logits.
+
+    features: (N, C, M, M) float32/float16/bfloat16 (float64: reference path), NCHW or
+    channels_last; weight (K, C, 1, 1) and bias (K,) of the 1x1 mask predictor, cast to
+    features' dtype (as conv2d under autocast). Only row ``weight[label]`` is applied per
+    instance, so no (N, K, M, M) tensor is allocated in forward or backward; gradients for
+    features, weight and bias equal autograd through conv2d + gather + BCE, and the loss
+    has its dtype (features' promoted with a float gt_masks'). Values are checked in one host
+    sync. N == 0 returns a zero connected to features, weight and bias.
+    """
+    n, c, m, k = _check_predictor(features, weight, bias)
     check_targets("gt_masks", gt_masks, (n, m, m))
     check_labels("gt_labels", gt_labels, n)
-    check_same_device(features=features, weight=weight, bias=bias, gt_masks=gt_masks,
-                      gt_labels=gt_labels)
+    check_same_device(features=features, gt_masks=gt_masks, gt_labels=gt_labels)
     if n == 0:
-        return (features.sum() + weight.sum() + bias.sum()).to(features.dtype) * 0
+        return _zero_loss(features, weight, bias)
     check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
     weight2d = weight.to(features.dtype).reshape(k, c)
     bias = bias.to(features.dtype)
@@ -302,18 +359,40 @@ def mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     return loss.to(loss_dtype(features.dtype, gt_masks.dtype))
 
 
+def maskrcnn_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
+                            proposals: list[Tensor], gt_masks: list[Tensor],
+                            gt_labels: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
+    """torchvision's ``maskrcnn_loss(F.conv2d(features, weight, bias), proposals, gt_masks,
+    gt_labels, mask_matched_idxs)`` without the logits and without the targets.
+
+    features, weight, bias as :func:`mask_predictor_loss`; the per-image lists as
+    :func:`kernels.maskrcnn_loss` (sum(n_i) = N). Each target is sampled from the
+    uint8/bool/float gt masks inside the loss kernel, as ``maskrcnn_loss`` does: training
+    never makes a float copy of the full-resolution masks nor an (N, M, M) target tensor
+    (the reference path, float64 and CPU tensors, materializes them). Gradients flow to
+    features, weight and bias; the loss has torchvision's dtype (features' promoted with
+    the proposals'). Values are checked in one host sync, not while compiling.
+    """
+    n, c, m, k = _check_predictor(features, weight, bias)
+    proposals, gt_masks, labels, rows = check_images(
+        {"features": features}, k, proposals, gt_masks, gt_labels, mask_matched_idxs)
+    if n == 0:
+        return _zero_loss(features, weight, bias)
+    weight2d = weight.to(features.dtype).reshape(k, c)
+    bias = bias.to(features.dtype)
+    loss, _, _ = _maskrcnn_predictor_loss_op(
+        features, weight2d, bias, sampled_rois(proposals, mask_matched_idxs),
+        torch.cat(labels), gt_masks, rows, needs_grad(features, weight2d, bias))
+    return loss.to(loss_dtype(features.dtype, *(p.dtype for p in proposals)))
+
+
 def _compile_examples(device: str = "cpu") -> None:
     """Launch every specialization the launchers can pick (for the GPU compile check and
     the GPU kit's memory check, which runs these on CUDA): each dtype and layout of the
-    features, each kind of target (the features' own float dtype, float32, bool, uint8)."""
-    n, k, c, m = 2, 3, 5, 4
-    labels = torch.tensor([0, 2], device=device)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            features = torch.randn(n, c, m, m, dtype=dtype, device=device).contiguous(
-                memory_format=fmt).requires_grad_()
-            weight = torch.randn(k, c, 1, 1, device=device, requires_grad=True)
-            bias = torch.randn(k, device=device, requires_grad=True)
-            for target_dtype in (dtype, torch.float32, torch.bool, torch.uint8):
-                targets = (torch.rand(n, m, m, device=device) > 0.5).to(target_dtype)
-                mask_predictor_loss(features, weight, bias, targets, labels).backward()
+    features, each kind of target, given and sampled (``mask_loss.loss_examples``)."""
+    weight = torch.randn(3, 5, 1, 1, device=device, requires_grad=True)
+    bias = torch.randn(3, device=device, requires_grad=True)
+    for features, targets, gt, (labels, boxes, matched) in loss_examples(5, device):
+        mask_predictor_loss(features, weight, bias, targets, labels).backward()
+        maskrcnn_predictor_loss(features, weight, bias, boxes, [gt], [labels],
+                                matched).backward()
