@@ -105,6 +105,16 @@ def time_providers(row, providers, mode, device, reps, nbytes):
         row["held_ratio"] = row[f"{base}_held_bytes"] / row["ours_held_bytes"]
 
 
+def time_modes(rows: list, row: dict, providers: dict, device, reps,
+               nbytes: tuple[int, int]) -> None:
+    """Time ``providers`` in forward and in forward+backward (``nbytes``: the bytes each
+    mode moves), appending one row per mode (``row``'s fields plus the timings)."""
+    for mode, moved in zip(("forward", "forward+backward"), nbytes):
+        timed = {**row, "mode": mode}
+        time_providers(timed, providers, mode, device, reps, moved)
+        rows.append(timed)
+
+
 def check_equal(ours, base, dtype):
     """Loss and every gradient of ours vs the baseline (each a (forward, params) pair),
     before anything is timed."""
@@ -129,58 +139,49 @@ def _loss_and_grads(forward, params):
 
 
 def settings(quick: bool, dtypes, device: str | None, tiny: bool):
-    """(device, dtypes, instance counts, repeats) of both mask-loss benchmarks: float32 and
-    bfloat16 by default (float32 only for --quick on the CPU)."""
+    """(device, repeats, image size, cases) of both mask-loss benchmarks; cases are
+    (dtype name, dtype, instances, classes): float32 and bfloat16 by default (float32 only
+    for --quick on the CPU), N in {128, 512}, K in {2, 91}."""
     device = device or default_device()
     small = quick and device == "cpu"
     dtypes = dtypes or (("float32",) if small else ("float32", "bfloat16"))
     sizes = (4,) if tiny else (128,) if small else (128, 512)
-    return device, dtypes, sizes, 1 if tiny else CPU_REPS if device == "cpu" else None
+    image = (48, 64) if tiny else (400, 608) if small else IMAGE
+    cases = [(d, DTYPES[d], n, k) for d in dtypes for n in sizes for k in (2, 91)]
+    return device, 1 if tiny else CPU_REPS if device == "cpu" else None, image, cases
 
 
 def run(quick: bool = False, dtypes=None, device: str | None = None,
         write: bool = True, tiny: bool = False) -> list[dict]:
     """dtypes: default float32 and bfloat16 (float32 only for --quick on the CPU)."""
-    device, dtypes, sizes, reps = settings(quick, dtypes, device, tiny)
-    small = quick and device == "cpu"
-    image = (48, 64) if tiny else (400, 608) if small else IMAGE
+    device, reps, image, cases = settings(quick, dtypes, device, tiny)
     rows = []
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        for n in sizes:
-            for k in (2, 91):
-                logits, targets, labels, inst = make_instances(n, k, dtype, device, image=image)
-                x = logits.detach().requires_grad_()
-                e = logits.element_size()
-                loss_bytes = n * M * M * (2 * e) + n * k * M * M * e   # selected + targets + grad
+    for dname, dtype, n, k in cases:
+        logits, targets, labels, inst = make_instances(n, k, dtype, device, image=image)
+        x = logits.detach().requires_grad_()
+        e = logits.element_size()
+        loss_bytes = n * M * M * (2 * e) + n * k * M * M * e   # selected + targets + grad
 
-                # --- mask_loss vs gather + BCE
-                ours = (partial(kernels.mask_loss, x, targets, labels), [x])
-                base = (partial(torch_mask_loss, x, targets, labels), [x])
-                match = parity(partial(check_equal, ours, base, dtype))
-                for mode in ("forward", "forward+backward"):
-                    row = {"op": "mask_loss", "dtype": dname, "N": n, "K": k, "M": M,
-                           "mode": mode, "parity": match}
-                    time_providers(row, {"ours": ours, "torch": base}, mode, device, reps,
-                                    loss_bytes if mode != "forward" else 2 * n * M * M * e)
-                    rows.append(row)
+        # --- mask_loss vs gather + BCE
+        ours = (partial(kernels.mask_loss, x, targets, labels), [x])
+        base = (partial(torch_mask_loss, x, targets, labels), [x])
+        shape = {"dtype": dname, "N": n, "K": k, "M": M}
+        nbytes = (2 * n * M * M * e, loss_bytes)
+        time_modes(rows, {"op": "mask_loss", **shape, "parity": parity(
+            partial(check_equal, ours, base, dtype))}, {"ours": ours, "torch": base},
+            device, reps, nbytes)
 
-                # --- maskrcnn_loss vs torchvision (the reference CPU path of ours builds the
-                # targets densely too; on the CPU only float32 is compared, as torchvision's
-                # CPU roi_align lacks bfloat16)
-                if not (device == "cpu" and dtype != torch.float32):
-                    ours = (partial(kernels.maskrcnn_loss, x, *inst), [x])
-                    base = (partial(tv_maskrcnn_loss, x, *inst), [x])
-                    match = parity(partial(check_equal, ours, base, dtype))
-                    for mode in ("forward", "forward+backward"):
-                        row = {"op": "maskrcnn_loss", "dtype": dname, "N": n, "K": k, "M": M,
-                               "mode": mode, "parity": match}
-                        time_providers(row, {"ours": ours, "torchvision": base}, mode, device,
-                                        reps, loss_bytes if mode != "forward"
-                                        else 2 * n * M * M * e)
-                        rows.append(row)
+        # --- maskrcnn_loss vs torchvision (the reference CPU path of ours builds the
+        # targets densely too; on the CPU only float32 is compared, as torchvision's
+        # CPU roi_align lacks bfloat16)
+        if not (device == "cpu" and dtype != torch.float32):
+            ours = (partial(kernels.maskrcnn_loss, x, *inst), [x])
+            base = (partial(tv_maskrcnn_loss, x, *inst), [x])
+            time_modes(rows, {"op": "maskrcnn_loss", **shape, "parity": parity(
+                partial(check_equal, ours, base, dtype))},
+                {"ours": ours, "torchvision": base}, device, reps, nbytes)
 
-                del x, logits
+        del x, logits
     if write:
         path = write_results("mask_loss", rows, {"M": M, "image": image,
                                                  "masks_per_image": MASKS_PER_IMAGE,
