@@ -132,6 +132,19 @@ class DetectionTransform(GeneralizedRCNNTransform):
         draw = torch.empty(1).uniform_(0.0, float(len(k)))
         return k[0] if len(k) == 1 else k[int(draw.item())]
 
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
+        """torchvision's resize, the uint8/bool gt masks resized as uint8: the same nearest
+        neighbours (tested) without torchvision's float32 copy of the masks (4x the bytes)."""
+        masks = None
+        if target is not None and "masks" in target and not target["masks"].is_floating_point():
+            target = dict(target)
+            masks = target.pop("masks")
+        image, target = super().resize(image, target)
+        if masks is not None:
+            target["masks"] = masks if self.training and self._skip_resize else F.interpolate(
+                masks[:, None].to(torch.uint8), size=image.shape[-2:])[:, 0]
+        return image, target
+
     def normalize(self, image: Tensor) -> Tensor:
         if not image.is_floating_point():
             raise TypeError(f"images must be floating point (values in [0, 1]), "
@@ -183,6 +196,19 @@ def resize_boxes(boxes: Tensor, original_size, new_size) -> Tensor:
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
 
+def _fixed_size_parts(head: nn.Module, fg_iou_thresh: float, bg_iou_thresh: float,
+                      low_quality: bool, batch_size_per_image: int, positive_fraction: float,
+                      nms: Callable, nms_mask: Callable) -> None:
+    """Give the RPN or the RoI heads the sync-free box coder, matcher and sampler
+    (:mod:`maskrcnn.fixed_size`) in place of torchvision's, and their NMS ops."""
+    head.box_coder = BoxCoder(head.box_coder.weights)
+    head.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
+                                    allow_low_quality_matches=low_quality)
+    head.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
+    head.nms = nms
+    head.nms_mask = nms_mask
+
+
 class RPN(RegionProposalNetwork):
     """torchvision's RegionProposalNetwork with the NMS injected (``nms``: batched_nms,
     ``nms_mask``: its keep-mask form, for fixed sizes). ``forward`` also returns each
@@ -198,12 +224,8 @@ class RPN(RegionProposalNetwork):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, pre_nms_top_n,
                          post_nms_top_n, nms_thresh, score_thresh)
-        self.box_coder = BoxCoder(self.box_coder.weights)
-        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
-                                        allow_low_quality_matches=True)
-        self.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
-        self.nms = nms
-        self.nms_mask = nms_mask
+        _fixed_size_parts(self, fg_iou_thresh, bg_iou_thresh, True, batch_size_per_image,
+                          positive_fraction, nms, nms_mask)
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         """torchvision's RPN losses over the sampled anchors, as masked sums."""
@@ -288,13 +310,6 @@ class MaskRCNNPredictor(nn.Module):
         return self.mask_fcn_logits(self.features(x))
 
 
-def project_masks_on_boxes(roi_align: Callable[..., Tensor], gt_masks: Tensor, boxes: Tensor,
-                           matched_idxs: Tensor, size: int) -> Tensor:
-    """Crop-and-resize each matched gt mask to its proposal: the (N, M, M) loss targets."""
-    rois = torch.cat([matched_idxs.to(boxes)[:, None], boxes], dim=1)
-    return roi_align(gt_masks[:, None].to(rois), rois, (size, size), 1.0)[:, 0]
-
-
 def _box_losses(class_logits: Tensor, box_regression: Tensor, labels: Tensor, sampled: Tensor,
                 regression_targets: Tensor) -> tuple[Tensor, Tensor]:
     """torchvision's ``fastrcnn_loss`` over the ``sampled`` rows, as masked sums."""
@@ -312,9 +327,11 @@ def _box_losses(class_logits: Tensor, box_regression: Tensor, labels: Tensor, sa
 class RoIHeads(_TVRoIHeads):
     """Box and mask heads (torchvision's sampling and box loss) with the ops injected.
 
-    ``nms``: batched_nms for box post-processing. ``roi_align``: projects gt masks onto
-    proposals. ``mask_loss(features, weight, bias, targets, labels)``: the predictor's 1x1
-    conv fused with the class-selected BCE, so training never builds N x K x M x M logits.
+    ``nms``: batched_nms for box post-processing (``nms_mask``: its keep-mask form).
+    ``mask_loss(features, weight, bias, proposals, gt_masks, gt_labels, matched_idxs)``:
+    torchvision's ``maskrcnn_loss`` with the predictor's 1x1 conv folded in and the targets
+    sampled from the uint8 gt masks, so training never builds N x K x M x M logits, float
+    copies of the masks or N x M x M targets.
     """
 
     def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module,
@@ -322,7 +339,7 @@ class RoIHeads(_TVRoIHeads):
                  mask_predictor: nn.Module,
                  nms: Callable[[Tensor, Tensor, Tensor, float], Tensor],
                  nms_mask: Callable[[Tensor, Tensor, Tensor, float], Tensor],
-                 roi_align: Callable[..., Tensor], mask_loss: Callable[..., Tensor],
+                 mask_loss: Callable[..., Tensor],
                  fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25,
                  bbox_reg_weights: Optional[tuple[float, ...]] = None,
@@ -333,13 +350,8 @@ class RoIHeads(_TVRoIHeads):
                          score_thresh, nms_thresh, detections_per_img,
                          mask_roi_pool=mask_roi_pool, mask_head=mask_head,
                          mask_predictor=mask_predictor)
-        self.box_coder = BoxCoder(self.box_coder.weights)
-        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh,
-                                        allow_low_quality_matches=False)
-        self.fg_bg_sampler = BalancedSampler(batch_size_per_image, positive_fraction)
-        self.nms = nms
-        self.nms_mask = nms_mask
-        self.roi_align = roi_align
+        _fixed_size_parts(self, fg_iou_thresh, bg_iou_thresh, False, batch_size_per_image,
+                          positive_fraction, nms, nms_mask)
         self.mask_loss = mask_loss
 
     def forward(self, features, proposals, valid, image_shapes, targets=None, *,
@@ -412,19 +424,16 @@ class RoIHeads(_TVRoIHeads):
         fields, counts = [], []
         for p, m, lab in zip(s["proposals"], s["matched"], s["labels"]):
             rows, pos = leading(lab > 0, cap)
-            fields += [p[rows], m[rows], lab[rows]]
+            fields += [p[rows], m[rows]]
             counts.append(pos.sum())
         cut = leading_rows(fields, torch.stack(counts))
-        mask_proposals, pos_matched, mask_labels = cut[0::3], cut[1::3], cut[2::3]
+        mask_proposals, pos_matched = cut[0::2], cut[1::2]
         mask_features = self.mask_predictor.features(
             self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
-        size = mask_features.shape[-1]
-        mask_targets = torch.cat([
-            project_masks_on_boxes(self.roi_align, t["masks"], p, m, size)
-            for t, p, m in zip(targets, mask_proposals, pos_matched)])
         predictor = self.mask_predictor.mask_fcn_logits
         loss_mask = self.mask_loss(mask_features, predictor.weight, predictor.bias,
-                                   mask_targets, torch.cat(mask_labels))
+                                   mask_proposals, [t["masks"] for t in targets],
+                                   [t["labels"] for t in targets], pos_matched)
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg,
                 "loss_mask": loss_mask}
 
@@ -467,5 +476,4 @@ class RoIHeads(_TVRoIHeads):
         return out_boxes, out_scores, out_labels, out_valid
 
 
-__all__ = ["MaskRCNN", "DetectionTransform", "RPN", "RoIHeads", "MaskRCNNPredictor",
-           "project_masks_on_boxes"]
+__all__ = ["MaskRCNN", "DetectionTransform", "RPN", "RoIHeads", "MaskRCNNPredictor"]

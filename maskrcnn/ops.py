@@ -18,14 +18,14 @@ from torchvision.models.detection import roi_heads as _tv_roi_heads
 import kernels
 
 
-def mask_predictor_loss_torchvision(features: Tensor, weight: Tensor, bias: Tensor,
-                                    targets: Tensor, labels: Tensor) -> Tensor:
-    """torchvision's computation: the full (N, K, M, M) 1x1-conv logits, gather, BCE."""
-    if labels.numel() == 0:
-        return features.sum() * 0 + weight.sum() * 0 + bias.sum() * 0
-    logits = F.conv2d(features, weight, bias)
-    picked = logits[torch.arange(labels.shape[0], device=labels.device), labels]
-    return F.binary_cross_entropy_with_logits(picked, targets)
+def maskrcnn_predictor_loss_torchvision(features: Tensor, weight: Tensor, bias: Tensor,
+                                        proposals: list[Tensor], gt_masks: list[Tensor],
+                                        gt_labels: list[Tensor],
+                                        mask_matched_idxs: list[Tensor]) -> Tensor:
+    """torchvision's computation: the full (N, K, M, M) 1x1-conv logits, then its
+    ``maskrcnn_loss`` (float copies of the gt masks, roi_align targets, gather, BCE)."""
+    return _tv_roi_heads.maskrcnn_loss(F.conv2d(features, weight, bias), proposals, gt_masks,
+                                       gt_labels, mask_matched_idxs)
 
 
 def paste_masks_torchvision(masks: Tensor, boxes: Tensor, img_shape, padding: int = 1, *,
@@ -49,7 +49,6 @@ def batched_nms_mask_torchvision(boxes: Tensor, scores: Tensor, idxs: Tensor,
 class Ops:
     """The op set a model is built with (see ``resolve_ops``)."""
     name: str
-    roi_align: Callable[..., Tensor]
     # a class with torchvision.ops.MultiScaleRoIAlign's constructor and forward
     multiscale_roi_align: Callable[..., torch.nn.Module]
     batched_nms: Callable[[Tensor, Tensor, Tensor, float], Tensor]
@@ -57,28 +56,27 @@ class Ops:
     batched_nms_mask: Callable[[Tensor, Tensor, Tensor, float], Tensor]
     # (masks (N,1,M,M), boxes, (H, W), padding=1, *, threshold=None) -> (N,1,H,W) float or bool
     paste_masks_in_image: Callable[..., Tensor]
-    # (features (N,C,M,M), weight (K,C,1,1), bias (K,), targets (N,M,M), labels (N,)) -> loss
-    mask_predictor_loss: Callable[..., Tensor]
+    # (features (N,C,M,M), weight (K,C,1,1), bias (K,), proposals, gt_masks, gt_labels,
+    # mask_matched_idxs: per-image lists as torchvision's maskrcnn_loss) -> loss
+    maskrcnn_predictor_loss: Callable[..., Tensor]
 
 
 KERNELS = Ops(
     name="kernels",
-    roi_align=kernels.roi_align,
     multiscale_roi_align=kernels.MultiScaleRoIAlign,
     batched_nms=kernels.batched_nms,
     batched_nms_mask=kernels.batched_nms_mask,
     paste_masks_in_image=kernels.paste_masks_in_image,
-    mask_predictor_loss=kernels.mask_predictor_loss,
+    maskrcnn_predictor_loss=kernels.maskrcnn_predictor_loss,
 )
 
 TORCHVISION = Ops(
     name="torchvision",
-    roi_align=torchvision.ops.roi_align,
     multiscale_roi_align=torchvision.ops.MultiScaleRoIAlign,
     batched_nms=torchvision.ops.batched_nms,
     batched_nms_mask=batched_nms_mask_torchvision,
     paste_masks_in_image=paste_masks_torchvision,
-    mask_predictor_loss=mask_predictor_loss_torchvision,
+    maskrcnn_predictor_loss=maskrcnn_predictor_loss_torchvision,
 )
 
 _BY_NAME = {"kernels": KERNELS, "torchvision": TORCHVISION}

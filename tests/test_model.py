@@ -10,11 +10,19 @@ CPU) inside a narrow model, against the same model built on torchvision's ops.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
 
+import torch.utils._pytree as pytree
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
 import maskrcnn
+from kernels import _utils
 from kernels._utils import reference_path
 from maskrcnn.data import SyntheticShapes, collate
 
@@ -142,7 +150,7 @@ def test_ops_argument_swaps_every_op():
     ref = maskrcnn.TORCHVISION
     assert model.rpn.nms is ref.batched_nms
     assert model.roi_heads.nms is ref.batched_nms
-    assert model.roi_heads.mask_loss is ref.mask_predictor_loss
+    assert model.roi_heads.mask_loss is ref.maskrcnn_predictor_loss
     assert model.transform.paste_masks is ref.paste_masks_in_image
     assert type(model.roi_heads.box_roi_pool) is ref.multiscale_roi_align
     with pytest.raises(ValueError, match="ops"):
@@ -152,17 +160,23 @@ def test_ops_argument_swaps_every_op():
 
 
 def test_fused_mask_loss_matches_torchvision_formula():
-    # the op the training path uses vs conv2d + gather + BCE (torchvision's maskrcnn_loss)
-    n, c, k, m = 7, 8, 5, 14
-    feats = torch.randn(n, c, m, m, dtype=torch.float64, requires_grad=True)
+    # the op the training path uses vs torchvision's maskrcnn_loss on conv2d logits
+    c, k, m = 8, 5, 14
+    feats = torch.randn(7, c, m, m, dtype=torch.float64, requires_grad=True)
     w = torch.randn(k, c, 1, 1, dtype=torch.float64, requires_grad=True)
     b = torch.randn(k, dtype=torch.float64, requires_grad=True)
-    targets = torch.rand(n, m, m, dtype=torch.float64)
-    labels = torch.randint(0, k, (n,))
-    ours = maskrcnn.KERNELS.mask_predictor_loss(feats, w, b, targets, labels)
+    proposals, masks, labels, idxs = [], [], [], []
+    for n, (h, wd) in zip((4, 3), ((30, 41), (25, 19))):
+        xy = torch.rand(n, 2, dtype=torch.float64) * torch.tensor([wd, h]) * 0.6
+        wh = torch.rand(n, 2, dtype=torch.float64) * torch.tensor([wd, h]) * 0.4 + 1
+        proposals.append(torch.cat([xy, xy + wh], 1))
+        masks.append((torch.rand(2, h, wd) > 0.5).to(torch.uint8))
+        labels.append(torch.randint(0, k, (2,)))
+        idxs.append(torch.randint(0, 2, (n,)))
+    inst = (proposals, masks, labels, idxs)
+    ours = maskrcnn.KERNELS.maskrcnn_predictor_loss(feats, w, b, *inst)
     g1 = torch.autograd.grad(ours, (feats, w, b))
-    logits = torch.nn.functional.conv2d(feats, w, b)[torch.arange(n), labels]
-    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    ref = maskrcnn.TORCHVISION.maskrcnn_predictor_loss(feats, w, b, *inst)
     g2 = torch.autograd.grad(ref, (feats, w, b))
     torch.testing.assert_close(ours, ref)
     for a, e in zip(g1, g2):
@@ -204,6 +218,80 @@ def test_training_steps_lower_the_loss():
     # every parameter that trains got a gradient (the fused mask loss reaches the predictor)
     pred = model.roi_heads.mask_predictor.mask_fcn_logits
     assert pred.weight.grad is not None and pred.weight.grad.abs().sum() > 0
+
+
+def test_training_never_copies_gt_masks():
+    """The mask loss samples its targets from the uint8 gt masks on the Triton path: inside
+    the RoI heads no float tensor of a gt mask's size and no (N, M, M) target appears
+    (torchvision's maskrcnn_loss makes both)."""
+    if not _utils.INTERPRET:
+        pytest.skip("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
+    data = SyntheticShapes(num_images=2, image_size=96, seed=5)
+    images, targets = collate([data[i] for i in range(2)])
+    # torchvision's ops but our mask loss: only the loss runs through the interpreter
+    ops = dataclasses.replace(maskrcnn.TORCHVISION, name="mixed",
+                              maskrcnn_predictor_loss=kernels.maskrcnn_predictor_loss)
+    model = _tiny_model(ops=ops).train()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    seen.append(tuple(t.shape))
+            return out
+
+    masks = []
+    mode = Record()
+    def enter(module, args, kwargs):
+        masks.extend(t["masks"] for t in kwargs.get("targets", args[-1]))
+        mode.__enter__()
+
+    model.roi_heads.register_forward_pre_hook(enter, with_kwargs=True)
+    model.roi_heads.register_forward_hook(lambda *_: mode.__exit__(None, None, None))
+    loss = sum(model(images, targets).values())
+    mask_sizes = {tuple(m.shape[-2:]) for m in masks}
+    assert masks and all(m.dtype == torch.uint8 for m in masks)
+    assert seen and not [s for s in seen if len(s) >= 2 and s[-2:] in mask_sizes]
+    size = model.roi_heads.mask_roi_pool.output_size[0] * 2
+    assert not [s for s in seen if s[-2:] == (size, size) and len(s) in (3, 4)
+                and (len(s) == 3 or s[1] == 1)]
+    loss.backward()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.bool])
+def test_transform_resizes_masks_as_uint8_like_torchvision(mask_dtype):
+    """Our transform's targets equal torchvision's GeneralizedRCNNTransform's (same random
+    size draw), while no float copy of the gt masks is made."""
+    kw = dict(min_size=(64, 80, 96), max_size=120, image_mean=[0.485, 0.456, 0.406],
+              image_std=[0.229, 0.224, 0.225])
+    ours = maskrcnn.model.DetectionTransform(paste_masks=None, **kw).train()
+    ref = GeneralizedRCNNTransform(**kw).train()
+    images = [torch.rand(3, 97, 131), torch.rand(3, 50, 41)]
+    targets = [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
+                "masks": (torch.rand(3, *im.shape[-2:]) > 0.5).to(mask_dtype)} for im in images]
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.extend(tuple(t.shape) for t in pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.is_floating_point())
+            return out
+
+    for _ in range(3):
+        state = torch.random.get_rng_state()
+        with Record():
+            batch, out = ours(images, targets)
+        torch.random.set_rng_state(state)
+        ref_batch, ref_out = ref(images, targets)
+        assert torch.equal(batch.tensors, ref_batch.tensors)
+        for o, r in zip(out, ref_out):
+            assert o["masks"].dtype == r["masks"].dtype == torch.uint8
+            assert torch.equal(o["masks"], r["masks"]) and torch.equal(o["boxes"], r["boxes"])
+    assert not [s for s in seen if len(s) == 4 and s[0] == 3 and s[1] == 1]
 
 
 def test_eval_output_format_and_bool_masks():
