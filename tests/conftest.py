@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import random
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+from kernels import _utils
 from kernels._utils import INTERPRET, reference_path
 
 def _importable(name: str) -> bool:
@@ -81,6 +84,42 @@ def pytest_collection_modifyitems(config, items):
             items[:] = keep
     # The GPU compile check compiles what the other tests launched: run it last.
     items.sort(key=lambda item: item.get_closest_marker("compile_check") is not None)
+
+
+# `make test` runs the suite in two passes: every test but the compile check on two
+# processes (pytest-xdist), then the compile check, which also compiles what the first
+# pass launched: each process of the first pass leaves its launches in KERNEL_LAUNCHES_DIR.
+LAUNCHES_DIR = os.environ.get("KERNEL_LAUNCHES_DIR")
+
+
+def pytest_sessionfinish(session):
+    if LAUNCHES_DIR and _utils.LAUNCHES:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        Path(LAUNCHES_DIR, f"{worker}-{os.getpid()}.json").write_text(
+            json.dumps([s.as_json() for s in _utils.LAUNCHES]))
+
+
+def launches_of_earlier_passes() -> list[dict]:
+    """The specializations the first pass's processes launched (none outside `make test`)."""
+    if not LAUNCHES_DIR:
+        return []
+    return [spec for f in sorted(Path(LAUNCHES_DIR).glob("*.json"))
+            for spec in json.loads(f.read_text())]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: every worker takes the controller's seed (one seed per run, replayable
+    with TEST_SEED)."""
+    node.workerinput["test_seed"] = SESSION_SEED
+
+
+def pytest_configure(config):
+    global SESSION_SEED
+    if hasattr(config, "workerinput"):
+        SESSION_SEED = config.workerinput["test_seed"]
+        # two workers share two cores: one torch thread each, no oversubscription
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

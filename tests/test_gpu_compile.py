@@ -3,7 +3,8 @@
 The interpreter runs a kernel's Python, not the GPU compiler: it accepts code no GPU can
 compile and says nothing about registers. This test compiles, ahead of time and without a
 GPU, each specialization recorded from real op launches — those of this test session
-(it runs last) plus each op module's ``_compile_examples()`` — expanded over every row of
+(it runs last; under `make test`, also those of the first pass's processes: conftest) plus
+each op module's ``_compile_examples()`` — expanded over every row of
 the kernel's tuning table. It proves the kernels compile and fit in registers; it does not
 prove speed or numerical results on a GPU (the CUDA run of the suite does that).
 """
@@ -17,6 +18,7 @@ import sys
 import pytest
 import torch
 
+from conftest import launches_of_earlier_passes
 from kernels import _aot, _sampling, _utils
 from kernels.ops import roi_align as roi_align_ops
 
@@ -28,7 +30,7 @@ def compiled():
     reason = _aot.can_compile_without_gpu()
     if reason:
         pytest.skip(reason)
-    session = [s.as_json() for s in _utils.LAUNCHES]
+    session = [s.as_json() for s in _utils.LAUNCHES] + launches_of_earlier_passes()
     specs = _aot.record_in_subprocess(session)
     return specs, _aot.compile_in_subprocess(specs)
 

@@ -12,9 +12,19 @@ import json
 import os
 
 
+_worker = False
+
+
+def pytest_configure(config):
+    # an xdist worker of this run (not an inherited PYTEST_XDIST_WORKER: the kit's dry run
+    # may itself run inside a worker of the project's test suite)
+    global _worker
+    _worker = hasattr(config, "workerinput")
+
+
 def pytest_runtest_logreport(report):
     path = os.environ.get("GPU_KIT_TESTS_JSON")
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or _worker:
         return   # under pytest-xdist the controller records each worker's reports
     if report.when != "call" and report.outcome == "passed":
         return   # one line per test: its call, or a setup/teardown that failed or skipped it
