@@ -56,6 +56,9 @@ def count(model, *args) -> tuple[int, list[str]]:
 
 def main() -> None:
     torch._logging.set_logs(dynamo=logging.ERROR)
+    # torchvision's count depends on the detections (its Python loops over them): fixed
+    # weights make the table repeatable
+    torch.manual_seed(0)
     fpn = BackboneWithFPN(torchvision.models.resnet18(weights=None),
                           {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
                           [64, 128, 256, 512], 16)
