@@ -138,8 +138,8 @@ def _mask_predictor_loss_bwd_kernel(
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
 # Predictor tiles at 4-8 elements per thread. sm_90 registers (occupancy): forward
-# [16 channels, 128 pixels] 32 (100%) on Triton 3.8/3.9, 64 (50%) on 3.6, where [32, 128]
-# took 145 (12%); backward [16, 64] 48 (62%), its tile reading 256 contiguous bytes per
+# [16 channels, 128 pixels] at most 64 (50%) over its 32 variants on Triton 3.8, the
+# SAMPLED ones (inline target sampling) included; [32, 128] took 145 (12%); backward [16, 64] 48 (62%), its tile reading 256 contiguous bytes per
 # channel row of NCHW features ([32, 64] took 80, 38%).
 _TUNING_PREDICTOR = [
     {"BLOCK_C": 16, "BLOCK_P": 128, "num_warps": 8},
