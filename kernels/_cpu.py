@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-from ._sampling import Pyramid
+from ._sampling import Pyramid, image_rows
 from ._utils import compute_dtype
 
 # Boxes in the longest class at which our path overtakes torchvision's nms on the CPU
@@ -100,11 +100,7 @@ def maskrcnn_loss(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[T
                   rows: list[int]) -> Tensor:
     """torchvision's targets (its roi_align of the gt masks), then :func:`mask_loss`."""
     size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
-    targets, start = [], 0
-    for masks, r in zip(gt_masks, rows):
-        if r:
-            targets.append(torch.ops.torchvision.roi_align(
-                masks[:, None].to(cdt), rois[start:start + r].to(cdt), 1.0, size, size, -1,
-                False)[:, 0])
-        start += r
+    targets = [torch.ops.torchvision.roi_align(masks[:, None].to(cdt), rois[i].to(cdt), 1.0,
+                                               size, size, -1, False)[:, 0]
+               for i, masks in image_rows(gt_masks, rows)]
     return mask_loss(logits, torch.cat(targets), labels)

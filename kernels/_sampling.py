@@ -9,8 +9,9 @@ per-level argument pick (:func:`roi_level`, :func:`pick_level`, both in
 helpers (:func:`along_p`, :func:`along_c`). Host side: the description of the maps pooled
 from (:class:`Pyramid`: scales, torchvision's level mapper, the maps' shapes and layouts),
 the per-level kernel arguments, the lane orientation a layout wants, the int32 extent
-check, and the list of sampling entries (output bin, input pixel, weight) that the
-deterministic backward sorts and the reference path multiplies (:func:`sampling_entries`).
+check, the mask targets' grouping of RoIs by image (:func:`image_rows`), and the list of
+sampling entries (output bin, input pixel, weight) that the deterministic backward sorts
+and the reference path multiplies (:func:`sampling_entries`).
 """
 from __future__ import annotations
 
@@ -291,6 +292,16 @@ def check_image_extent(shape, strides, name: str) -> None:
     if extent >= 2**31:
         raise ValueError(f"{name}: one image spans {extent} elements; at most 2**31 - 1 "
                          "are supported per image")
+
+
+def image_rows(gt_masks: list[Tensor], rows: list[int]):
+    """(slice of the image's rows, its gt masks) for each image with rows: the mask
+    targets' RoIs are grouped by image, each image with its own masks and size."""
+    start = 0
+    for masks, r in zip(gt_masks, rows):
+        if r:
+            yield slice(start, start + r), masks
+        start += r
 
 
 # Sparse entries built per step; bounds the memory of the index/weight tensors.

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._boxes import Segments, coordinate_rows, expand_scale, expanded_int_boxes, \
     float32_threshold, threshold_in
-from ._sampling import Pyramid, axis_samples, sampling_entries
+from ._sampling import Pyramid, axis_samples, image_rows, sampling_entries
 from ._utils import compute_dtype, memory_format
 
 
@@ -164,11 +164,8 @@ def _image_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: 
                    dtype: torch.dtype) -> Tensor:
     """torchvision's ``project_masks_on_boxes`` targets of every image, (N, M, M)
     (materialized here, sampled inside the kernels on the Triton path)."""
-    targets, start = [], 0
-    for masks, r in zip(gt_masks, rows):
-        if r:
-            targets.append(_project_masks(masks, rois[start:start + r], size, dtype))
-        start += r
+    targets = [_project_masks(masks, rois[i], size, dtype)
+               for i, masks in image_rows(gt_masks, rows)]
     return torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=dtype)
 
 

@@ -177,28 +177,26 @@ class Smoke:
         bias = torch.randn(91, generator=g).to(self.device, dtype)
         targets = (torch.rand(n, 28, 28, generator=g) > 0.5).to(self.device, torch.uint8)
         labels = torch.randint(0, 91, (n,), generator=g).to(self.device)
-        ours_p = leaves(feats, weight, bias)
-        ref_p = leaves(feats.float(), weight.float(), bias.float())
-        ours = kernels.mask_predictor_loss(*ours_p, targets, labels)
-        ours.backward()
-        ref = bench_mask_predictor_loss.torch_predictor_loss(*ref_p, targets.float(), labels)
-        ref.backward()
-        err = close(ours, ref, dtype, "loss")
-        for what, o, r in zip(("features", "weight", "bias"), ours_p, ref_p):
-            err = max(err, close(o.grad, r.grad, dtype, f"{what} gradient"))
-        # the same with the targets sampled from uint8 gt masks vs torchvision's maskrcnn_loss
+        # the targets given, then sampled from uint8 gt masks (vs torchvision's maskrcnn_loss)
         z = self.size
         inst = bench_mask_loss.make_instances(n, 91, dtype, self.device, images=z.images,
                                               image=z.image)[3]
-        ours_p = leaves(feats, weight, bias)
-        ref_p = leaves(feats.float(), weight.float(), bias.float())
-        ours = kernels.maskrcnn_predictor_loss(*ours_p, *inst)
-        ours.backward()
-        ref = bench_mask_predictor_loss.torchvision_predictor_loss(*ref_p, *inst)
-        ref.backward()
-        err = max(err, close(ours, ref, dtype, "maskrcnn_predictor_loss loss"))
-        for what, o, r in zip(("features", "weight", "bias"), ours_p, ref_p):
-            err = max(err, close(o.grad, r.grad, dtype, f"maskrcnn_predictor_loss {what} gradient"))
+        err = 0.0
+        for name, ours_fn, ref_fn, extra, ref_extra in (
+                ("mask_predictor_loss", kernels.mask_predictor_loss,
+                 bench_mask_predictor_loss.torch_predictor_loss, (targets, labels),
+                 (targets.float(), labels)),
+                ("maskrcnn_predictor_loss", kernels.maskrcnn_predictor_loss,
+                 bench_mask_predictor_loss.torchvision_predictor_loss, inst, inst)):
+            ours_p = leaves(feats, weight, bias)
+            ref_p = leaves(feats.float(), weight.float(), bias.float())
+            ours = ours_fn(*ours_p, *extra)
+            ours.backward()
+            ref = ref_fn(*ref_p, *ref_extra)
+            ref.backward()
+            err = max(err, close(ours, ref, dtype, f"{name} loss"))
+            for what, o, r in zip(("features", "weight", "bias"), ours_p, ref_p):
+                err = max(err, close(o.grad, r.grad, dtype, f"{name} {what} gradient"))
         return err
 
     def paste_masks_in_image(self, dtype):

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _cpu, reference
-from .._sampling import roi_box, sample_rows
+from .._sampling import image_rows, roi_box, sample_rows
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_same_device,
                       check_tensor, check_values, compute_dtype, cpu_path, is_channels_last,
                       launch, needs_grad, pick_path, pick_tuning, record_path, register_tuning)
@@ -225,23 +225,14 @@ def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
     grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
                        device=logits.device)
     inv_count = 1.0 / (n * m * m)
-    for rows_i, masks in image_rows(gt_masks, rows):
-        launch(_maskrcnn_loss_fwd_kernel, (rows_i.stop - rows_i.start, blocks),
-               logits[rows_i], rois[rows_i], masks, labels[rows_i], partial[rows_i],
-               grad[rows_i] if compute_grad else grad, m, masks.shape[1], masks.shape[2],
+    for i, masks in image_rows(gt_masks, rows):
+        masks = kernel_targets(masks)
+        launch(_maskrcnn_loss_fwd_kernel, (i.stop - i.start, blocks),
+               logits[i], rois[i], masks, labels[i], partial[i],
+               grad[i] if compute_grad else grad, m, masks.shape[1], masks.shape[2],
                *logits.stride(), *masks.stride(), inv_count,
                tuning=tuning, WRITE_GRAD=bool(compute_grad))
     return partial.sum() * inv_count, grad
-
-
-def image_rows(gt_masks: list[Tensor], rows: list[int]):
-    """(slice of the image's rows, its gt masks as the kernels load them) per image with
-    rows: the sampled kernels launch once per image (each has its own masks and size)."""
-    start = 0
-    for masks, r in zip(gt_masks, rows):
-        if r:
-            yield slice(start, start + r), kernel_targets(masks)
-        start += r
 
 
 def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: int,
@@ -311,9 +302,14 @@ def _mask_loss_setup(ctx, inputs, output):
     ctx.classes = logits.shape[1]
     ctx.dtype = logits.dtype
     ctx.channels_last = is_channels_last(logits)
-    # no gradient for the rest; list inputs (the gt masks) need a list of Nones
-    ctx.no_grads = tuple([None] * len(x) if isinstance(x, (list, tuple)) and x
-                         and isinstance(x[0], Tensor) else None for x in inputs[1:])
+    ctx.no_grads = no_grads(inputs[1:])
+
+
+def no_grads(inputs) -> tuple:
+    """The backward's answer for inputs without a gradient: None each, a list of Nones for
+    a list of tensors (the gt masks)."""
+    return tuple([None] * len(x) if isinstance(x, (list, tuple)) and x
+                 and isinstance(x[0], Tensor) else None for x in inputs)
 
 
 def _mask_loss_grad(ctx, grad, _grad_sel_grad):

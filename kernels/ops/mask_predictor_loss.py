@@ -21,12 +21,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._sampling import along_c, along_p, p_major
+from .._sampling import along_c, along_p, image_rows, p_major
 from .._utils import (cdiv, check_float_dtype, check_same_device, check_tensor, check_values,
                       compute_dtype, launch, memory_format, needs_grad, pick_path, pick_tuning,
                       register_lanes, register_tuning)
 from .mask_loss import (SAMPLED_ARGS, bce_with_logits, check_images, check_labels,
-                        check_targets, image_rows, kernel_targets, loss_dtype, loss_examples,
+                        check_targets, kernel_targets, loss_dtype, loss_examples, no_grads,
                         pixel_block, roi_target, sampled_rois)
 
 
@@ -139,8 +139,9 @@ def _mask_predictor_loss_bwd_kernel(
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
 # Predictor tiles at 4-8 elements per thread. sm_90 registers (occupancy): forward
 # [16 channels, 128 pixels] at most 64 (50%) over its 32 variants on Triton 3.8, the
-# SAMPLED ones (inline target sampling) included; [32, 128] took 145 (12%); backward [16, 64] 48 (62%), its tile reading 256 contiguous bytes per
-# channel row of NCHW features ([32, 64] took 80, 38%).
+# SAMPLED ones (inline target sampling) included; [32, 128] took 145 (12%); backward
+# [16, 64] 48 (62%), its tile reading 256 contiguous bytes per channel row of NCHW
+# features ([32, 64] took 80, 38%).
 _TUNING_PREDICTOR = [
     {"BLOCK_C": 16, "BLOCK_P": 128, "num_warps": 8},
 ]
@@ -181,7 +182,8 @@ def maskrcnn_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tens
     """One launch per image (each image has its own masks and size)."""
     rois = rois.to(torch.float32).contiguous()
     return _forward(features, weight, bias, labels, compute_grad,
-                    [(i, masks, rois[i]) for i, masks in image_rows(gt_masks, rows)])
+                    [(i, kernel_targets(masks), rois[i])
+                     for i, masks in image_rows(gt_masks, rows)])
 
 
 def _forward(features, weight, bias, labels, compute_grad: bool, launches):
@@ -286,9 +288,7 @@ def _(grad, features, weight, labels, grad_sel, dsum):
 def _predictor_setup(ctx, inputs, output):
     features, weight, _, _, labels = inputs[:5]  # labels follow the targets or the RoIs
     ctx.save_for_backward(features, weight, labels, output[1], output[2])
-    # no gradient for the rest; a list input (the gt masks) needs a list of Nones
-    ctx.no_grads = tuple([None] * len(x) if isinstance(x, (list, tuple)) and x
-                         and isinstance(x[0], Tensor) else None for x in inputs[3:])
+    ctx.no_grads = no_grads(inputs[3:])
 
 
 def _predictor_grad(ctx, grad, _grad_sel_grad, _dsum_grad):
