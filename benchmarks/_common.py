@@ -9,6 +9,7 @@ environment (device, torch/triton/torchvision versions, git sha).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -92,6 +93,28 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
     dst = torch.empty_like(src)
     t = time_ms(lambda: dst.copy_(src), device, reps=5)
     return 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e9
+
+
+def torchvision_as_autocast(device: str, dtype: torch.dtype):
+    """Where torchvision's CUDA kernels refuse ``dtype`` (roi_align with bfloat16 maps and
+    float32 boxes, nms on bfloat16), time it as torchvision runs under autocast: its
+    autocast wrappers cast to float32 and back. Elsewhere a no-op context."""
+    if device != "cpu" and dtype == torch.bfloat16:
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def ieee_float32():
+    """float32 convolutions and matmuls in IEEE float32 while checking parity: cuDNN's
+    default TF32 rounds a reference's inputs to 10 mantissa bits (about 1e-3 off), more than
+    the float32 tolerance. Timings keep the defaults users run with."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def parity(check: Callable[[], object]) -> str:

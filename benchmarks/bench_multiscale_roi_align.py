@@ -14,6 +14,7 @@ ours is the PyTorch reference path and torchvision its CPU kernel (which has no 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 
@@ -22,7 +23,7 @@ import torchvision
 
 import kernels
 from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, measure, parity,
-                                write_results)
+                                torchvision_as_autocast, write_results)
 
 STRIDES = (4, 8, 16, 32)
 NAMES = ["0", "1", "2", "3"]
@@ -89,7 +90,8 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
             ours = kernels.MultiScaleRoIAlign(NAMES, size, 2)
             theirs = torchvision.ops.MultiScaleRoIAlign(NAMES, size, 2)
             out = ours(x, boxes, shapes)
-            ref = theirs(x if tv_ok else {n: t.float() for n, t in x.items()}, boxes, shapes)
+            with torchvision_as_autocast(device, dtype):   # CUDA bfloat16: as autocast runs it
+                ref = theirs(x if tv_ok else {n: t.float() for n, t in x.items()}, boxes, shapes)
             match = parity(lambda: torch.testing.assert_close(
                 out.float(), ref.float(), rtol=2e-2, atol=2e-2))
             k = out.shape[0]
@@ -103,8 +105,11 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                     xin = {n: t.detach().requires_grad_(backward) for n, t in x.items()}
                     grad = torch.randn(k, out.shape[1], size, size, device=device, dtype=dtype)
 
-                    def step(pooler=pooler, xin=xin, grad=grad, backward=backward):
-                        res = pooler(xin, boxes, shapes)
+                    def step(pooler=pooler, xin=xin, grad=grad, backward=backward,
+                             provider=provider):
+                        with (torchvision_as_autocast(device, dtype) if provider == "torchvision"
+                              else contextlib.nullcontext()):
+                            res = pooler(xin, boxes, shapes)
                         if backward:
                             res.backward(grad)
                             for t in xin.values():

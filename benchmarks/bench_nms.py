@@ -52,8 +52,10 @@ def run(quick: bool = False, dtypes=("float32",), device: str | None = None,
         for n in sizes:
             for op, classes in (("nms", 1), ("batched_nms", 1), ("batched_nms", 80)):
                 boxes, scores, idxs = make_inputs(n, classes, dtype, device)
-                # torchvision's CPU kernels take float32 only; on CUDA it runs half natively.
-                tv_boxes, tv_scores = ((boxes.float(), scores.float()) if device == "cpu"
+                # torchvision's CPU kernels take float32 only; on CUDA it runs half natively
+                # and bfloat16 as under autocast (in float32).
+                tv_boxes, tv_scores = ((boxes.float(), scores.float())
+                                       if device == "cpu" or dtype == torch.bfloat16
                                        else (boxes, scores))
                 if op == "nms":
                     ours_fn = lambda: kernels.nms(boxes, scores, THRESHOLD)  # noqa: E731

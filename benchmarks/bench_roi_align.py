@@ -10,6 +10,7 @@ is the PyTorch reference path and torchvision its CPU kernel (which has no bfloa
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 import torchvision
@@ -17,7 +18,7 @@ import torchvision
 import kernels
 from kernels._utils import deterministic_algorithms
 from benchmarks._common import (CPU_REPS, DTYPES, IMAGE, cli, default_device, measure, parity,
-                                write_results)
+                                torchvision_as_autocast, write_results)
 
 LEVELS = {"P2": 4, "P3": 8, "P4": 16, "P5": 32}
 HEADS = {"box 7x7": 7, "mask 14x14": 14}
@@ -68,9 +69,11 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                                   channels_last=channels_last, image=image)
             for hname, size in HEADS.items():
                 args = (size, 1.0 / stride, 2, False)
-                # torchvision's CPU kernel has no bfloat16: compare with it in float32
+                # torchvision's CPU kernel has no bfloat16: compare with it in float32; on
+                # CUDA it runs bfloat16 as under autocast (in float32, cast back)
                 tv_ok = not (device == "cpu" and dtype == torch.bfloat16)
-                ref = torchvision.ops.roi_align(x if tv_ok else x.float(), rois, *args)
+                with torchvision_as_autocast(device, dtype):
+                    ref = torchvision.ops.roi_align(x if tv_ok else x.float(), rois, *args)
                 ours = kernels.roi_align(x, rois, *args)
                 match = parity(lambda: torch.testing.assert_close(
                     ours.float(), ref.float(), rtol=2e-2, atol=2e-2))
@@ -86,9 +89,12 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                         grad = torch.randn(rois.shape[0], x.shape[1], size, size,
                                            device=device, dtype=dtype)
 
-                        def step(fn=fn, xin=xin, grad=grad, mode=mode):
+                        def step(fn=fn, xin=xin, grad=grad, mode=mode, provider=provider):
+                            cast = (torchvision_as_autocast(device, dtype)
+                                    if provider == "torchvision" else contextlib.nullcontext())
                             with deterministic_algorithms(mode == "forward+backward deterministic"):
-                                out = fn(xin, rois, *args)
+                                with cast:
+                                    out = fn(xin, rois, *args)
                                 if mode != "forward":
                                     out.backward(grad)
                                     xin.grad = None

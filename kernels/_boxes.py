@@ -49,14 +49,17 @@ class Segments:
         self.boxes = boxes[self.perm]
 
 
-def float32_threshold(iou_threshold: float) -> float:
-    """The float32 t with ``f > t  <=>  f > iou_threshold`` for every float32 f.
+def float32_threshold(iou_threshold: float, device: torch.device) -> float:
+    """The float32 threshold torchvision's kernel for ``device`` compares its float32 IoU with.
 
-    torchvision compares its float32 IoU with the double threshold; rounding the threshold
-    to nearest could move it above the double and flip a box whose IoU sits right there.
+    CUDA: torchvision's kernel takes the threshold as a float, rounded to nearest. CPU: it
+    compares with the double itself, so the float32 t with ``f > t  <=>  f > iou_threshold``
+    for every float32 f (rounding to nearest could move it above the double and flip a box
+    whose IoU sits right there). Measured on an H200: the two differ at thresholds such as
+    0.3 for boxes whose IoU is exactly float32(0.3).
     """
     t = torch.tensor(iou_threshold, dtype=torch.float32)
-    if float(t) > iou_threshold:
+    if torch.device(device).type != "cuda" and float(t) > iou_threshold:
         t = torch.nextafter(t, torch.tensor(float("-inf")))
     return float(t)
 

@@ -251,7 +251,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
         boxes = coordinate_rows(p.boxes)
     else:
         boxes = coordinate_rows(p.boxes.to(torch.float32))
-        iou_threshold = float32_threshold(iou_threshold)
+        iou_threshold = float32_threshold(iou_threshold, boxes.device)
     area = boxes[4]
     seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
     removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)

@@ -11,6 +11,7 @@ batched cases whose segments are that large; the reference and CUDA backends run
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -18,6 +19,7 @@ from torchvision.ops.boxes import _batched_nms_vanilla
 
 import kernels
 
+from kernels._boxes import float32_threshold
 from kernels.ops import nms as nms_module
 
 # Two zero-area boxes give IoU 0 / 0 = NaN (never > threshold), as in torchvision; the
@@ -120,6 +122,16 @@ def test_iou_exactly_at_threshold(backend, poison):
         assert_same(kernels.nms(boxes, scores, thr), ref, scores)
         assert_same(kernels.batched_nms(boxes, scores, idxs, thr),
                     _batched_nms_vanilla(boxes, scores, idxs, thr), scores)
+
+
+def test_threshold_is_rounded_as_torchvisions_kernel_for_the_device():
+    """torchvision's CUDA kernel takes the threshold as a float (rounded to nearest); its
+    CPU kernel compares the float32 IoU with the double: the largest float32 not above it."""
+    for thr in (0.3, 0.7, 1 / 3, 0.5, 0.1):
+        nearest = float(np.float32(thr))
+        assert float32_threshold(thr, torch.device("cuda")) == nearest
+        below = np.float32(float32_threshold(thr, "cpu"))
+        assert float(below) <= thr < float(np.nextafter(below, np.float32(2)))
 
 
 def test_degenerate_boxes(backend, poison):

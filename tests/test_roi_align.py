@@ -58,15 +58,20 @@ def test_parity_with_torchvision(backend, poison, aligned, sampling, scale):
 @pytest.mark.parametrize("sampling", [-1, 2])
 def test_float32_forward_is_torchvisions_bit_for_bit(backend, poison, aligned, sampling):
     """Measured, not assumed: the interpreter evaluates the coordinate arithmetic as
-    torchvision's CPU kernel does; on CUDA both compilers may contract it into FMAs, so this
-    case says whether the GPU results are identical too."""
+    torchvision's CPU kernel does, so on the CPU the outputs are identical. On CUDA both
+    compilers contract it into FMAs, each its own way: measured on an H200 (Triton 3.6),
+    outputs differ by up to 8.3e-7 (a few float32 ulps), so there the bound is 4 ulps."""
     if not backend.triton:
         pytest.skip("the reference path sums samples in another order (a sparse product)")
     x = torch.randn(2, 4, 13, 17, device=backend.device)
     rois = random_rois(9, 2, 13, 17, 0.5, backend.device)
     out = kernels.roi_align(x, rois, (5, 4), 0.5, sampling, aligned)
     ref = torchvision.ops.roi_align(x, rois, (5, 4), 0.5, sampling, aligned)
-    assert torch.equal(out, ref), (out - ref).abs().max()
+    if backend.device == "cpu":
+        assert torch.equal(out, ref), (out - ref).abs().max()
+    else:
+        ulp = torch.finfo(torch.float32).eps * ref.abs().clamp(min=1.0)
+        assert ((out - ref).abs() <= 4 * ulp).all(), (out - ref).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -193,12 +198,6 @@ def test_bad_input(call, error, match):
 # ---------------------------------------------------------------------------------------
 # Deterministic backward (torch.use_deterministic_algorithms(True)): no float atomics.
 
-@pytest.fixture
-def deterministic():
-    with deterministic_algorithms():
-        yield
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("sampling", [-1, 2])
 def test_deterministic_backward_parity_and_bitwise_repeats(backend, poison, layout,
@@ -225,12 +224,17 @@ def test_deterministic_backward_parity_and_bitwise_repeats(backend, poison, layo
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_deterministic_backward_half(backend, poison, deterministic):
+def test_deterministic_backward_half(backend, poison):
     x = torch.randn(1, 3, 6, 7, device=backend.device, dtype=torch.bfloat16,
                     requires_grad=True)
     rois = random_rois(5, 1, 6, 7, 1.0, backend.device)
     grad = torch.randn(5, 3, 2, 2, device=backend.device)
-    kernels.roi_align(x, rois, 2, 1.0, 2).backward(grad.bfloat16())
+    with deterministic_algorithms():
+        kernels.roi_align(x, rois, 2, 1.0, 2).backward(grad.bfloat16())
+    # torchvision's kernel as the oracle: under deterministic algorithms torchvision runs
+    # CUDA tensors through a Python fallback that differs from its kernel for boxes
+    # reaching past the map (measured on an H200; on the CPU that fallback,
+    # torchvision.ops.roi_align._roi_align, differs from the CPU kernel the same way)
     xt = x.detach().float().requires_grad_()
     torchvision.ops.roi_align(xt, rois, 2, 1.0, 2).backward(grad)
     assert x.grad.dtype == torch.bfloat16

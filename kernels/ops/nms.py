@@ -28,8 +28,9 @@ segment, so batched NMS never compares boxes of different classes.
 
 IoU uses torchvision's arithmetic in float32 (float64 inputs: the reference in float64):
 areas ``(x2 - x1) * (y2 - y1)`` (computed by torch), ``inter / (area_i + area_j - inter)``
-with an IEEE division (``div_rn``), suppression when ``> iou_threshold`` where the double
-threshold is compared as torchvision's CPU kernel does (see :func:`float32_threshold`). No
+with an IEEE division (``div_rn``), suppression when ``> iou_threshold``, the threshold
+rounded as torchvision's kernel for the boxes' device rounds it (:func:`float32_threshold`:
+a float on CUDA, the double itself on the CPU). No
 fused multiply-add touches the IoU (checked in sm_90 SASS): one could flip a box whose IoU
 equals the threshold.
 """
@@ -268,7 +269,7 @@ def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None,
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
     t_programs = 1 if INTERPRET else min(cdiv(wcap, tm["BLOCK_T"]), 32)
-    threshold = float32_threshold(iou_threshold)
+    threshold = float32_threshold(iou_threshold, boxes.device)
     launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
            threshold, tuning=tm)
     launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
