@@ -100,8 +100,12 @@ def markdown(results: dict) -> str:
     out = [f"# Benchmark report: {env['device']}", "",
            f"torch {env['torch']}, triton {env['triton']}, torchvision {env['torchvision']}, "
            f"git {env['git_sha']}. Measured copy bandwidth: {bandwidth or 0:.1f} GB/s.", ""]
+    if results.get("runs"):   # a report put together from several runs says which
+        out += [results["runs"], ""]
     for op, section in results["benchmarks"].items():
         out += [f"## {op}", ""]
+        if section.get("measured"):
+            out += [f"Measured: {section['measured']}.", ""]
         if "error" in section:
             out += [f"Benchmark failed: `{section['error']}`", ""]
             continue

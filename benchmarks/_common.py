@@ -56,8 +56,12 @@ def environment(device: str) -> dict:
     import torchvision
     import triton
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        git = dict(capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+        # a copied tree (a GPU machine's) can carry stale git metadata: say it differs
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                          **git).stdout.strip():
+            sha += "-dirty"
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
     return {"device": device_name(device), "torch": torch.__version__,

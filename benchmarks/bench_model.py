@@ -25,7 +25,8 @@ import torch
 import torchvision
 
 import maskrcnn
-from benchmarks._common import default_device, format_table, measure, parity, write_results
+from benchmarks._common import (default_device, format_table, ieee_float32, measure, parity,
+                                write_results)
 
 
 def make_batch(size: tuple[int, int], device: str, images: int = 2, objects: int = 8,
@@ -132,8 +133,9 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
                 return model(images)
         return step
 
-    # equality before timing
-    with covering_budgets(tv, ours):
+    # equality before timing, in IEEE float32: cuDNN's default TF32 turns the ops' float32
+    # rounding differences into other detections (measured on an H200); timed with defaults
+    with covering_budgets(tv, ours), ieee_float32():
         ref_losses = tv.train()(images, targets)
         our_losses = ours.train()(images, targets)
 
@@ -143,10 +145,12 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
                                        rtol=2e-2 if amp else 1e-3, atol=2e-2 if amp else 1e-4,
                                        msg=lambda m, k=k: f"{k}: {m}")
 
-    ref_out, our_out = infer(tv)(), infer(ours)()
+    with ieee_float32():
+        ref_exact, our_exact = infer(tv)(), infer(ours)()
+    our_out = infer(ours)()   # with the defaults, as the static model runs
 
     def same_detections(out):
-        for r, o in zip(ref_out, out):
+        for r, o in zip(ref_exact, out):
             assert torch.equal(o["labels"], r["labels"]), "labels differ"
             torch.testing.assert_close(o["boxes"], r["boxes"], rtol=1e-3,
                                        atol=1e-2 if not amp else 1)
@@ -170,7 +174,7 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
         else "inference (static)"
     modes = [("train step", train_step(ours),
               parity(lambda: same_losses(our_losses, ref_losses))),
-             ("inference", infer(ours), parity(lambda: same_detections(our_out))),
+             ("inference", infer(ours), parity(lambda: same_detections(our_exact))),
              (static_mode, static_infer, parity(same_static_rows))]
     if compiled:
         fast = torch.compile(ours)

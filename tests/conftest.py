@@ -70,14 +70,17 @@ def pytest_collection_modifyitems(config, items):
         if unknown:
             raise pytest.UsageError(f"TEST_BACKENDS: unknown backend(s) {sorted(unknown)}; "
                                     f"choose from {BACKEND_NAMES}")
-        # keep the cases of the selected backends: tests parametrized by `backend`, and
-        # tests marked multi_backend that loop over the selected backends themselves
+        # keep the cases of the selected backends: tests parametrized by `backend`, tests
+        # marked multi_backend that loop over the selected backends themselves, and tests
+        # marked cuda when cuda is selected (the first H200 run dropped them unseen)
         keep, drop = [], []
         for item in items:
             spec = getattr(item, "callspec", None)
             backend = spec.params.get("backend") if spec else None
             chosen = (backend_selected(backend.name) if backend is not None
-                      else item.get_closest_marker("multi_backend") is not None)
+                      else item.get_closest_marker("multi_backend") is not None
+                      or (item.get_closest_marker("cuda") is not None
+                          and backend_selected("cuda")))
             (keep if chosen else drop).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)

@@ -210,6 +210,7 @@ def test_static_mode_reads_no_value_on_the_host():
         default.to("meta")(meta_images)   # the eager default mode does read values
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_static_mode_on_cuda_never_syncs_and_replays_as_a_cuda_graph(monkeypatch):
     monkeypatch.setattr(kernels._utils, "_force_reference", False)   # the Triton kernels

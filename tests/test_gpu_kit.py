@@ -216,3 +216,18 @@ def test_every_tuning_row_gives_torchvisions_result(backend, row, monkeypatch):
         launched = [s for s in _utils.LAUNCHES if s.kernel == _utils.kernel_id(fwd)]
         expected = _utils.gpu_rows(_utils.kernel_id(fwd))[row]
         assert launched and all(dict(s.tunables) == expected for s in launched)
+
+
+def test_memcheck_fills_tritons_cache_before_the_sanitizer(tmp_path):
+    """On a GPU with compute-sanitizer, the memcheck step launches everything once without
+    it, then runs the same launches under it (compiling under the sanitizer outran its cap)."""
+    ctx = kit.Context(out=tmp_path, work=tmp_path, dry_run=False,
+                      environment={"compute_sanitizer": "/opt/cs/compute-sanitizer"})
+    argv, env = kit.memcheck_command(ctx)
+    assert argv[:2] == ["sh", "-c"] and env == {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    warm, checked = argv[2].split(" && exec ")
+    assert "benchmarks.gpu.launch_all" in warm and "compute-sanitizer" not in warm
+    assert checked.startswith("/opt/cs/compute-sanitizer --tool memcheck")
+    assert "benchmarks.gpu.launch_all" in checked and str(tmp_path / "launch_all.json") in checked
+    plain, _ = kit.memcheck_command(kit.Context(out=tmp_path, work=tmp_path, dry_run=False))
+    assert plain[1:3] == ["-m", "benchmarks.gpu.launch_all"]   # no sanitizer: one plain run

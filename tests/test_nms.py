@@ -239,6 +239,7 @@ def test_empty(backend):
     assert mask.shape == (0,) and mask.dtype == torch.bool
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: sync and memory checks")
 def test_cuda_mask_without_sync_and_batched_memory():
     boxes, scores = random_boxes(100_000, "cuda", scale=1000.0, spread=0.1)
