@@ -150,11 +150,11 @@ def _blocked(fields: str) -> dict:
 
 
 def memory_ops(ttgir: str) -> list[dict]:
-    """Every 2-D global load, store and atomic in a loop body of the TTGIR, with where a
-    warp's lanes run: ``shape`` (the tile), ``lanes`` (threadsPerWarp per tile axis) and
-    ``per_thread`` (sizePerThread), read from the op's ``#blocked`` layout (None when the
-    compiler gave it another layout). Accesses outside loops run once per program and are
-    not listed."""
+    """Every 1-D and 2-D global load, store and atomic in a loop body of the TTGIR, with
+    where a warp's lanes run: ``shape`` (the tile), ``lanes`` (threadsPerWarp per tile axis)
+    and ``per_thread`` (sizePerThread), read from the op's ``#blocked`` layout (None when
+    the compiler gave it another layout). Accesses outside loops run once per program and
+    are not listed."""
     layouts = {name: _blocked(fields) for name, fields in _LAYOUT.findall(ttgir)}
     ops, stack = [], []
     for line in ttgir.splitlines():
@@ -166,7 +166,7 @@ def memory_ops(ttgir: str) -> list[dict]:
         if m and "for" in stack:
             shape = [int(d) for d in m.group(2).split("x")]
             layout = layouts.get(m.group(3))
-            if len(shape) == 2:
+            if len(shape) in (1, 2):
                 ops.append({"op": m.group(1).split(".")[1], "shape": shape,
                             "lanes": layout and layout["threadsPerWarp"],
                             "per_thread": layout and layout["sizePerThread"]})
@@ -178,10 +178,16 @@ def memory_ops(ttgir: str) -> list[dict]:
 
 
 def lane_rows(results: list[dict]) -> list[dict]:
-    """For each sm_90 specialization with 2-D accesses in a loop: per input layout and
-    access, the lanes (x elements per thread) a warp puts along the tensor's stride-1 tile
-    axis, against what the tile allows (its extent there, at most 32). ``ok`` when the
-    compiler gave that axis all it could; ``note`` where the kernel says why not."""
+    """For each sm_90 specialization with accesses in a loop: per input layout and access,
+    the lanes (x elements per thread) a warp puts along the tensor's stride-1 tile axis,
+    against what the tile allows (its extent there, at most 32). ``ok`` when the compiler
+    gave that axis all it could; ``note`` where the kernel says why not.
+
+    A rule's axis is an int for 2-D tiles, or ``("flat", inner)`` for a flat vector whose
+    fast index walks the stride-1 dimension ``inner`` elements at a time (a warp covers
+    lanes x elements per thread consecutive entries, of which at most ``inner`` run along
+    it). 1-D accesses are checked where the rule names them flat; a 2-D access against a
+    flat rule (or none) fails."""
     from kernels import _utils
     for name in op_modules():
         importlib.import_module(name)   # tables and lane rules register on import
@@ -198,13 +204,21 @@ def lane_rows(results: list[dict]) -> list[dict]:
             rows.append(dict(base, layout="-", access="-", tile="-", lanes="-", along=0,
                              needed=1, ok=False, note="no lane rule declared"))
             continue
-        for layout, axes in rule(dict(spec["constexprs"])).items():
+        values = {**dict(spec["constexprs"]), **dict(spec["tunables"])}
+        for layout, axes in rule(values).items():
             for op in r["memory_ops"]:
                 axis = axes.get(op["op"])
                 shape = op["shape"]
                 lanes = op["lanes"]
-                if axis is None or lanes is None:
+                flat = isinstance(axis, tuple)
+                if len(shape) == 1 and not flat:
+                    continue   # a 1-D access the rule does not name: not a tile gather
+                if axis is None or lanes is None or flat != (len(shape) == 1):
                     along, needed = 0, 1
+                elif flat:
+                    inner = axis[1]
+                    along = min(lanes[0] * op["per_thread"][0], inner)
+                    needed = min(32, inner, shape[0])
                 else:
                     along = lanes[axis] * op["per_thread"][axis]
                     needed = min(32, shape[axis])
@@ -244,7 +258,10 @@ def compile_one(job: tuple[dict, int]) -> dict:
         signature = dict(spec["signature"])
         signature.update({k: "constexpr" for k in constexprs})
         ordered = {a: signature[a] for a in fn.arg_names if a in signature}
-        compiled = triton.compile(ASTSource(fn, ordered, constexprs),
+        # the alignment the JIT saw at launch (pointers and ints divisible by 16)
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a in spec.get("divisible", ())}
+        compiled = triton.compile(ASTSource(fn, ordered, constexprs, attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         usage = resource_usage(compiled.asm["cubin"])
         usage["memory_ops"] = memory_ops(compiled.asm["ttgir"])

@@ -33,18 +33,39 @@ MAX_LEVELS = 5
 
 
 @triton.jit
-def roi_tile(C, PH, PW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def roi_tile(C, PH, PW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, P_MAJOR: tl.constexpr):
     """This program's RoI (grid axis 2), block of output bins (axis 0) and block of
-    channels (axis 1): the RoI, bin and channel offsets, their masks, and each bin's (row,
-    column). CUDA caps axes 1 and 2 at 65,535 programs: bin blocks pass that at 1024x1024
-    outputs, so they take axis 0 (2**31 - 1), and launchers split more than 65,535 RoIs
-    into launches (``row_chunks``). Enumerating (RoI, bin block) pairs on axis 0 instead
-    would cost the forward 8 registers for the division (sm_90: 48, 62% occupancy, against
-    40, 75%)."""
+    channels (axis 1) as one vector of BLOCK_P * BLOCK_C (bin, channel) pairs — bins the
+    fast index when P_MAJOR, channels otherwise — with their masks and each bin's (row,
+    column). One flat vector, not a [bins, channels] tile: a warp's lanes then run along
+    the fast index whatever layout heuristic the compiler applies. For a 2-D gather whose
+    addresses have no provable contiguity, Triton 3.6 puts the lanes along axis 0 and 3.8
+    along the last axis: on the H200's Triton 3.6 a [channels, bins] tile spread a warp
+    over 32 channel planes.
+
+    CUDA caps axes 1 and 2 at 65,535 programs: bin blocks pass that at 1024x1024 outputs,
+    so they take axis 0 (2**31 - 1), and launchers split more than 65,535 RoIs into
+    launches (``row_chunks``)."""
     r = tl.program_id(2).to(tl.int64)
+    i = tl.arange(0, BLOCK_P * BLOCK_C)
+    if P_MAJOR:
+        p_in, c_in = i % BLOCK_P, i // BLOCK_P
+    else:
+        p_in, c_in = i // BLOCK_C, i % BLOCK_C
+    offs_p = tl.program_id(0) * BLOCK_P + p_in
+    offs_c = tl.program_id(1) * BLOCK_C + c_in
+    return r, offs_p, offs_c, offs_p < PH * PW, offs_c < C, offs_p // PW, offs_p % PW
+
+
+@triton.jit
+def bins_by_channels(C, PH, PW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The channels-fast flat tile's (bin, channel) pairs as a [BLOCK_P, BLOCK_C] tile in
+    the same order (``tl.reshape`` of the flat vector lands on it): its bin offsets, channel
+    offsets and mask, for the accesses of the (K, C, PH, PW) output, whose bins are
+    contiguous."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return r, offs_p, offs_c, offs_p < PH * PW, offs_c < C, offs_p // PW, offs_p % PW
+    return offs_p, offs_c, (offs_p < PH * PW)[:, None] & (offs_c < C)[None, :]
 
 
 @triton.jit

@@ -403,19 +403,21 @@ class Specialization:
     """One compiled variant of a kernel: what `triton.compile` needs, and nothing else."""
     kernel: str                            # "module:function"
     signature: tuple[tuple[str, str], ...]  # (arg name, triton type) of runtime args
-    constexprs: tuple[tuple[str, Any], ...]  # non-tunable constexpr values
+    constexprs: tuple[tuple[str, Any], ...]  # non-tunable constexpr values (and ints == 1)
     tunables: tuple[tuple[str, Any], ...]    # the tuning-table row used (incl. num_warps)
+    divisible: tuple[str, ...] = ()          # args the JIT marks divisible by 16
 
     def as_json(self) -> dict:
         return {"kernel": self.kernel, "signature": [list(s) for s in self.signature],
                 "constexprs": [list(c) for c in self.constexprs],
-                "tunables": [list(t) for t in self.tunables]}
+                "tunables": [list(t) for t in self.tunables],
+                "divisible": list(self.divisible)}
 
     @classmethod
     def from_json(cls, d: dict) -> "Specialization":
         return cls(d["kernel"], tuple(tuple(s) for s in d["signature"]),
                    tuple(tuple(c) for c in d["constexprs"]),
-                   tuple(tuple(t) for t in d["tunables"]))
+                   tuple(tuple(t) for t in d["tunables"]), tuple(d.get("divisible", ())))
 
 
 LAUNCHES: set[Specialization] = set()
@@ -433,11 +435,35 @@ def kernel_id(kernel) -> str:
     return f"{fn.__module__}:{fn.__name__}"
 
 
+try:   # Triton's own argument specialization (3.6-3.9): what its JIT compiles per launch
+    from triton._C.libtriton import native_specialize_impl as _native_specialize
+    from triton.backends.compiler import BaseBackend as _BaseBackend
+except ImportError:   # pragma: no cover - another Triton: the rule below, written out
+    _native_specialize = None
+
+
+def jit_specialization(value: Any, specialize: bool) -> tuple[str, Any]:
+    """(type, key) of a launch argument as Triton's JIT specializes it: an int equal to 1
+    becomes ("constexpr", 1), and key "D" marks a pointer or an int divisible by 16 (both
+    only where the kernel's ``do_not_specialize`` does not exempt the argument)."""
+    if _native_specialize is not None:
+        try:
+            return tuple(_native_specialize(_BaseBackend, value, False, specialize, True))
+        except TypeError:   # another signature: the rule below, written out
+            pass
+    kind = _triton_type(value)
+    if isinstance(value, torch.Tensor):
+        return kind, ("D" if value.data_ptr() % 16 == 0 else "") if specialize else None
+    if isinstance(value, int) and not isinstance(value, bool) and specialize:
+        return ("constexpr", 1) if value == 1 else (kind, "D" if value % 16 == 0 else "")
+    return kind, None
+
+
 def _triton_type(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + _TRITON_TYPES[value.dtype]
     if isinstance(value, bool):
-        return "i1"
+        return "u1"   # as Triton's JIT types a Python bool
     if isinstance(value, int):
         return "i32" if -2**31 <= value < 2**31 else "i64"
     if isinstance(value, float):
@@ -467,19 +493,22 @@ def register_tuning(kernel, table: list[dict], interpreter: Sequence[dict] = (),
     return rows
 
 
-# kernel id -> rule(constexprs) -> {input layout: {access: tile axis that must carry the
-# warp's lanes}}; kernel id -> {layout: why that layout's lanes are knowingly elsewhere}
-LANE_RULES: dict[str, Callable[[dict], dict[str, dict[str, int]]]] = {}
+# kernel id -> rule(constexprs and tuning) -> {input layout: {access: tile axis that must
+# carry the warp's lanes, or ("flat", inner) for a flat vector}}; kernel id -> {layout:
+# why that layout's lanes are knowingly elsewhere}
+LANE_RULES: dict[str, Callable[[dict], dict[str, dict[str, Any]]]] = {}
 LANE_NOTES: dict[str, dict[str, str]] = {}
 
 
-def register_lanes(kernel, rule: Callable[[dict], dict[str, dict[str, int]]],
+def register_lanes(kernel, rule: Callable[[dict], dict[str, dict[str, Any]]],
                    notes: dict[str, str] | None = None) -> None:
     """Declare, for the compile check's lane test, which axis of ``kernel``'s 2-D tiles is
     the stride-1 dimension of the tensor each hot-loop access touches (``load``, ``store``,
     ``atomic_rmw``), per input layout the launcher sends to that specialization: ``rule``
-    maps the specialization's constexprs to ``{layout: {access: axis}}``. ``notes``: a
-    layout whose lanes are knowingly elsewhere, and why (the report prints it)."""
+    maps the specialization's constexprs and tuning row to ``{layout: {access: axis}}``,
+    the axis ``("flat", inner)`` for a flat vector whose fast index walks the stride-1
+    dimension ``inner`` elements at a time. ``notes``: a layout whose lanes are knowingly
+    elsewhere, and why (the report prints it)."""
     kid = kernel_id(kernel)
     LANE_RULES[kid] = rule
     LANE_NOTES[kid] = dict(notes or {})
@@ -519,6 +548,7 @@ def pick_tuning(kernel, row: dict) -> dict:
 # record_launches() (the GPU kit's launch_all).
 _recording = INTERPRET
 _ARG_NAMES: dict[str, list[str]] = {}   # kernel id -> its parameter names, read once
+_UNSPECIALIZED: dict[str, set[str]] = {}  # kernel id -> its do_not_specialize names
 
 
 @contextlib.contextmanager
@@ -540,9 +570,25 @@ def _record(kernel, args: tuple, tuning: dict, constexprs: dict) -> None:
     if names is None:
         names = _ARG_NAMES[kid] = list(
             inspect.signature(getattr(kernel, "fn", kernel)).parameters)
-    signature = tuple((n, _triton_type(a)) for n, a in zip(names, args))
+        # the compiled kernel's decorator keeps them; the interpreter's, its arguments
+        listed = getattr(kernel, "do_not_specialize", None)
+        if listed is None:
+            listed = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
+        _UNSPECIALIZED[kid] = {names[a] if isinstance(a, int) else a for a in listed}
+    # what the JIT compiles for these arguments: ints equal to 1 as constants, pointers
+    # and ints divisible by 16 marked so (the compile check builds exactly that)
+    signature, ones, divisible = [], {}, []
+    for n, a in zip(names, args):
+        kind, key = jit_specialization(a, n not in _UNSPECIALIZED[kid])
+        if kind == "constexpr":
+            ones[n] = key
+            continue
+        signature.append((n, kind))
+        if isinstance(key, str) and "D" in key:
+            divisible.append(n)
     LAUNCHES.add(Specialization(
-        kid, signature, tuple(sorted(constexprs.items())), tuple(sorted(tuning.items()))))
+        kid, tuple(signature), tuple(sorted({**constexprs, **ones}.items())),
+        tuple(sorted(tuning.items())), tuple(divisible)))
 
 
 def launch_device(args: Sequence[Any]) -> torch.device | None:

@@ -140,6 +140,9 @@ def test_fullgraph_inference_with_dynamic_output_shapes():
 
 @pytest.mark.parametrize("builder", ["resnet18", "resnet50"])
 def test_export_matches_eager_and_round_trips(builder, tmp_path):
+    # weights seeded here: some random ResNet-50 initializations detect nothing in an image
+    # (seen once in this session's runs), and the comparison needs detections
+    torch.manual_seed(0)
     if builder == "resnet50":
         model = maskrcnn.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **PADDED)
     else:

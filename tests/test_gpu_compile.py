@@ -85,9 +85,9 @@ def test_no_fenced_atomics(compiled):
 
 
 def test_lanes_run_along_the_stride_1_dimension(compiled):
-    """Every 2-D global access in a hot loop puts a warp's lanes along the stride-1
-    dimension of the tensor it touches, for each input layout, as read from the sm_90
-    TTGIR layouts; an exception needs a note in the kernel's lane rule."""
+    """Every global access in a hot loop that a lane rule names puts a warp's lanes along
+    the stride-1 dimension of the tensor it touches, for each input layout, as read from
+    the sm_90 TTGIR layouts; an exception needs a note in the kernel's lane rule."""
     _, results = compiled
     rows = _aot.lane_rows(results)
     seen = {(r["kernel"], r["layout"]) for r in rows}
@@ -99,26 +99,42 @@ def test_lanes_run_along_the_stride_1_dimension(compiled):
     assert not wrong, "lanes off the stride-1 dimension:\n" + "\n".join(wrong)
 
 
-def test_lane_check_flags_lanes_along_channels_for_nchw():
-    """What the single-level kernels used to compile to: a warp's 32 lanes along channels,
-    which in NCHW is 32 channel planes per warp load (here a (C, P) tile, lanes on C)."""
+def _hot_load(shape: str, lanes: str, per_thread: str, order: str) -> list[dict]:
     ttgir = "\n".join([
-        "#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [32, 1], "
-        "warpsPerCTA = [1, 8], order = [0, 1]}>",
+        f"#blocked = #ttg.blocked<{{sizePerThread = [{per_thread}], threadsPerWarp = "
+        f"[{lanes}], warpsPerCTA = [8], order = [{order}]}}>",
         "scf.for %iy = %c0 to %n step %c1 : i32 {",
-        "  %v = tt.load %p, %m : tensor<32x16x!tt.ptr<f32>, #blocked> loc(#loc1)",
+        f"  %v = tt.load %p, %m : tensor<{shape}x!tt.ptr<f32>, #blocked> loc(#loc1)",
         "} loc(#loc2)",
-        "tt.store %q, %v : tensor<32x16x!tt.ptr<f32>, #blocked> loc(#loc3)",
+        f"tt.store %q, %v : tensor<{shape}x!tt.ptr<f32>, #blocked> loc(#loc3)",
     ])
-    ops = _aot.memory_ops(ttgir)   # the store is outside the loop: not a hot access
-    assert ops == [{"op": "load", "shape": [32, 16], "lanes": [32, 1], "per_thread": [1, 1]}]
+    return _aot.memory_ops(ttgir)   # the store is outside the loop: not a hot access
+
+
+def _roi_align_row(ops: list[dict]) -> dict:
     kernel = _utils.kernel_id(roi_align_ops._roi_align_fwd_kernel)
-    # P_MAJOR=True (the NCHW specialization) declares (C, P) tiles: bins on axis 1
-    spec = {"kernel": kernel, "signature": [], "tunables": [["num_warps", 8]],
-            "constexprs": [["P_MAJOR", True]]}
+    # P_MAJOR=True, the NCHW specialization: bins are the flat vector's fast index
+    spec = {"kernel": kernel, "signature": [], "constexprs": [["P_MAJOR", True]],
+            "tunables": [["BLOCK_C", 32], ["BLOCK_P", 16], ["num_warps", 8]]}
     [row] = _aot.lane_rows([{"ok": True, "arch": 90, "spec": spec, "memory_ops": ops}])
-    assert row["layout"] == "NCHW" and row["along"] == 1 and row["needed"] == 16
-    assert not row["ok"] and row["note"] is None
+    return row
+
+
+def test_lane_check_flags_lanes_along_channels_for_nchw():
+    """What the H200's Triton 3.6 compiled the 2-D roi_align tiles to: a (C, P) gather with
+    a warp's 32 lanes along channels, 32 channel planes per warp load in NCHW. The rule now
+    wants a flat vector; a 2-D access fails it."""
+    ops = _hot_load("32x16", "32, 1", "1, 1", "0, 1")
+    assert ops == [{"op": "load", "shape": [32, 16], "lanes": [32, 1], "per_thread": [1, 1]}]
+    row = _roi_align_row(ops)
+    assert row["layout"] == "NCHW" and not row["ok"] and row["note"] is None
+
+
+def test_lane_check_counts_a_flat_vectors_run_along_the_fast_index():
+    """A flat (bin, channel) vector, bins fast, 2 entries per thread: a warp covers 64
+    consecutive entries, 16 of them along the bins (BLOCK_P) before the next channel."""
+    row = _roi_align_row(_hot_load("512", "32", "2", "0"))
+    assert row["ok"] and (row["along"], row["needed"]) == (16, 16)
 
 
 def test_the_launcher_picks_the_layout_the_lane_rule_checks():

@@ -101,11 +101,44 @@ def test_launches_are_recorded_only_while_recording(backend, monkeypatch):
     assert {s.kernel.split(":")[1] for s in _utils.LAUNCHES} == {"_roi_align_fwd_kernel"}
 
 
+def test_launches_are_recorded_as_tritons_jit_specializes_them(backend, monkeypatch):
+    """The compile check builds what the JIT compiles: an int equal to 1 is the constant 1,
+    pointers and ints divisible by 16 carry that, except the arguments the kernel's
+    do_not_specialize exempts (roi_align's map sizes and strides)."""
+    if not backend.triton:
+        pytest.skip("the reference path launches no kernel")
+    x = torch.randn(1, 16, 4, 8, device=backend.device)   # NCHW: strides 32, 8, 1
+    rois = torch.tensor([[0.0, 0.5, 0.5, 4.0, 5.0]], device=backend.device)
+    monkeypatch.setattr(_utils, "LAUNCHES", set())
+    with _utils.record_launches():
+        kernels.roi_align(x, rois, (1, 3), 1.0, 1, True)   # PH = 1, sampling_ratio = 1
+    [spec] = _utils.LAUNCHES
+    constexprs, signature = dict(spec.constexprs), dict(spec.signature)
+    assert constexprs["PH"] == 1 and constexprs["sampling_ratio"] == 1
+    assert signature["PW"] == "i32" and "PW" not in spec.divisible
+    assert signature["sw0"] == "i32"   # exempt, though 1
+    assert {"C", "x0_ptr", "out_ptr", "rois_ptr"} <= set(spec.divisible)
+    assert "sc0" not in spec.divisible   # exempt, though 32
+
+
+def test_the_written_out_rule_is_tritons_specialization(monkeypatch):
+    """Where Triton's own specialization function is missing or changed its signature, the
+    recording falls back to the rule written out; both agree on every kind of argument."""
+    if _utils._native_specialize is None:
+        pytest.skip("this Triton has no native_specialize_impl to compare with")
+    values = [1, 0, 16, 17, 2**40, -32, 2.5, True, torch.zeros(8), torch.zeros(9)[1:]]
+    native = [_utils.jit_specialization(v, s) for v in values for s in (True, False)]
+    monkeypatch.setattr(_utils, "_native_specialize", None)
+    written = [_utils.jit_specialization(v, s) for v in values for s in (True, False)]
+    assert written == native
+
+
 def test_launch_device_is_the_first_tensors_cuda_device():
     assert _utils.launch_device((torch.zeros(1), 3)) is None
     assert _utils.launch_device((3, 1.0)) is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_tensors_on_another_gpu_than_the_current_one():
     # Triton launches on the current device: the launch must be guarded to the tensors'

@@ -60,6 +60,31 @@ def test_predictor_parity(backend, poison, n, c, k, m, dtype):
     assert_close(gb, rb, **t)
 
 
+def test_predictor_strided_features(backend, poison):
+    """A crop of larger maps (planes that are not one run of pixels) reads each pixel at
+    its (h, w) offsets; the gradient lands in the crop only."""
+    n, c, k, m = 3, 6, 4, 7
+    big = torch.randn(n, c, m + 3, m + 2, device=backend.device, requires_grad=True)
+    features = big[:, :, 2:2 + m, 1:1 + m]
+    assert features.stride(2) != m * features.stride(3)
+    weight = torch.randn(k, c, 1, 1, device=backend.device) / c ** 0.5
+    bias = torch.randn(k, device=backend.device)
+    targets = soft_targets(n, m, device=backend.device)
+    labels = torch.randint(0, k, (n,), device=backend.device)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    loss = kernels.mask_predictor_loss(features, w, b, targets, labels)
+    loss.backward()
+    ref, rf, rw, rb = oracle_predictor(features, weight, bias, targets, labels)
+    assert_close(loss.detach(), ref, **tol(torch.float32))
+    count = n * m * m
+    assert_close(big.grad[:, :, 2:2 + m, 1:1 + m] * count, rf * count, **tol(torch.float32))
+    outside = big.grad.clone()
+    outside[:, :, 2:2 + m, 1:1 + m] = 0
+    assert not outside.any()
+    assert_close(w.grad, rw, **tol(torch.float32))
+    assert_close(b.grad, rb, **tol(torch.float32))
+
+
 def test_predictor_channels_last(backend, poison):
     n, c, k, m = 5, 40, 3, 14
     features = torch.randn(n, c, m, m, device=backend.device).contiguous(

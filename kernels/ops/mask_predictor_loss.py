@@ -34,6 +34,18 @@ from .mask_loss import (SAMPLED_ARGS, bce_with_logits, check_images, check_label
 # Kernels
 
 
+@triton.jit
+def plane_offsets(offs_p, h, w, stride_h, stride_w, FLAT_PIXELS: tl.constexpr):
+    """Offsets of pixels p = (h, w) in an M x M plane. FLAT_PIXELS (the plane is one run of
+    stride ``stride_w``, as in NCHW and channels_last tensors): ``p * stride_w``, whose
+    contiguity the compiler can see once a unit stride specializes to 1 — it then puts a
+    warp's lanes along the pixels on any Triton (3.6 otherwise puts them along channels)."""
+    if FLAT_PIXELS:
+        return offs_p * stride_w
+    else:
+        return h * stride_h + w * stride_w
+
+
 # The sampled variant's gt mask sizes and strides would otherwise specialize the kernel
 # (maskrcnn_loss's SAMPLED_ARGS): a new compile per image-size pattern.
 @triton.jit(do_not_specialize=SAMPLED_ARGS)
@@ -51,14 +63,15 @@ def _mask_predictor_loss_fwd_kernel(
     m_stride_g, m_stride_h, m_stride_w,  # of the targets (g: instance) or of the gt masks
     inv_count,  # 1 / (N * M * M), N counted over all images
     SAMPLED: tl.constexpr, WRITE_GRAD: tl.constexpr, P_MAJOR: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n, offs_p, mask_p, h, w = pixel_block(M, BLOCK_P)
     label = tl.load(labels_ptr + n)
     # logit = b[label] + sum_c W[label, c] * f[c]: only the instance's own class row.
     # Tiles are (C, P) with lanes along pixels for NCHW features (P_MAJOR), (P, C) with
     # lanes along channels for channels_last ones.
-    f_base = features_ptr + n * f_stride_n + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR)
+    f_base = features_ptr + n * f_stride_n + along_p(
+        plane_offsets(offs_p, h, w, f_stride_h, f_stride_w, FLAT_PIXELS), P_MAJOR)
     acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
            + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
     for c0 in range(0, C, BLOCK_C):
@@ -102,7 +115,8 @@ def _mask_predictor_loss_bwd_kernel(
     grad_rows_ptr,  # (N, C) float32: d loss / d W[label_n] from instance n alone
     C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
     g_stride_n, g_stride_c, g_stride_h, g_stride_w,
-    P_MAJOR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    P_MAJOR: tl.constexpr, FLAT_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -123,10 +137,12 @@ def _mask_predictor_loss_bwd_kernel(
         w = offs_p % M
         tile = along_c(mask_c, P_MAJOR) & along_p(mask_p, P_MAJOR)
         dx = tl.load(grad_sel_ptr + n * M * M + offs_p, mask=mask_p, other=0.0)
-        f = tl.load(f_base + along_p(h * f_stride_h + w * f_stride_w, P_MAJOR), mask=tile,
-                    other=0.0).to(tl.float32)
+        f = tl.load(f_base + along_p(plane_offsets(offs_p, h, w, f_stride_h, f_stride_w,
+                                                   FLAT_PIXELS), P_MAJOR),
+                    mask=tile, other=0.0).to(tl.float32)
         acc += f * along_p(dx, P_MAJOR)
-        tl.store(g_base + along_p(h * g_stride_h + w * g_stride_w, P_MAJOR),
+        tl.store(g_base + along_p(plane_offsets(offs_p, h, w, g_stride_h, g_stride_w,
+                                                FLAT_PIXELS), P_MAJOR),
                  (along_c(wv, P_MAJOR) * along_p(dx, P_MAJOR)).to(
                      grad_features_ptr.dtype.element_ty), mask=tile)
     if P_MAJOR:
@@ -156,14 +172,21 @@ register_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD)
 def _lanes(constexprs: dict) -> dict:
     """The predictor's feature tiles: (C, P) for NCHW features (P_MAJOR, lanes along
     pixels), (P, C) for channels_last ones (lanes along channels); the launcher picks
-    P_MAJOR with ``p_major``. The loss kernels' other accesses are 1-D."""
-    if constexprs["P_MAJOR"]:
-        return {"NCHW": {"load": 1, "store": 1}}
-    return {"channels_last": {"load": 1, "store": 1}}
+    P_MAJOR with ``p_major``; features whose planes are not one run are a "crop". The loss
+    kernels' other accesses are 1-D."""
+    layout = "NCHW" if constexprs["P_MAJOR"] else "channels_last"
+    if not constexprs.get("FLAT_PIXELS", True):
+        layout += " crop"
+    return {layout: {"load": 1, "store": 1}}
 
 
-register_lanes(_mask_predictor_loss_fwd_kernel, _lanes)
-register_lanes(_mask_predictor_loss_bwd_kernel, _lanes)
+# Planes that are not one run (a crop of larger maps) leave the pixel offsets without
+# provable contiguity: the layout is then the compiler's guess.
+_LANE_NOTES = {"NCHW crop": "a crop's pixel offsets h * stride_h + w * stride_w have no "
+                             "provable contiguity: Triton 3.6 puts the lanes along channels, "
+                             "3.8 along pixels"}
+register_lanes(_mask_predictor_loss_fwd_kernel, _lanes, _LANE_NOTES)
+register_lanes(_mask_predictor_loss_bwd_kernel, _lanes, _LANE_NOTES)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,6 +207,11 @@ def maskrcnn_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tens
     return _forward(features, weight, bias, labels, compute_grad,
                     [(i, kernel_targets(masks), rois[i])
                      for i, masks in image_rows(gt_masks, rows)])
+
+
+def flat_pixels(t: Tensor) -> bool:
+    """Whether each (h, w) plane of an (N, C, M, M) tensor is one run of stride ``w``."""
+    return t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
 def _forward(features, weight, bias, labels, compute_grad: bool, launches):
@@ -207,7 +235,8 @@ def _forward(features, weight, bias, labels, compute_grad: bool, launches):
                partial[i], dsum[i] if compute_grad else dsum,
                grad[i] if compute_grad else grad, c, m, h, w, *features.stride(),
                *masks.stride(), inv_count, tuning=tuning, SAMPLED=sampled,
-               WRITE_GRAD=bool(compute_grad), P_MAJOR=p_major([features]))
+               WRITE_GRAD=bool(compute_grad), P_MAJOR=p_major([features]),
+               FLAT_PIXELS=flat_pixels(features))
     return partial.sum() * inv_count, grad, dsum.sum(1)
 
 
@@ -221,7 +250,8 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
     tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0])
     launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
            weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
-           *grad_features.stride(), tuning=tuning, P_MAJOR=p_major([features]))
+           *grad_features.stride(), tuning=tuning, P_MAJOR=p_major([features]),
+           FLAT_PIXELS=flat_pixels(features) and flat_pixels(grad_features))
     # Instances of one class add into the same weight row: an index_add of the (N, C)
     # per-instance rows (exact float32; atomic on CUDA unless deterministic algorithms are
     # on), tiny next to the features.
@@ -396,3 +426,6 @@ def _compile_examples(device: str = "cpu") -> None:
         mask_predictor_loss(features, weight, bias, targets, labels).backward()
         maskrcnn_predictor_loss(features, weight, bias, boxes, [gt], [labels],
                                 matched).backward()
+    # a crop of larger maps: planes that are not one run (FLAT_PIXELS=False)
+    crop = torch.randn(2, 5, 6, 6, device=device)[:, :, 1:5, 1:5].requires_grad_()
+    mask_predictor_loss(crop, weight, bias, targets, labels).backward()

@@ -221,9 +221,20 @@ register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
                                "program each, about one per SM: its serial steps bind, "
                                "not occupancy")
 # Mask words are (N, wcap) row-major: the greedy pass's [rows, words] tiles want lanes
-# along words (axis 1), the mask kernel's [words, rows] store along words (axis 0).
-register_lanes(_nms_greedy_kernel, lambda constexprs: {"boxes": {"load": 1, "atomic_rmw": 1}})
-register_lanes(_nms_mask_kernel, lambda constexprs: {"boxes": {"store": 0}})
+# along words (axis 1), the mask kernel's [words, rows] store along words (axis 0). With
+# one word per row (wcap == 1, which the JIT compiles as a constant: at most 64 boxes)
+# the rows are the stride-1 dimension instead.
+def _lanes_greedy(constexprs: dict) -> dict:
+    rows_contiguous = constexprs.get("wcap") == 1
+    return {"boxes": {"load": 0 if rows_contiguous else 1, "atomic_rmw": 1}}
+
+
+def _lanes_mask(constexprs: dict) -> dict:
+    return {"boxes": {"store": 1 if constexprs.get("wcap") == 1 else 0}}
+
+
+register_lanes(_nms_greedy_kernel, _lanes_greedy)
+register_lanes(_nms_mask_kernel, _lanes_mask)
 # Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
 _GREEDY_PROGRAMS = 1024
 

@@ -1,12 +1,13 @@
 """RoI Align (torchvision semantics) as Triton kernels, at one level or over an FPN pyramid.
 
 One program per (RoI, block of channels, block of output bins): the box is decoded once,
-sample coordinates and bilinear weights are vectors over the bins, and each corner load is
-a [BLOCK_C, BLOCK_P] or [BLOCK_P, BLOCK_C] gather reused across the channel block. A
-warp's lanes run along the input's stride-1 dimension (``P_MAJOR``): along output bins for
-NCHW, where neighbouring bins sample neighbouring pixels of one plane, and along channels
-for channels_last, where a pixel's channels are one contiguous vector. Any input strides
-work (NCHW, channels_last, or a strided view).
+and each corner load gathers BLOCK_P x BLOCK_C (bin, channel) pairs held as one flat
+vector (``roi_tile``) whose fast index is the input's stride-1 dimension (``P_MAJOR``):
+bins for NCHW, where neighbouring bins sample neighbouring pixels of one plane, channels
+for channels_last, where a pixel's channels are one contiguous vector. A warp's lanes run
+along that index on every Triton: a 2-D tile left the choice to the compiler, and the
+H200's Triton 3.6 put a warp over 32 channel planes of NCHW maps. Any input strides work
+(NCHW, channels_last, or a strided view).
 
 The same two kernels pool from up to ``MAX_LEVELS`` maps (``NUM_LEVELS``, a constexpr): each
 program computes its RoI's level with torchvision's LevelMapper arithmetic and picks that
@@ -25,7 +26,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from .. import _cpu, reference
-from .._sampling import (MAX_LEVELS, along_c, along_p, check_image_extent, level_args, p_major,
+from .._sampling import (MAX_LEVELS, bins_by_channels, check_image_extent, level_args, p_major,
                          Pyramid, roi_on_level, roi_tile, sample_rows, sampling_entries)
 from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, check_float_dtype,
                       check_same_device, check_tensor, deterministic_algorithms, fx_leaf,
@@ -60,7 +61,8 @@ def _roi_align_fwd_kernel(
     NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C)
+    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C,
+                                                             P_MAJOR)
     ph = ph_i.to(tl.float32)
     pw = pw_i.to(tl.float32)
     # an unpooled RoI gets an empty grid: it runs no samples and stores zeros
@@ -72,32 +74,32 @@ def _roi_align_fwd_kernel(
         k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
         NUM_LEVELS, ALIGNED)
     # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
-    base = (x_ptr + b * stride_n) + along_c(offs_c * stride_c, P_MAJOR)
-    # (BLOCK_P, BLOCK_C), or (BLOCK_C, BLOCK_P) when P_MAJOR
-    acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
-           + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
+    base = (x_ptr + b * stride_n) + offs_c * stride_c
+    acc = tl.zeros((BLOCK_P * BLOCK_C,), dtype=tl.float32)
     for iy in range(0, grid_h):
         row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
                                                             stride_h)
         for ix in range(0, grid_w):
             col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
                                                                 W, stride_w)
-            m = along_p(valid_y & valid_x & mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR)
-            v1 = tl.load(base + along_p(row_lo + col_lo, P_MAJOR), mask=m, other=0.0)
-            v2 = tl.load(base + along_p(row_lo + col_hi, P_MAJOR), mask=m, other=0.0)
-            v3 = tl.load(base + along_p(row_hi + col_lo, P_MAJOR), mask=m, other=0.0)
-            v4 = tl.load(base + along_p(row_hi + col_hi, P_MAJOR), mask=m, other=0.0)
-            acc += (along_p(wy_lo * wx_lo, P_MAJOR) * v1.to(tl.float32)
-                    + along_p(wy_lo * wx_hi, P_MAJOR) * v2.to(tl.float32)
-                    + along_p(wy_hi * wx_lo, P_MAJOR) * v3.to(tl.float32)
-                    + along_p(wy_hi * wx_hi, P_MAJOR) * v4.to(tl.float32))
+            m = valid_y & valid_x & mask_p & mask_c
+            v1 = tl.load(base + (row_lo + col_lo), mask=m, other=0.0)
+            v2 = tl.load(base + (row_lo + col_hi), mask=m, other=0.0)
+            v3 = tl.load(base + (row_hi + col_lo), mask=m, other=0.0)
+            v4 = tl.load(base + (row_hi + col_hi), mask=m, other=0.0)
+            acc += (wy_lo * wx_lo * v1.to(tl.float32) + wy_lo * wx_hi * v2.to(tl.float32)
+                    + wy_hi * wx_lo * v3.to(tl.float32) + wy_hi * wx_hi * v4.to(tl.float32))
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    out = acc / count
+    out = (acc / count).to(out_ptr.dtype.element_ty)
+    # the output (K, C, PH, PW) has bins contiguous: stored along bins in both layouts
     P = PH * PW
-    dst = (out_ptr + r * C * P) + along_c(offs_c.to(tl.int64) * P, P_MAJOR) + along_p(
-        offs_p, P_MAJOR)
-    tl.store(dst, out.to(out_ptr.dtype.element_ty),
-             mask=along_p(mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR))
+    if P_MAJOR:
+        tl.store((out_ptr + r * C * P) + offs_c.to(tl.int64) * P + offs_p, out,
+                 mask=mask_p & mask_c)
+    else:
+        offs_p2, offs_c2, in_tile2 = bins_by_channels(C, PH, PW, BLOCK_P, BLOCK_C)
+        tl.store((out_ptr + r * C * P) + offs_c2[None, :].to(tl.int64) * P + offs_p2[:, None],
+                 tl.reshape(out, (BLOCK_P, BLOCK_C)), mask=in_tile2)
 
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _GRAD_STRIDES)
@@ -114,7 +116,8 @@ def _roi_align_bwd_kernel(
     NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C)
+    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C,
+                                                             P_MAJOR)
     ph = ph_i.to(tl.float32)
     pw = pw_i.to(tl.float32)
     (gi_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
@@ -126,30 +129,38 @@ def _roi_align_bwd_kernel(
         NUM_LEVELS, ALIGNED)
     count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
     # int64: the output gradient may be any strided view (its offsets can pass 2**31)
-    g_src = ((grad_ptr + r * g_stride_k) + along_c(offs_c.to(tl.int64) * g_stride_c, P_MAJOR)
-             + along_p(ph_i.to(tl.int64) * g_stride_h + pw_i.to(tl.int64) * g_stride_w,
-                       P_MAJOR))
-    in_tile = along_p(mask_p, P_MAJOR) & along_c(mask_c, P_MAJOR)
-    g = tl.load(g_src, mask=in_tile, other=0.0).to(tl.float32) / count
-    base = (gi_ptr + b * stride_n) + along_c(offs_c * stride_c, P_MAJOR)
+    g_base = grad_ptr + r * g_stride_k
+    in_tile = mask_p & mask_c
+    if P_MAJOR:
+        g = tl.load(g_base + offs_c.to(tl.int64) * g_stride_c + ph_i.to(tl.int64) * g_stride_h
+                    + pw_i.to(tl.int64) * g_stride_w, mask=in_tile, other=0.0)
+    else:   # read along bins (the output's fast axis), then regrouped channels-fast
+        offs_p2, offs_c2, in_tile2 = bins_by_channels(C, PH, PW, BLOCK_P, BLOCK_C)
+        g2 = tl.load(g_base + offs_c2[None, :].to(tl.int64) * g_stride_c
+                     + ((offs_p2 // PW).to(tl.int64) * g_stride_h
+                        + (offs_p2 % PW).to(tl.int64) * g_stride_w)[:, None],
+                     mask=in_tile2, other=0.0)
+        g = tl.reshape(g2, (BLOCK_P * BLOCK_C,))
+    g = g.to(tl.float32) / count
+    base = (gi_ptr + b * stride_n) + offs_c * stride_c
     for iy in range(0, grid_h):
         row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
                                                             stride_h)
         for ix in range(0, grid_w):
             col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
                                                                 W, stride_w)
-            m = along_p(valid_y & valid_x, P_MAJOR) & in_tile
+            m = valid_y & valid_x & in_tile
             # Atomics: RoIs overlap, so several programs add into the same pixels. Relaxed:
             # nothing here reads what another program adds (the kernel's end orders them),
             # so each add is a fence-free reduction (RED), not a fenced ATOM.
-            tl.atomic_add(base + along_p(row_lo + col_lo, P_MAJOR),
-                          g * along_p(wy_lo * wx_lo, P_MAJOR), mask=m, sem="relaxed")
-            tl.atomic_add(base + along_p(row_lo + col_hi, P_MAJOR),
-                          g * along_p(wy_lo * wx_hi, P_MAJOR), mask=m, sem="relaxed")
-            tl.atomic_add(base + along_p(row_hi + col_lo, P_MAJOR),
-                          g * along_p(wy_hi * wx_lo, P_MAJOR), mask=m, sem="relaxed")
-            tl.atomic_add(base + along_p(row_hi + col_hi, P_MAJOR),
-                          g * along_p(wy_hi * wx_hi, P_MAJOR), mask=m, sem="relaxed")
+            tl.atomic_add(base + (row_lo + col_lo), g * (wy_lo * wx_lo), mask=m,
+                          sem="relaxed")
+            tl.atomic_add(base + (row_lo + col_hi), g * (wy_lo * wx_hi), mask=m,
+                          sem="relaxed")
+            tl.atomic_add(base + (row_hi + col_lo), g * (wy_hi * wx_lo), mask=m,
+                          sem="relaxed")
+            tl.atomic_add(base + (row_hi + col_hi), g * (wy_hi * wx_hi), mask=m,
+                          sem="relaxed")
 
 
 @triton.jit
@@ -184,8 +195,9 @@ def _roi_align_bwd_deterministic_kernel(
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
 # Two tile elements per thread: on sm_90 the forward then needs 40 registers (75%
-# occupancy) and the atomic backward 40-42 (62-75%); four per thread needs 64-101 registers
-# and larger tiles spill (see `python -m benchmarks.static`).
+# occupancy; channels_last stores through 1 KiB of shared memory, regrouped along bins) and
+# the atomic backward 40-42 (62-75%) on Triton 3.8, 32-40 on 3.6; four per thread needs
+# 64-101 registers and larger tiles spill (see `python -m benchmarks.static`).
 _TUNING = [
     {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
     {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
@@ -197,26 +209,20 @@ register_tuning(_roi_align_bwd_kernel, _TUNING)
 
 
 def _lanes(constexprs: dict) -> dict:
-    """Tiles are (C, P) when P_MAJOR, else (P, C); the launcher sets P_MAJOR for NCHW maps
-    (``p_major``). The feature gathers and gradient scatters want lanes along bins in NCHW
-    (neighbouring bins: neighbouring x of one plane) and along channels in channels_last;
-    the output and its gradient are (K, C, PH, PW) with bins contiguous."""
-    p_axis, c_axis = (1, 0) if constexprs["P_MAJOR"] else (0, 1)
+    """The hot loops' accesses are flat (bin, channel) vectors (``roi_tile``): bins the fast
+    index when P_MAJOR — the launcher's choice for NCHW maps (``p_major``), where
+    neighbouring bins sample neighbouring x of one plane — channels otherwise
+    (channels_last: a pixel's channels are one contiguous vector). The feature gathers and
+    the gradient scatters want a warp's lanes along that fast index."""
     if constexprs["P_MAJOR"]:
-        return {"NCHW": {"load": p_axis, "store": p_axis, "atomic_rmw": p_axis}}
-    # channels_last: the forward's loads gather features; the backward's load reads the
-    # output gradient (bins contiguous) and its atomics scatter into the features' layout
-    return {"channels_last": {"load": c_axis, "store": p_axis, "atomic_rmw": c_axis}}
-
-
-def _lanes_bwd(constexprs: dict) -> dict:
-    rule = _lanes(constexprs)
-    p_axis = 1 if constexprs["P_MAJOR"] else 0
-    return {layout: dict(axes, load=p_axis) for layout, axes in rule.items()}
+        bins = ("flat", constexprs["BLOCK_P"])
+        return {"NCHW": {"load": bins, "atomic_rmw": bins}}
+    channels = ("flat", constexprs["BLOCK_C"])
+    return {"channels_last": {"load": channels, "atomic_rmw": channels}}
 
 
 register_lanes(_roi_align_fwd_kernel, _lanes)
-register_lanes(_roi_align_bwd_kernel, _lanes_bwd)
+register_lanes(_roi_align_bwd_kernel, _lanes)
 
 _TUNING_DETERMINISTIC = [
     {"BLOCK_C": 32, "num_warps": 1},
