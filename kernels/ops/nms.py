@@ -223,17 +223,24 @@ register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
 # Mask words are (N, wcap) row-major: the greedy pass's [rows, words] tiles want lanes
 # along words (axis 1), the mask kernel's [words, rows] store along words (axis 0). With
 # one word per row (wcap == 1, which the JIT compiles as a constant: at most 64 boxes)
-# the rows are the stride-1 dimension instead.
+# the rows are the stride-1 dimension instead; the greedy tiles then hold one valid word
+# column and the compiler picks the lanes.
+_ONE_WORD = "boxes, one word a row"
+
+
 def _lanes_greedy(constexprs: dict) -> dict:
-    rows_contiguous = constexprs.get("wcap") == 1
-    return {"boxes": {"load": 0 if rows_contiguous else 1, "atomic_rmw": 1}}
+    if constexprs.get("wcap") == 1:
+        return {_ONE_WORD: {"load": 0, "atomic_rmw": 1}}
+    return {"boxes": {"load": 1, "atomic_rmw": 1}}
 
 
 def _lanes_mask(constexprs: dict) -> dict:
     return {"boxes": {"store": 1 if constexprs.get("wcap") == 1 else 0}}
 
 
-register_lanes(_nms_greedy_kernel, _lanes_greedy)
+register_lanes(_nms_greedy_kernel, _lanes_greedy,
+               {_ONE_WORD: "at most 64 boxes: one valid word column per tile, a launch of "
+                           "microseconds whichever way the lanes run"})
 register_lanes(_nms_mask_kernel, _lanes_mask)
 # Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
 _GREEDY_PROGRAMS = 1024
