@@ -99,11 +99,12 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 28) -> float:
     return 2 * src.numel() * 4 / (t["ms"] * 1e-3) / 1e9
 
 
-def torchvision_as_autocast(device: str, dtype: torch.dtype):
+def torchvision_as_autocast(device: str, dtype: torch.dtype, provider: str = "torchvision"):
     """Where torchvision's CUDA kernels refuse ``dtype`` (roi_align with bfloat16 maps and
     float32 boxes, nms on bfloat16), time it as torchvision runs under autocast: its
-    autocast wrappers cast to float32 and back. Elsewhere a no-op context."""
-    if device != "cpu" and dtype == torch.bfloat16:
+    autocast wrappers cast to float32 and back. Elsewhere, and for any other provider, a
+    no-op context."""
+    if provider == "torchvision" and device != "cpu" and dtype == torch.bfloat16:
         return torch.autocast(torch.device(device).type, dtype=dtype)
     return contextlib.nullcontext()
 

@@ -14,7 +14,6 @@ ours is the PyTorch reference path and torchvision its CPU kernel (which has no 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 
@@ -107,8 +106,7 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
 
                     def step(pooler=pooler, xin=xin, grad=grad, backward=backward,
                              provider=provider):
-                        with (torchvision_as_autocast(device, dtype) if provider == "torchvision"
-                              else contextlib.nullcontext()):
+                        with torchvision_as_autocast(device, dtype, provider):
                             res = pooler(xin, boxes, shapes)
                         if backward:
                             res.backward(grad)

@@ -10,8 +10,6 @@ is the PyTorch reference path and torchvision its CPU kernel (which has no bfloa
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torchvision
 
@@ -90,10 +88,8 @@ def run(quick: bool = False, dtypes=("float32", "bfloat16"), device: str | None 
                                            device=device, dtype=dtype)
 
                         def step(fn=fn, xin=xin, grad=grad, mode=mode, provider=provider):
-                            cast = (torchvision_as_autocast(device, dtype)
-                                    if provider == "torchvision" else contextlib.nullcontext())
                             with deterministic_algorithms(mode == "forward+backward deterministic"):
-                                with cast:
+                                with torchvision_as_autocast(device, dtype, provider):
                                     out = fn(xin, rois, *args)
                                 if mode != "forward":
                                     out.backward(grad)
