@@ -18,15 +18,23 @@ from kernels import _aot
 from kernels._utils import OCCUPANCY_TARGET
 
 
+# Constexprs that select a different program within one kernel (RoI Align's forward and
+# backward): each value gets rows of its own, named in the tuning column.
+SPLIT_BY = ("BACKWARD",)
+
+
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per (kernel, tuning row, arch): the worst case over dtypes and flags."""
+    """One row per (kernel, tuning row, arch) — and ``SPLIT_BY`` value: the worst case over
+    dtypes and the other flags."""
     notes = _aot.occupancy_notes()
     groups = defaultdict(list)
     for r in results:
         if not r["ok"]:
             continue
         spec = r["spec"]
-        tuning = " ".join(f"{k}={v}" for k, v in spec["tunables"])
+        constexprs = dict(spec["constexprs"])
+        tuning = " ".join([f"{k}={constexprs[k]}" for k in SPLIT_BY if k in constexprs]
+                          + [f"{k}={v}" for k, v in spec["tunables"]])
         groups[(spec["kernel"], tuning, bool(spec.get("interpreter_only")), r["arch"])].append(r)
     rows = []
     for (kernel, tuning, interpreter_only, arch), rs in sorted(groups.items()):
@@ -167,15 +175,18 @@ def markdown(rows: list[dict], failures: list[dict], lanes: list[dict] | None = 
     return out
 
 
-def report_section(sampled: bool = False) -> dict:
+def report_section(sampled: bool = False, results: list[dict] | None = None) -> dict:
     """The benchmark report's static section: rows and failures, or why it was skipped.
-    ``sampled``: one specialization per kernel and tuning row (the --tiny report's)."""
-    reason = _aot.can_compile_without_gpu()
-    if reason:
-        return {"skipped": reason}
-    specs = sample(_aot.record_in_subprocess()) if sampled else None
-    rows, results = run(write=False, specs=specs)
-    return {"rows": rows, "failures": [r for r in results if not r["ok"]],
+    ``sampled``: one specialization per kernel and tuning row (the --tiny report's);
+    ``results``: compile results already at hand (the compile check's), summarized as
+    they are."""
+    if results is None:
+        reason = _aot.can_compile_without_gpu()
+        if reason:
+            return {"skipped": reason}
+        specs = sample(_aot.record_in_subprocess()) if sampled else None
+        _, results = run(write=False, specs=specs)
+    return {"rows": summarize(results), "failures": [r for r in results if not r["ok"]],
             "sampled": sampled}
 
 

@@ -18,6 +18,8 @@ import sys
 import pytest
 import torch
 
+from benchmarks import static
+from benchmarks.__main__ import markdown as report_markdown
 from conftest import launches_of_earlier_passes
 from kernels import _aot, _sampling, _utils
 from kernels.ops import roi_align as roi_align_ops
@@ -40,6 +42,24 @@ def test_every_launched_kernel_is_recorded(compiled):
     recorded = {s["kernel"] for s in specs}
     missing = _aot.launched_kernels() - recorded
     assert not missing, f"kernels never launched by any op example or test: {sorted(missing)}"
+
+
+def test_the_benchmark_reports_static_section_lists_every_kernel(compiled):
+    """`python -m benchmarks` ends with this table (``static.report_section``): one row per
+    kernel and tuning row, every launched kernel in it, none spilling; or why it was
+    skipped where nothing compiles."""
+    _, results = compiled
+    section = static.report_section(results=results)
+    assert not section["failures"]
+    assert {r["kernel"] for r in section["rows"]} == {
+        k.split(":")[1] for k in _aot.launched_kernels()}
+    assert all(r["spill_bytes"] == 0 for r in section["rows"])
+    environment = dict.fromkeys(("device", "torch", "triton", "torchvision", "git_sha"), "-")
+    text = report_markdown({"environment": environment, "benchmarks": {}, "static": section})
+    assert "## Static kernel report" in text and "occupancy_sm90" in text
+    skipped = report_markdown({"environment": environment, "benchmarks": {},
+                               "static": {"skipped": "no ptxas"}})
+    assert "Skipped: no ptxas" in skipped
 
 
 def test_every_specialization_compiles_for_sm80_and_sm90(compiled):
@@ -77,11 +97,34 @@ def test_no_fenced_atomics(compiled):
     _, results = compiled
     with_atomics = [r for r in results if r["ok"] and r["atomics"]]
     assert {r["spec"]["kernel"].split(":")[1] for r in with_atomics} >= {
-        "_roi_align_bwd_kernel", "_nms_greedy_kernel"}
+        "_roi_align_kernel", "_nms_greedy_kernel"}
     fenced = [f"{r['spec']['kernel']} [{_aot.describe(r['spec'])}] sm_{r['arch']}: "
               f"{r['fences']} MEMBAR for {r['atomics']} atomics" for r in results
               if r["ok"] and r["fences"]]
     assert not fenced, "memory fences in compiled kernels:\n" + "\n".join(fenced)
+
+
+def test_sass_is_read_wherever_the_ptx_allows_an_atomic_or_a_fence(compiled):
+    """The check disassembles only what its PTX could lower to an atomic or a fence (the
+    disassembly is most of a compile's time). Reading every kernel's SASS — one sm_90
+    variant of each kernel — finds the counts the check reported."""
+    _, results = compiled
+    picked = {}
+    for r in results:
+        if r["ok"] and r["arch"] == 90:
+            picked.setdefault(r["spec"]["kernel"], r)
+    assert any(r["sass_read"] for r in picked.values())
+    assert any(not r["sass_read"] for r in picked.values())
+    code = ("import json, sys; from kernels._aot import compile_one; "
+            "specs = json.loads(sys.stdin.read()); "
+            "print(json.dumps([compile_one((s, 90), full_sass=True) for s in specs]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, input=json.dumps([r["spec"] for r in picked.values()]))
+    full = json.loads(out.stdout.strip().splitlines()[-1])
+    for r, f in zip(picked.values(), full):
+        assert f["ok"] and f["sass_read"]
+        assert (f["atomics"], f["fences"]) == (r["atomics"], r["fences"]), r["spec"]["kernel"]
 
 
 def test_lanes_run_along_the_stride_1_dimension(compiled):
@@ -91,8 +134,7 @@ def test_lanes_run_along_the_stride_1_dimension(compiled):
     _, results = compiled
     rows = _aot.lane_rows(results)
     seen = {(r["kernel"], r["layout"]) for r in rows}
-    for kernel in ("_roi_align_fwd_kernel", "_roi_align_bwd_kernel"):
-        assert {(kernel, "NCHW"), (kernel, "channels_last")} <= seen
+    assert {("_roi_align_kernel", "NCHW"), ("_roi_align_kernel", "channels_last")} <= seen
     wrong = [f"{r['kernel']} [{r['spec']}] {r['layout']} {r['access']} tile {r['tile']} "
              f"lanes {r['lanes']}: {r['along']} of {r['needed']} on the stride-1 axis"
              for r in rows if not r["ok"] and not r["note"]]
@@ -112,7 +154,7 @@ def _hot_load(shape: str, lanes: str, per_thread: str, order: str) -> list[dict]
 
 
 def _roi_align_row(ops: list[dict]) -> dict:
-    kernel = _utils.kernel_id(roi_align_ops._roi_align_fwd_kernel)
+    kernel = _utils.kernel_id(roi_align_ops._roi_align_kernel)
     # P_MAJOR=True, the NCHW specialization: bins are the flat vector's fast index
     spec = {"kernel": kernel, "signature": [], "constexprs": [["P_MAJOR", True]],
             "tunables": [["BLOCK_C", 32], ["BLOCK_P", 16], ["num_warps", 8]]}

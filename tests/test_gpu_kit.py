@@ -207,7 +207,7 @@ def test_every_tuning_row_gives_torchvisions_result(backend, row, monkeypatch):
     x = torch.randn(2, 9, 11, 13, device=backend.device)
     rois = torch.tensor([[0, 1.0, 1.5, 9.0, 7.0], [1, 0.0, 2.0, 12.5, 10.0]],
                         device=backend.device)
-    fwd = roi_align_ops._roi_align_fwd_kernel
+    fwd = roi_align_ops._roi_align_kernel
     monkeypatch.setattr(_utils, "LAUNCHES", set())   # only this call's launches
     with _utils.forced_tuning_row(row), _utils.record_launches():
         out = kernels.roi_align(x, rois, 7, 1.0, 2)   # 49 bins: its own pick is row 0

@@ -39,8 +39,7 @@ def test_roi_align_grid_fits_cuda_limits_at_1024x1024(monkeypatch):
                                        False)
     roi_align_module.roi_align_backward(torch.zeros(2, 9, 1024, 1024), rois, 1.0, 1024, 1024,
                                         1, False, (1, 9, 8, 8), False)
-    assert [k for k, _ in grids] == [roi_align_module._roi_align_fwd_kernel,
-                                     roi_align_module._roi_align_bwd_kernel]
+    assert [k for k, _ in grids] == [roi_align_module._roi_align_kernel] * 2
     for _, grid in grids:
         assert _fits(grid), grid
         assert grid[0] == 65536 and grid[2] == 2   # bin blocks on axis 0, RoIs on axis 2
@@ -98,7 +97,7 @@ def test_launches_are_recorded_only_while_recording(backend, monkeypatch):
     assert _utils.LAUNCHES == set()
     with _utils.record_launches():
         kernels.roi_align(x, rois, 3, 1.0, 2, True)
-    assert {s.kernel.split(":")[1] for s in _utils.LAUNCHES} == {"_roi_align_fwd_kernel"}
+    assert {s.kernel.split(":")[1] for s in _utils.LAUNCHES} == {"_roi_align_kernel"}
 
 
 def test_launches_are_recorded_as_tritons_jit_specializes_them(backend, monkeypatch):
@@ -117,7 +116,7 @@ def test_launches_are_recorded_as_tritons_jit_specializes_them(backend, monkeypa
     assert constexprs["PH"] == 1 and constexprs["sampling_ratio"] == 1
     assert signature["PW"] == "i32" and "PW" not in spec.divisible
     assert signature["sw0"] == "i32"   # exempt, though 1
-    assert {"C", "x0_ptr", "out_ptr", "rois_ptr"} <= set(spec.divisible)
+    assert {"C", "x0_ptr", "pooled_ptr", "rois_ptr"} <= set(spec.divisible)
     assert "sc0" not in spec.divisible   # exempt, though 32
 
 

@@ -186,13 +186,14 @@ def test_one_launch_per_pass(backend, monkeypatch):
     launched = []
     real = roi_align_ops.launch
     monkeypatch.setattr(roi_align_ops, "launch",
-                        lambda k, *a, **kw: (launched.append(k), real(k, *a, **kw)))
+                        lambda k, *a, **kw: (launched.append((k, kw["BACKWARD"])),
+                                             real(k, *a, **kw)))
     x = {k: v.requires_grad_() for k, v in pyramid(2, 3, 64, 64, backend.device).items()}
     boxes = [random_boxes(8, 64, 64, backend.device) for _ in range(2)]
     out = kernels.MultiScaleRoIAlign(NAMES, 2, 2)(x, boxes, [(64, 64)] * 2)
-    assert launched == [roi_align_ops._roi_align_fwd_kernel]
+    assert launched == [(roi_align_ops._roi_align_kernel, False)]
     out.sum().backward()
-    assert launched[1:] == [roi_align_ops._roi_align_bwd_kernel]
+    assert launched[1:] == [(roi_align_ops._roi_align_kernel, True)]
 
 
 def test_deterministic_backward(backend, poison):

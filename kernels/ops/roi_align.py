@@ -9,7 +9,9 @@ along that index on every Triton: a 2-D tile left the choice to the compiler, an
 H200's Triton 3.6 put a warp over 32 channel planes of NCHW maps. Any input strides work
 (NCHW, channels_last, or a strided view).
 
-The same two kernels pool from up to ``MAX_LEVELS`` maps (``NUM_LEVELS``, a constexpr): each
+One kernel, forward and backward (``BACKWARD``, a constexpr: the forward gathers the
+bilinear corners, the backward scatters onto them with relaxed atomics), pools from up to
+``MAX_LEVELS`` maps (``NUM_LEVELS``, a constexpr): each
 program computes its RoI's level with torchvision's LevelMapper arithmetic and picks that
 level's pointer, shape, strides and scale. RoIAlign is the one-level case (the level pick
 compiles out); :mod:`kernels.ops.multiscale_roi_align` launches the pyramid. Keeping a separate
@@ -35,37 +37,72 @@ from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, che
 
 
 # ---------------------------------------------------------------------------------------
-# Kernels. One pair serves RoIAlign (NUM_LEVELS = 1) and MultiScaleRoIAlign (up to
-# MAX_LEVELS maps): with one level the level pick is compiled out, and the static kernel
+# Kernels. One serves RoIAlign (NUM_LEVELS = 1) and MultiScaleRoIAlign (up to MAX_LEVELS
+# maps), forward and backward: with one level the level pick is compiled out, and each
+# direction compiles only its own branch (BACKWARD is a constexpr). The static kernel
 # report shows the pyramid kernel needs no more registers than the separate single-level
 # kernels did (sm_90 forward 40-48 then, 40 now; backward 48 then, 40-42 now), so there is
-# one sampling loop, not two.
+# one sampling loop, not four.
 
 # Image sizes and strides change from call to call (image sizes, padded batches);
 # specializing on them (== 1, divisible by 16) would compile anew for each pattern, and
 # with two elements per thread nothing in these tiles is vectorized by it.
 _SHAPE_ARGS = [f"{a}{i}" for i in range(MAX_LEVELS) for a in ("H", "W", "sn", "sc", "sh", "sw")]
-_GRAD_STRIDES = ["g_stride_k", "g_stride_c", "g_stride_h", "g_stride_w"]
+_POOLED_STRIDES = ["p_stride_k", "p_stride_c", "p_stride_h", "p_stride_w"]
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS)
-def _roi_align_fwd_kernel(
+@triton.jit
+def _pooled_tile(pooled_ptr, r, C, PH, PW, stride_k, stride_c, stride_h, stride_w, offs_p,
+                 offs_c, ph_i, pw_i, in_tile, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                 P_MAJOR: tl.constexpr, STRIDED: tl.constexpr):
+    """Pointers and mask of this program's (bin, channel) pairs in the pooled (K, C, PH, PW)
+    tensor: any strides when STRIDED (int64 offsets: a strided view can pass 2**31),
+    otherwise contiguous (the forward's output: 8 fewer registers on sm_90 than the strided
+    form for channels_last). Its bins are the fast index in both layouts, so channels-fast
+    programs (not P_MAJOR) get a [BLOCK_P, BLOCK_C] tile read and written along bins
+    (``bins_by_channels``), which ``tl.reshape`` maps onto the flat vector."""
+    base = pooled_ptr + r * stride_k
+    if P_MAJOR:
+        if STRIDED:
+            ptrs = (base + offs_c.to(tl.int64) * stride_c + ph_i.to(tl.int64) * stride_h
+                    + pw_i.to(tl.int64) * stride_w)
+        else:
+            ptrs = base + offs_c.to(tl.int64) * (PH * PW) + offs_p
+        mask = in_tile
+    else:
+        offs_p2, offs_c2, mask = bins_by_channels(C, PH, PW, BLOCK_P, BLOCK_C)
+        if STRIDED:
+            ptrs = (base + offs_c2[None, :].to(tl.int64) * stride_c
+                    + ((offs_p2 // PW).to(tl.int64) * stride_h
+                       + (offs_p2 % PW).to(tl.int64) * stride_w)[:, None])
+        else:
+            ptrs = base + offs_c2[None, :].to(tl.int64) * (PH * PW) + offs_p2[:, None]
+    return ptrs, mask
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS + _POOLED_STRIDES)
+def _roi_align_kernel(
+    pooled_ptr,  # (K, C, PH, PW), any strides: forward output / gradient of the output
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-    out_ptr,  # (K, C, PH, PW) contiguous, input dtype
-    x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0: (N, C, H0, W0), any strides
-    x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # levels 1..4: the same, read only when
-    x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # NUM_LEVELS covers them
-    x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
-    x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-    C, k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
+    x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0: (N, C, H0, W0), any strides;
+    x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # the forward reads the map, the backward
+    x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # adds into its float32 gradient. Levels
+    x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,  # 1..4 the same, used only when NUM_LEVELS
+    x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,  # covers them
+    C, p_stride_k, p_stride_c, p_stride_h, p_stride_w,
+    k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
     NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """One sampling loop for both directions: the forward gathers each sample's four
+    bilinear corners into its bins; the backward (BACKWARD) scatters each bin's gradient
+    back onto the same corners with the same weights."""
     r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C,
                                                              P_MAJOR)
     ph = ph_i.to(tl.float32)
     pw = pw_i.to(tl.float32)
-    # an unpooled RoI gets an empty grid: it runs no samples and stores zeros
+    in_tile = mask_p & mask_c
+    # an unpooled RoI gets an empty grid: it runs no samples (the forward stores zeros)
     (x_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
      grid_h, grid_w) = roi_on_level(
         rois_ptr, r, x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,
@@ -73,76 +110,17 @@ def _roi_align_fwd_kernel(
         x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3, x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
         k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
         NUM_LEVELS, ALIGNED)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    if BACKWARD:
+        g_ptrs, g_mask = _pooled_tile(pooled_ptr, r, C, PH, PW, p_stride_k, p_stride_c,
+                                      p_stride_h, p_stride_w, offs_p, offs_c, ph_i, pw_i,
+                                      in_tile, BLOCK_P, BLOCK_C, P_MAJOR, True)
+        g = tl.load(g_ptrs, mask=g_mask, other=0.0)
+        g = tl.reshape(g, (BLOCK_P * BLOCK_C,)).to(tl.float32) / count
+    else:
+        acc = tl.zeros((BLOCK_P * BLOCK_C,), dtype=tl.float32)
     # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
     base = (x_ptr + b * stride_n) + offs_c * stride_c
-    acc = tl.zeros((BLOCK_P * BLOCK_C,), dtype=tl.float32)
-    for iy in range(0, grid_h):
-        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
-                                                            stride_h)
-        for ix in range(0, grid_w):
-            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
-                                                                W, stride_w)
-            m = valid_y & valid_x & mask_p & mask_c
-            v1 = tl.load(base + (row_lo + col_lo), mask=m, other=0.0)
-            v2 = tl.load(base + (row_lo + col_hi), mask=m, other=0.0)
-            v3 = tl.load(base + (row_hi + col_lo), mask=m, other=0.0)
-            v4 = tl.load(base + (row_hi + col_hi), mask=m, other=0.0)
-            acc += (wy_lo * wx_lo * v1.to(tl.float32) + wy_lo * wx_hi * v2.to(tl.float32)
-                    + wy_hi * wx_lo * v3.to(tl.float32) + wy_hi * wx_hi * v4.to(tl.float32))
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    out = (acc / count).to(out_ptr.dtype.element_ty)
-    # the output (K, C, PH, PW) has bins contiguous: stored along bins in both layouts
-    P = PH * PW
-    if P_MAJOR:
-        tl.store((out_ptr + r * C * P) + offs_c.to(tl.int64) * P + offs_p, out,
-                 mask=mask_p & mask_c)
-    else:
-        offs_p2, offs_c2, in_tile2 = bins_by_channels(C, PH, PW, BLOCK_P, BLOCK_C)
-        tl.store((out_ptr + r * C * P) + offs_c2[None, :].to(tl.int64) * P + offs_p2[:, None],
-                 tl.reshape(out, (BLOCK_P, BLOCK_C)), mask=in_tile2)
-
-
-@triton.jit(do_not_specialize=_SHAPE_ARGS + _GRAD_STRIDES)
-def _roi_align_bwd_kernel(
-    grad_ptr,  # (K, C, PH, PW) float, any strides: gradient of the output
-    rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-    g0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0 gradient: (N, C, H0, W0) float32
-    g1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # levels 1..4: the same, touched only when
-    g2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # NUM_LEVELS covers them
-    g3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
-    g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-    C, g_stride_k, g_stride_c, g_stride_h, g_stride_w,
-    k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-    NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C,
-                                                             P_MAJOR)
-    ph = ph_i.to(tl.float32)
-    pw = pw_i.to(tl.float32)
-    (gi_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
-     grid_h, grid_w) = roi_on_level(
-        rois_ptr, r, g0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,
-        g1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1, g2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,
-        g3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3, g4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-        k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-        NUM_LEVELS, ALIGNED)
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
-    # int64: the output gradient may be any strided view (its offsets can pass 2**31)
-    g_base = grad_ptr + r * g_stride_k
-    in_tile = mask_p & mask_c
-    if P_MAJOR:
-        g = tl.load(g_base + offs_c.to(tl.int64) * g_stride_c + ph_i.to(tl.int64) * g_stride_h
-                    + pw_i.to(tl.int64) * g_stride_w, mask=in_tile, other=0.0)
-    else:   # read along bins (the output's fast axis), then regrouped channels-fast
-        offs_p2, offs_c2, in_tile2 = bins_by_channels(C, PH, PW, BLOCK_P, BLOCK_C)
-        g2 = tl.load(g_base + offs_c2[None, :].to(tl.int64) * g_stride_c
-                     + ((offs_p2 // PW).to(tl.int64) * g_stride_h
-                        + (offs_p2 % PW).to(tl.int64) * g_stride_w)[:, None],
-                     mask=in_tile2, other=0.0)
-        g = tl.reshape(g2, (BLOCK_P * BLOCK_C,))
-    g = g.to(tl.float32) / count
-    base = (gi_ptr + b * stride_n) + offs_c * stride_c
     for iy in range(0, grid_h):
         row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
                                                             stride_h)
@@ -150,17 +128,33 @@ def _roi_align_bwd_kernel(
             col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
                                                                 W, stride_w)
             m = valid_y & valid_x & in_tile
-            # Atomics: RoIs overlap, so several programs add into the same pixels. Relaxed:
-            # nothing here reads what another program adds (the kernel's end orders them),
-            # so each add is a fence-free reduction (RED), not a fenced ATOM.
-            tl.atomic_add(base + (row_lo + col_lo), g * (wy_lo * wx_lo), mask=m,
-                          sem="relaxed")
-            tl.atomic_add(base + (row_lo + col_hi), g * (wy_lo * wx_hi), mask=m,
-                          sem="relaxed")
-            tl.atomic_add(base + (row_hi + col_lo), g * (wy_hi * wx_lo), mask=m,
-                          sem="relaxed")
-            tl.atomic_add(base + (row_hi + col_hi), g * (wy_hi * wx_hi), mask=m,
-                          sem="relaxed")
+            if BACKWARD:
+                # Atomics: RoIs overlap, so several programs add into the same pixels.
+                # Relaxed: nothing here reads what another program adds (the kernel's end
+                # orders them), so each add is a fence-free reduction (RED), not a fenced ATOM.
+                tl.atomic_add(base + (row_lo + col_lo), g * (wy_lo * wx_lo), mask=m,
+                              sem="relaxed")
+                tl.atomic_add(base + (row_lo + col_hi), g * (wy_lo * wx_hi), mask=m,
+                              sem="relaxed")
+                tl.atomic_add(base + (row_hi + col_lo), g * (wy_hi * wx_lo), mask=m,
+                              sem="relaxed")
+                tl.atomic_add(base + (row_hi + col_hi), g * (wy_hi * wx_hi), mask=m,
+                              sem="relaxed")
+            else:
+                v1 = tl.load(base + (row_lo + col_lo), mask=m, other=0.0)
+                v2 = tl.load(base + (row_lo + col_hi), mask=m, other=0.0)
+                v3 = tl.load(base + (row_hi + col_lo), mask=m, other=0.0)
+                v4 = tl.load(base + (row_hi + col_hi), mask=m, other=0.0)
+                acc += (wy_lo * wx_lo * v1.to(tl.float32) + wy_lo * wx_hi * v2.to(tl.float32)
+                        + wy_hi * wx_lo * v3.to(tl.float32)
+                        + wy_hi * wx_hi * v4.to(tl.float32))
+    if not BACKWARD:
+        # the launcher allocates the output contiguous
+        out_ptrs, out_mask = _pooled_tile(pooled_ptr, r, C, PH, PW, p_stride_k, p_stride_c,
+                                          p_stride_h, p_stride_w, offs_p, offs_c, ph_i, pw_i,
+                                          in_tile, BLOCK_P, BLOCK_C, P_MAJOR, False)
+        out = (acc / count).to(pooled_ptr.dtype.element_ty)
+        tl.store(out_ptrs, tl.reshape(out, out_ptrs.shape), mask=out_mask)
 
 
 @triton.jit
@@ -203,8 +197,7 @@ _TUNING = [
     {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
     {"BLOCK_P": 256, "BLOCK_C": 1, "num_warps": 4},   # fewer than 8 channels (masks: C = 1)
 ]
-register_tuning(_roi_align_fwd_kernel, _TUNING)
-register_tuning(_roi_align_bwd_kernel, _TUNING)
+register_tuning(_roi_align_kernel, _TUNING)
 
 
 
@@ -221,8 +214,7 @@ def _lanes(constexprs: dict) -> dict:
     return {"channels_last": {"load": channels, "atomic_rmw": channels}}
 
 
-register_lanes(_roi_align_fwd_kernel, _lanes)
-register_lanes(_roi_align_bwd_kernel, _lanes)
+register_lanes(_roi_align_kernel, _lanes)
 
 _TUNING_DETERMINISTIC = [
     {"BLOCK_C": 32, "num_warps": 1},
@@ -258,13 +250,7 @@ def pool_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid, pooled_
         return out
     for f, name in zip(features, _map_names(len(features))):
         check_image_extent(f.shape, f.stride(), name)
-    tuning = pick_tuning(_roi_align_fwd_kernel, _tuning_row(c, pooled_h * pooled_w))
-    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
-    for start, end in row_chunks(k):
-        launch(_roi_align_fwd_kernel, (*blocks, end - start), rois[start:end],
-               out[start:end], *level_args(features, pyramid.scales), c,
-               *pyramid.mapper_args(), int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
-               NUM_LEVELS=len(features), ALIGNED=bool(aligned), P_MAJOR=p_major(features))
+    _launch(out, rois, features, pyramid, sampling_ratio, aligned, backward=False)
     return out
 
 
@@ -278,14 +264,21 @@ def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], pyramid: Pyra
     rois = rois.to(torch.float32).contiguous()
     for g, name in zip(grads, _map_names(len(grads))):
         check_image_extent(g.shape, g.stride(), name)
-    tuning = pick_tuning(_roi_align_bwd_kernel, _tuning_row(c, pooled_h * pooled_w))
+    _launch(grad, rois, grads, pyramid, sampling_ratio, aligned, backward=True)
+
+
+def _launch(pooled: Tensor, rois: Tensor, maps: list[Tensor], pyramid: Pyramid,
+            sampling_ratio: int, aligned: bool, backward: bool) -> None:
+    """Launch the kernel over ``pooled`` (K, C, PH, PW), one launch per 65,535 RoIs."""
+    c, pooled_h, pooled_w = pooled.shape[1:]
+    tuning = pick_tuning(_roi_align_kernel, _tuning_row(c, pooled_h * pooled_w))
     blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
-    for start, end in row_chunks(k):
-        launch(_roi_align_bwd_kernel, (*blocks, end - start), grad[start:end],
-               rois[start:end], *level_args(grads, pyramid.scales), c, *grad.stride(),
-               *pyramid.mapper_args(), int(sampling_ratio), pooled_h, pooled_w,
-               tuning=tuning, NUM_LEVELS=len(grads), ALIGNED=bool(aligned),
-               P_MAJOR=p_major(grads))
+    for start, end in row_chunks(rois.shape[0]):
+        launch(_roi_align_kernel, (*blocks, end - start), pooled[start:end], rois[start:end],
+               *level_args(maps, pyramid.scales), c, *pooled.stride(),
+               *pyramid.mapper_args(), int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
+               NUM_LEVELS=len(maps), ALIGNED=bool(aligned), P_MAJOR=p_major(maps),
+               BACKWARD=backward)
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
