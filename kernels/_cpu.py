@@ -4,9 +4,10 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
 * torchvision's C++ kernels, which compute in float32/float64 (float16/bfloat16 inputs are
   upcast to float32 and the result rounded once, as our kernels and references do): RoI
   Align forward and backward (``pick_path(cpu=...)`` in its custom ops: their loops beat our
-  sparse matrix product at every benchmarked shape); MultiScaleRoIAlign as torchvision
-  computes it, its roi_align per level with its own autograd (no flat gradient buffer: that
-  buffer serves the GPU's single launch and costs a copy here); NMS below ``NMS_CROSSOVER``
+  sparse matrix product at every benchmarked shape), run on slices of the RoIs from a
+  thread pool (torchvision's runs on one thread); MultiScaleRoIAlign as torchvision
+  computes it, roi_align per level (no flat gradient buffer: that buffer serves the GPU's
+  single launch and costs a copy here); NMS below ``NMS_CROSSOVER``
   boxes in the longest class, where its O(N^2) loop is still cheap (above, our blocked path
   wins).
 * PyTorch's BCE with its own autograd for ``mask_loss`` / ``maskrcnn_loss`` (targets:
@@ -18,6 +19,9 @@ fused predictor loss and the one-pass paste have no faster CPU kernel with the s
 they stay on the reference.
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +36,43 @@ from ._utils import compute_dtype
 NMS_CROSSOVER = 4096
 
 
+# torchvision's CPU RoI Align runs on one thread. Ours runs the same kernel on up to
+# ROI_CHUNKS slices of the RoIs at once from a thread pool (its C++ releases the GIL): the
+# forward gives the same bits; the backward sums the slices' gradients in slice order.
+# The slicing depends on the number of RoIs only, never on the thread count, so results
+# are the same with any number of threads (bitwise, run to run).
+ROI_CHUNKS = 4
+ROIS_PER_CHUNK = 8   # fewer RoIs than this per slice: not worth a thread
+_pool: ThreadPoolExecutor | None = None
+
+
+def _in_pool(fn: Callable, items) -> list:
+    """``[fn(item) for item in items]``, from the thread pool where torch may use more than
+    one thread (torchvision's kernels release the GIL)."""
+    global _pool
+    items = list(items)
+    if min(len(items), torch.get_num_threads()) < 2:
+        return [fn(item) for item in items]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(ROI_CHUNKS, NMS_GROUPS),
+                                   thread_name_prefix="kernels-cpu")
+    return list(_pool.map(fn, items))
+
+
+def _roi_slices(fn: Callable[[slice], Tensor], k: int) -> list[Tensor]:
+    """``fn`` over the RoI slices, in order."""
+    count = max(1, min(ROI_CHUNKS, k // ROIS_PER_CHUNK))
+    bounds = [k * i // count for i in range(count + 1)]
+    return _in_pool(fn, [slice(a, b) for a, b in zip(bounds, bounds[1:])])
+
+
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     cdt = compute_dtype(input.dtype)
-    out = torch.ops.torchvision.roi_align(input.to(cdt), rois.to(cdt), spatial_scale,
-                                          pooled_h, pooled_w, sampling_ratio, aligned)
+    x, r = input.to(cdt), rois.to(cdt)
+    parts = _roi_slices(lambda s: torch.ops.torchvision.roi_align(
+        x, r[s], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned), r.shape[0])
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.to(input.dtype)
 
 
@@ -45,16 +81,22 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
-    out = torch.ops.torchvision._roi_align_backward(
-        grad.to(cdt).contiguous(), rois.to(cdt), spatial_scale, pooled_h, pooled_w, n, c, h,
-        w, sampling_ratio, aligned).to(grad.dtype)
+    g, r = grad.to(cdt).contiguous(), rois.to(cdt)
+    parts = _roi_slices(lambda s: torch.ops.torchvision._roi_align_backward(
+        g[s], r[s], spatial_scale, pooled_h, pooled_w, n, c, h, w, sampling_ratio, aligned),
+        r.shape[0])
+    out = parts[0]
+    for part in parts[1:]:
+        out += part
+    out = out.to(grad.dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                          pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
-    """torchvision's MultiScaleRoIAlign computation: levels, then its roi_align per level
-    (its autograd), half types upcast to float32 and the result rounded once."""
+    """torchvision's MultiScaleRoIAlign computation: levels, then roi_align per level (our
+    op, whose CPU path is torchvision's kernel on RoI slices, and its autograd), half
+    types upcast to float32 and the result rounded once."""
     dtype = features[0].dtype
     cdt = compute_dtype(dtype)
     levels = pyramid.levels(rois, cdt)
@@ -62,7 +104,7 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                                 dtype=cdt)
     for lvl, (feature, scale) in enumerate(zip(features, pyramid.scales)):
         idx = torch.where(levels == lvl)[0]
-        out = out.index_put((idx,), torch.ops.torchvision.roi_align(
+        out = out.index_put((idx,), torch.ops.maskrcnn_triton.roi_align(
             feature.to(cdt), rois[idx].to(cdt), scale, pooled_h, pooled_w, sampling_ratio,
             False))
     return out.to(dtype)
@@ -83,9 +125,50 @@ def nms_wins(boxes: Tensor, scores: Tensor, longest: int) -> bool:
 def nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
     """torchvision's nms (``idxs`` None) or batched_nms, on the compute dtype."""
     cdt = compute_dtype(boxes.dtype)
+    boxes, scores = boxes.to(cdt), scores.to(cdt)
     if idxs is None:
-        return torch.ops.torchvision.nms(boxes.to(cdt), scores.to(cdt), iou_threshold)
-    return _BATCHED_NMS(boxes.to(cdt), scores.to(cdt), idxs, iou_threshold)
+        return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+    return _batched_nms(boxes, scores, idxs, iou_threshold)
+
+
+# torchvision's CPU batched_nms runs, past 4,000 coordinates (1,000 boxes), one nms per
+# class, one class after another on one thread. Ours runs the same calls on the same inputs
+# from the thread pool, the classes split into up to NMS_GROUPS groups of about equal box
+# counts, then torchvision's own final sort: the same result. (Below 1,000 boxes it runs
+# one nms over every box with the classes offset apart: ours calls it as it is.)
+NMS_GROUPS = 4
+
+
+def _class_groups(counts: list[int], groups: int) -> list[list[int]]:
+    """Whole classes per group, the largest first, each onto the group with the fewest
+    boxes so far."""
+    load, members = [0] * groups, [[] for _ in range(groups)]
+    for c, count in sorted(enumerate(counts), key=lambda cc: -cc[1]):
+        g = load.index(min(load))
+        members[g].append(c)
+        load[g] += count
+    return members
+
+
+def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    if boxes.numel() <= 4000:
+        return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
+    _, box_class, counts = torch.unique(idxs, return_inverse=True, return_counts=True)
+    counts = counts.tolist()
+    if len(counts) < 2:
+        return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
+    # each class's boxes in increasing index, as torchvision's where(idxs == class) gives
+    by_class = torch.sort(box_class, stable=True)[1].split(counts)
+
+    def kept(classes: list[int]) -> list[Tensor]:
+        return [by_class[c][torch.ops.torchvision.nms(boxes[by_class[c]], scores[by_class[c]],
+                                                      iou_threshold)] for c in classes]
+    keep = torch.zeros(boxes.shape[0], dtype=torch.bool)
+    for parts in _in_pool(kept, _class_groups(counts, min(len(counts), NMS_GROUPS))):
+        for part in parts:
+            keep[part] = True
+    keep_indices = torch.where(keep)[0]
+    return keep_indices[scores[keep_indices].sort(descending=True)[1]]
 
 
 def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:

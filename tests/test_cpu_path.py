@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch.testing import assert_close
 
 import kernels
@@ -54,6 +55,47 @@ def test_roi_align_runs_torchvision_with_the_references_result(dtype, channels_l
     assert_close(grad, ref_grad, **tol(dtype))
 
 
+@pytest.fixture
+def two_threads():
+    """torch may use two threads (the suite's processes run with one), as the CPU paths'
+    thread pool then does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_threads):
+    """Many RoIs run as ROI_CHUNKS slices from the thread pool: torchvision's forward bit for
+    bit, its gradient up to summation order, and the same bits with any thread count."""
+    x = torch.randn(2, 6, 21, 17)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    k = _cpu.ROI_CHUNKS * _cpu.ROIS_PER_CHUNK + 3
+    xy = torch.rand(k, 2) * 12
+    rois = torch.cat([torch.randint(0, 2, (k, 1)).float(), xy, xy + 2 + torch.rand(k, 2) * 9],
+                     1)
+    slices = []
+    real = _cpu._in_pool
+    monkeypatch.setattr(_cpu, "_in_pool",
+                        lambda fn, items: (slices.append(len(list(items))), real(fn, items))[1])
+    runs = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        xg = x.clone().requires_grad_()
+        out = kernels.roi_align(xg, rois, (3, 4), 0.8, 2, True)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        runs.append((out, xg.grad))
+    assert slices == [_cpu.ROI_CHUNKS] * 4
+    xg = x.clone().requires_grad_()
+    expected = torchvision.ops.roi_align(xg, rois, (3, 4), 0.8, 2, True)
+    expected.backward(torch.linspace(-1, 1, expected.numel()).reshape(expected.shape))
+    assert torch.equal(runs[0][0], expected) and torch.equal(runs[1][0], expected)
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert_close(runs[0][1], xg.grad, **tol(torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_roi_align_half_types_run_torchvision_on_float32(dtype):
     """Upcast, torchvision's float32 kernel, one rounding: what the references compute."""
@@ -87,8 +129,10 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
     pooler = kernels.MultiScaleRoIAlign(["0", "1"], 3, 2)
     out = pooler(x, boxes, [(128, 128)] * 2)
     out.sum().backward()
-    # torchvision's kernels per level with their own autograd: no flat gradient buffer
-    assert last_path == {"multiscale_roi_align_forward": "torchvision"}
+    # roi_align per level (torchvision's kernels) and its autograd: no multi-level
+    # backward op, no flat gradient buffer
+    assert last_path == {"multiscale_roi_align_forward": "torchvision",
+                         "roi_align_forward": "torchvision", "roi_align_backward": "torchvision"}
     grads = [v.grad.clone() for v in x.values()]
     for v in x.values():
         v.grad = None
@@ -124,6 +168,31 @@ def test_nms_path_follows_the_longest_class(n, classes, path):
     mask = kernels.batched_nms_mask(boxes, scores, idxs, 0.4)
     assert last_path["nms_forward"] == path
     assert torch.equal(torch.where(mask)[0], expected.sort().values)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_nms_runs_torchvisions_per_class_calls_in_threads(seed, monkeypatch, two_threads):
+    """Past 4,000 coordinates torchvision's batched_nms runs one nms per class; ours runs
+    the same calls from the thread pool: the same result, ties included (scores rounded to
+    a few values, boxes to whole pixels, classes from 2 to 90)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1001 + 400 * seed
+    boxes, scores, idxs = _boxes(n, [2, 3, 7, 20, 90, 5][seed], seed)
+    if seed % 2:
+        boxes, scores = boxes.round(), (scores * 4).round() / 4
+    else:
+        scores = scores.to(torch.bfloat16).float()
+    idxs = idxs[torch.randperm(n, generator=g)]
+    groups = []
+    real = _cpu._in_pool
+    monkeypatch.setattr(_cpu, "_in_pool",
+                        lambda fn, items: (groups.append(list(items)), real(fn, items))[1])
+    kept = kernels.batched_nms(boxes, scores, idxs, [0.3, 0.5, 0.7][seed % 3])
+    assert last_path["nms_forward"] == "torchvision"
+    assert len(groups) == 1 and sorted(c for grp in groups[0] for c in grp) == list(
+        range(int(idxs.unique().numel())))
+    expected = torchvision.ops.batched_nms(boxes, scores, idxs, [0.3, 0.5, 0.7][seed % 3])
+    assert torch.equal(kept, expected)
 
 
 def _mask_case(dtype):
