@@ -36,11 +36,11 @@ from ._utils import compute_dtype
 NMS_CROSSOVER = 4096
 
 
-# torchvision's CPU RoI Align runs on one thread. Ours runs the same kernel on up to
-# ROI_CHUNKS slices of the RoIs at once from a thread pool (its C++ releases the GIL): the
-# forward gives the same bits; the backward sums the slices' gradients in slice order.
-# The slicing depends on the number of RoIs only, never on the thread count, so results
-# are the same with any number of threads (bitwise, run to run).
+# torchvision's CPU RoI Align runs on one thread. Ours runs the same kernel from a thread
+# pool (its C++ releases the GIL) on up to ROI_CHUNKS parts of the work at once: the
+# forward on slices of the RoIs, the backward on groups of images. Either way each part
+# is torchvision's own computation, so the result is torchvision's, bit for bit, with any
+# number of threads.
 ROI_CHUNKS = 4
 ROIS_PER_CHUNK = 8   # fewer RoIs than this per slice: not worth a thread
 _pool: ThreadPoolExecutor | None = None
@@ -79,16 +79,29 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
 def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                        pooled_w: int, sampling_ratio: int, aligned: bool,
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
+    """torchvision's backward per group of images: a RoI adds only into its own image, so
+    each group's gradient is torchvision's own sums, in its order (the same bits), and the
+    groups' gradients never overlap (no buffer per slice of the map's size to add up)."""
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
     g, r = grad.to(cdt).contiguous(), rois.to(cdt)
-    parts = _roi_slices(lambda s: torch.ops.torchvision._roi_align_backward(
-        g[s], r[s], spatial_scale, pooled_h, pooled_w, n, c, h, w, sampling_ratio, aligned),
-        r.shape[0])
-    out = parts[0]
-    for part in parts[1:]:
-        out += part
-    out = out.to(grad.dtype)
+    count = max(1, min(ROI_CHUNKS, n, r.shape[0] // ROIS_PER_CHUNK))
+    bounds = [n * i // count for i in range(count + 1)]
+    batch = r[:, 0]
+
+    def images(lo_hi: tuple[int, int]) -> Tensor:
+        lo, hi = lo_hi
+        if count == 1:
+            sel, r_sel = slice(None), r
+        else:
+            sel = torch.where((batch >= lo) & (batch < hi))[0]
+            r_sel = r[sel]
+            r_sel[:, 0] -= lo
+        return torch.ops.torchvision._roi_align_backward(
+            g[sel], r_sel, spatial_scale, pooled_h, pooled_w, hi - lo, c, h, w,
+            sampling_ratio, aligned)
+    parts = _in_pool(images, list(zip(bounds, bounds[1:])))
+    out = (parts[0] if count == 1 else torch.cat(parts)).to(grad.dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -104,9 +117,9 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                                 dtype=cdt)
     for lvl, (feature, scale) in enumerate(zip(features, pyramid.scales)):
         idx = torch.where(levels == lvl)[0]
-        out = out.index_put((idx,), torch.ops.maskrcnn_triton.roi_align(
+        out[idx] = torch.ops.maskrcnn_triton.roi_align(      # in place, as torchvision
             feature.to(cdt), rois[idx].to(cdt), scale, pooled_h, pooled_w, sampling_ratio,
-            False))
+            False)
     return out.to(dtype)
 
 
