@@ -20,6 +20,7 @@ they stay on the reference.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -44,19 +45,30 @@ NMS_CROSSOVER = 4096
 ROI_CHUNKS = 4
 ROIS_PER_CHUNK = 8   # fewer RoIs than this per slice: not worth a thread
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def _in_pool(fn: Callable, items) -> list:
     """``[fn(item) for item in items]``, from the thread pool where torch may use more than
-    one thread (torchvision's kernels release the GIL)."""
-    global _pool
+    one thread (torchvision's kernels release the GIL).
+
+    Callers run below autograd (custom-op bodies, NMS); the pool's threads do not inherit
+    that thread-local state, so ``fn`` runs there without grad (else torchvision's kernels
+    would record a graph nobody uses). A forked child inherits the pool object but not its
+    threads: it gets a pool of its own."""
+    global _pool, _pool_pid
     items = list(items)
     if min(len(items), torch.get_num_threads()) < 2:
         return [fn(item) for item in items]
-    if _pool is None:
+    if _pool is None or _pool_pid != os.getpid():
         _pool = ThreadPoolExecutor(max_workers=max(ROI_CHUNKS, NMS_GROUPS),
                                    thread_name_prefix="kernels-cpu")
-    return list(_pool.map(fn, items))
+        _pool_pid = os.getpid()
+
+    def no_grad(item):
+        with torch.no_grad():
+            return fn(item)
+    return list(_pool.map(no_grad, items))
 
 
 def _roi_slices(fn: Callable[[slice], Tensor], k: int) -> list[Tensor]:

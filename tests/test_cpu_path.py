@@ -77,10 +77,15 @@ def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_thre
     xy = torch.rand(k, 2) * 12
     rois = torch.cat([torch.randint(0, 3, (k, 1)).float(), xy, xy + 2 + torch.rand(k, 2) * 9],
                      1)
-    slices = []
+    slices, parts = [], []
     real = _cpu._in_pool
-    monkeypatch.setattr(_cpu, "_in_pool",
-                        lambda fn, items: (slices.append(len(list(items))), real(fn, items))[1])
+
+    def spy(fn, items):
+        out = real(fn, items)
+        slices.append(len(out))
+        parts.extend(out)
+        return out
+    monkeypatch.setattr(_cpu, "_in_pool", spy)
     runs = []
     for threads in (2, 1):
         torch.set_num_threads(threads)
@@ -89,11 +94,25 @@ def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_thre
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         runs.append((out, xg.grad))
     assert slices == [_cpu.ROI_CHUNKS, 3] * 2
+    assert not any(p.requires_grad for p in parts)   # no graph recorded in the pool's threads
     xg = x.clone().requires_grad_()
     expected = torchvision.ops.roi_align(xg, rois, (3, 4), 0.8, 2, True)
     expected.backward(torch.linspace(-1, 1, expected.numel()).reshape(expected.shape))
     assert torch.equal(runs[0][0], expected) and torch.equal(runs[1][0], expected)
     assert torch.equal(runs[0][1], xg.grad) and torch.equal(runs[1][1], xg.grad)
+
+
+def test_a_forked_child_gets_a_pool_of_its_own(monkeypatch, two_threads):
+    """The pool's threads do not survive a fork: a process whose pid differs from the
+    pool's creator's makes a new one instead of queueing work no thread will run."""
+    assert _cpu._in_pool(lambda i: i * 2, range(3)) == [0, 2, 4]
+    parent = _cpu._pool
+    monkeypatch.setattr(_cpu, "_pool", parent)          # both restored after the test
+    monkeypatch.setattr(_cpu, "_pool_pid", _cpu._pool_pid)
+    monkeypatch.setattr(_cpu.os, "getpid", lambda: -1)
+    assert _cpu._in_pool(lambda i: i + 1, range(3)) == [1, 2, 3]
+    assert _cpu._pool is not parent and _cpu._pool_pid == -1
+    _cpu._pool.shutdown()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
