@@ -189,9 +189,10 @@ def _roi_align_bwd_deterministic_kernel(
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
 # Two tile elements per thread: on sm_90 the forward then needs 40 registers (75%
-# occupancy; channels_last stores through 1 KiB of shared memory, regrouped along bins) and
-# the atomic backward 40-42 (62-75%) on Triton 3.8, 32-40 on 3.6; four per thread needs
-# 64-101 registers and larger tiles spill (see `python -m benchmarks.static`).
+# occupancy; channels_last stores through 1-2 KiB of shared memory, regrouped along bins)
+# on Triton 3.6 and 3.8; the atomic backward 32-42 (62-100%) on 3.8, 32-57 on 3.6 (its
+# channels_last variants: 50-56%); four per thread needs 64-101 registers and larger tiles
+# spill (see `python -m benchmarks.static`).
 _TUNING = [
     {"BLOCK_P": 16, "BLOCK_C": 32, "num_warps": 8},
     {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
