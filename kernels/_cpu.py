@@ -4,12 +4,13 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
 * torchvision's C++ kernels, which compute in float32/float64 (float16/bfloat16 inputs are
   upcast to float32 and the result rounded once, as our kernels and references do): RoI
   Align forward and backward (``pick_path(cpu=...)`` in its custom ops: their loops beat our
-  sparse matrix product at every benchmarked shape), run on slices of the RoIs from a
-  thread pool (torchvision's runs on one thread); MultiScaleRoIAlign as torchvision
+  sparse matrix product at every benchmarked shape), run from a thread pool (torchvision's
+  runs on one thread): the forward on slices of the RoIs, the backward on groups of
+  images; MultiScaleRoIAlign as torchvision
   computes it, roi_align per level (no flat gradient buffer: that buffer serves the GPU's
   single launch and costs a copy here); NMS below ``NMS_CROSSOVER``
   boxes in the longest class, where its O(N^2) loop is still cheap (above, our blocked path
-  wins).
+  wins); batched_nms's per-class calls from the same pool.
 * PyTorch's BCE with its own autograd for ``mask_loss`` / ``maskrcnn_loss`` (targets:
   torchvision's roi_align of the gt masks): no gradient-in-forward, which saves the GPU a
   pass but wastes one here when only the forward runs.
@@ -120,8 +121,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                          pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
     """torchvision's MultiScaleRoIAlign computation: levels, then roi_align per level (our
-    op, whose CPU path is torchvision's kernel on RoI slices, and its autograd), half
-    types upcast to float32 and the result rounded once."""
+    op, whose CPU path is torchvision's kernel from the thread pool, and its autograd),
+    half types upcast to float32 and the result rounded once."""
     dtype = features[0].dtype
     cdt = compute_dtype(dtype)
     levels = pyramid.levels(rois, cdt)
@@ -162,6 +163,7 @@ def nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float
 # counts, then torchvision's own final sort: the same result. (Below 1,000 boxes it runs
 # one nms over every box with the classes offset apart: ours calls it as it is.)
 NMS_GROUPS = 4
+_PER_CLASS_NUMEL = 4000   # torchvision's CPU switch to one nms per class (boxes.numel() >)
 
 
 def _class_groups(counts: list[int], groups: int) -> list[list[int]]:
@@ -176,7 +178,7 @@ def _class_groups(counts: list[int], groups: int) -> list[list[int]]:
 
 
 def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    if boxes.numel() <= 4000:
+    if boxes.numel() <= _PER_CLASS_NUMEL:
         return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
     _, box_class, counts = torch.unique(idxs, return_inverse=True, return_counts=True)
     counts = counts.tolist()
