@@ -208,9 +208,10 @@ def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
 
 def maskrcnn_loss(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
                   rows: list[int]) -> Tensor:
-    """torchvision's targets (its roi_align of the gt masks), then :func:`mask_loss`."""
+    """torchvision's targets (its roi_align of the gt masks, from the thread pool as
+    :func:`roi_align_forward` runs it: the same bits), then :func:`mask_loss`."""
     size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
-    targets = [torch.ops.torchvision.roi_align(masks[:, None].to(cdt), rois[i].to(cdt), 1.0,
-                                               size, size, -1, False)[:, 0]
+    targets = [roi_align_forward(masks[:, None].to(cdt), rois[i].to(cdt), 1.0, size, size, -1,
+                                 False)[:, 0]
                for i, masks in image_rows(gt_masks, rows)]
     return mask_loss(logits, torch.cat(targets), labels)
