@@ -31,7 +31,7 @@ import torchvision
 from torch import Tensor
 
 from ._sampling import Pyramid, image_rows
-from ._utils import compute_dtype
+from ._utils import compute_dtype, is_tracing, needs_grad
 
 # Boxes in the longest class at which our path overtakes torchvision's nms on the CPU
 # (2-core x86: 4k boxes in one class ours 1.0x, 8k 1.3x; 5k in 80 classes theirs 2-3x).
@@ -120,19 +120,35 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                          pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
-    """torchvision's MultiScaleRoIAlign computation: levels, then roi_align per level (our
-    op, whose CPU path is torchvision's kernel from the thread pool, and its autograd),
-    half types upcast to float32 and the result rounded once."""
+    """torchvision's MultiScaleRoIAlign computation: levels, then roi_align per level, half
+    types upcast to float32 and the result rounded once. With a gradient to track, per
+    level through our op (whose CPU path is torchvision's kernel from the thread pool) and
+    its autograd (and while tracing); without (eager inference), every level's RoI slices
+    in one pass over the pool, so small levels run beside the others instead of one after
+    another."""
     dtype = features[0].dtype
     cdt = compute_dtype(dtype)
     levels = pyramid.levels(rois, cdt)
     out = features[0].new_zeros(rois.shape[0], features[0].shape[1], pooled_h, pooled_w,
                                 dtype=cdt)
-    for lvl, (feature, scale) in enumerate(zip(features, pyramid.scales)):
-        idx = torch.where(levels == lvl)[0]
-        out[idx] = torch.ops.maskrcnn_triton.roi_align(      # in place, as torchvision
-            feature.to(cdt), rois[idx].to(cdt), scale, pooled_h, pooled_w, sampling_ratio,
-            False)
+    maps = [f.to(cdt) for f in features]
+    per_level = [torch.where(levels == lvl)[0] for lvl in range(len(maps))]
+    if needs_grad(*features) or is_tracing():   # (torch.compile traces the op, not a pool)
+        for lvl, idx in enumerate(per_level):
+            out[idx] = torch.ops.maskrcnn_triton.roi_align(      # in place, as torchvision
+                maps[lvl], rois[idx].to(cdt), pyramid.scales[lvl], pooled_h, pooled_w,
+                sampling_ratio, False)
+        return out.to(dtype)
+    r = rois.to(cdt)
+    tasks = []                      # (level, RoI indices): slices as roi_align_forward's
+    for lvl, idx in enumerate(per_level):
+        count = max(1, min(ROI_CHUNKS, idx.numel() // ROIS_PER_CHUNK))
+        tasks += [(lvl, part) for part in idx.tensor_split(count) if part.numel()]
+    parts = _in_pool(lambda t: torch.ops.torchvision.roi_align(
+        maps[t[0]], r[t[1]], pyramid.scales[t[0]], pooled_h, pooled_w, sampling_ratio, False),
+        tasks)
+    for (_, idx), part in zip(tasks, parts):
+        out[idx] = part
     return out.to(dtype)
 
 

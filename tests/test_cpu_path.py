@@ -163,6 +163,33 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
         assert_close(g, v.grad, **tol(torch.float32))
 
 
+def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(monkeypatch,
+                                                                         two_threads):
+    """Inference: every level's RoI slices go to the pool in one pass; each is
+    torchvision's roi_align, so the result is torchvision's MultiScaleRoIAlign's, bit for
+    bit."""
+    g = torch.Generator().manual_seed(0)
+    x = {str(i): torch.randn(2, 8, 64 >> i, 48 >> i, generator=g) for i in range(4)}
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(40, 2, generator=g) * 300
+        boxes.append(torch.cat([xy, xy + 4 + torch.rand(40, 2, generator=g) * 250], 1))
+    shapes = [(512, 384)] * 2
+    calls = []
+    real = _cpu._in_pool
+    monkeypatch.setattr(_cpu, "_in_pool",
+                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
+    with torch.no_grad():
+        out = kernels.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
+    assert len(calls) == 1 and calls[0] > 4      # several levels' slices, one pass
+    expected = torchvision.ops.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
+    assert torch.equal(out, expected)
+    # torch.compile traces the per-level op instead of the pool: one graph, same result
+    pooler = torch.compile(kernels.MultiScaleRoIAlign(list(x), (5, 4), 2), fullgraph=True)
+    with torch.no_grad():
+        assert_close(pooler(x, boxes, shapes), expected)
+
+
 def _boxes(n, classes, seed=0):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * 400
