@@ -365,7 +365,7 @@ _NOT_FINITE = "boxes must have finite coordinates and scores must not be NaN"
 def _nms_call(op, boxes: Tensor, scores: Tensor, idxs: Tensor | None,
               threshold: float) -> Tensor:
     """The op after the wrappers' one sync; in eager CPU code its body, without the
-    dispatcher's cost (a tenth of a millisecond: as much as nms of 1,000 boxes takes)."""
+    custom-op dispatcher's cost (about 70 us a call here, 5% of nms at 1,000 boxes)."""
     longest, segments = _pre_launch_sync(boxes, scores, idxs)
     if cpu_path(boxes) and not is_tracing():
         return _kept(boxes, scores, idxs, threshold, longest, segments)
