@@ -72,19 +72,24 @@ def _in_pool(fn: Callable, items) -> list:
     return list(_pool.map(no_grad, items))
 
 
-def _roi_slices(fn: Callable[[slice], Tensor], k: int) -> list[Tensor]:
-    """``fn`` over the RoI slices, in order."""
-    count = max(1, min(ROI_CHUNKS, k // ROIS_PER_CHUNK))
-    bounds = [k * i // count for i in range(count + 1)]
-    return _in_pool(fn, [slice(a, b) for a, b in zip(bounds, bounds[1:])])
+def _part_count(rois: int, most: int = ROI_CHUNKS) -> int:
+    """How many parts ``rois`` RoIs' work goes into: up to ``most`` (and ROI_CHUNKS), each
+    of at least ROIS_PER_CHUNK RoIs; at least one."""
+    return max(1, min(ROI_CHUNKS, most, rois // ROIS_PER_CHUNK))
+
+
+def _ranges(total: int, count: int) -> list[tuple[int, int]]:
+    """``count`` [lo, hi) ranges splitting ``total`` rows evenly, in order."""
+    return [(total * i // count, total * (i + 1) // count) for i in range(count)]
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     cdt = compute_dtype(input.dtype)
     x, r = input.to(cdt), rois.to(cdt)
-    parts = _roi_slices(lambda s: torch.ops.torchvision.roi_align(
-        x, r[s], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned), r.shape[0])
+    parts = _in_pool(lambda lo_hi: torch.ops.torchvision.roi_align(
+        x, r[lo_hi[0]:lo_hi[1]], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned),
+        _ranges(r.shape[0], _part_count(r.shape[0])))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.to(input.dtype)
 
@@ -98,8 +103,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
     g, r = grad.to(cdt).contiguous(), rois.to(cdt)
-    count = max(1, min(ROI_CHUNKS, n, r.shape[0] // ROIS_PER_CHUNK))
-    bounds = [n * i // count for i in range(count + 1)]
+    count = _part_count(r.shape[0], most=n)
     batch = r[:, 0]
 
     def images(lo_hi: tuple[int, int]) -> Tensor:
@@ -113,7 +117,7 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
         return torch.ops.torchvision._roi_align_backward(
             g[sel], r_sel, spatial_scale, pooled_h, pooled_w, hi - lo, c, h, w,
             sampling_ratio, aligned)
-    parts = _in_pool(images, list(zip(bounds, bounds[1:])))
+    parts = _in_pool(images, _ranges(n, count))
     out = (parts[0] if count == 1 else torch.cat(parts)).to(grad.dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -142,8 +146,8 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
     r = rois.to(cdt)
     tasks = []                      # (level, RoI indices): slices as roi_align_forward's
     for lvl, idx in enumerate(per_level):
-        count = max(1, min(ROI_CHUNKS, idx.numel() // ROIS_PER_CHUNK))
-        tasks += [(lvl, part) for part in idx.tensor_split(count) if part.numel()]
+        tasks += [(lvl, idx[lo:hi]) for lo, hi in _ranges(idx.numel(), _part_count(idx.numel()))
+                  if hi > lo]
     parts = _in_pool(lambda t: torch.ops.torchvision.roi_align(
         maps[t[0]], r[t[1]], pyramid.scales[t[0]], pooled_h, pooled_w, sampling_ratio, False),
         tasks)

@@ -342,16 +342,14 @@ def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tupl
     known = None                    # (longest, classes) without counting
     if idxs is None or (cpu_path(boxes) and n < _cpu.NMS_CROSSOVER):
         known = (n, 1 if idxs is None else -1)
+    else:
+        counts = torch.unique(idxs, return_counts=True)[1]
     if cpu_path(boxes):             # no sync to save: fewer, plain reads
         if not bool(torch.isfinite(boxes).all()) or bool(torch.isnan(scores).any()):
             raise ValueError(_NOT_FINITE)
-        if known:
-            return known
-        counts = torch.unique(idxs, return_counts=True)[1]
-        return int(counts.max()), counts.numel()
+        return known or (int(counts.max()), counts.numel())
     stats = [~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())]
     if not known:
-        counts = torch.unique(idxs, return_counts=True)[1]
         stats += [counts.max(), torch.tensor(counts.numel(), device=boxes.device)]
     bad, *read = torch.stack([v.long() for v in stats]).tolist()
     if bad:
