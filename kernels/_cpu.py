@@ -8,9 +8,10 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
   runs on one thread): the forward on slices of the RoIs, the backward on groups of
   images; MultiScaleRoIAlign as torchvision
   computes it, roi_align per level (no flat gradient buffer: that buffer serves the GPU's
-  single launch and costs a copy here); NMS below ``NMS_CROSSOVER``
-  boxes in the longest class, where its O(N^2) loop is still cheap (above, our blocked path
-  wins); batched_nms's per-class calls from the same pool.
+  single launch and costs a copy here); NMS on chunks of its score order, each cleared
+  first of what the boxes already kept suppress (its result: ``_chunked_nms``), and
+  batched_nms's calls (offset boxes or per class, as torchvision makes them) from the
+  same pool.
 * PyTorch's BCE with its own autograd for ``mask_loss`` / ``maskrcnn_loss`` (targets:
   torchvision's roi_align of the gt masks): no gradient-in-forward, which saves the GPU a
   pass but wastes one here when only the forward runs.
@@ -21,21 +22,18 @@ they stay on the reference.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor
 
+from ._boxes import coordinate_rows, float32_threshold, iou_over
 from ._sampling import Pyramid, image_rows
 from ._utils import compute_dtype, is_tracing, needs_grad
-
-# Boxes in the longest class at which our path overtakes torchvision's nms on the CPU
-# (2-core x86: 4k boxes in one class ours 1.0x, 8k 1.3x; 5k in 80 classes theirs 2-3x).
-NMS_CROSSOVER = 4096
 
 
 # torchvision's CPU RoI Align runs on one thread. Ours runs the same kernel from a thread
@@ -156,32 +154,61 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
     return out.to(dtype)
 
 
-# torchvision's own batched_nms, held before patch_torchvision() could replace it by ours
-_BATCHED_NMS = torchvision.ops.boxes.batched_nms
+def nms_wins(boxes: Tensor, scores: Tensor) -> bool:
+    """torchvision's nms computes our result for this call: IoU in float32 (float64 for
+    float64 boxes), the scores held exactly in that dtype."""
+    return compute_dtype(boxes.dtype) == torch.float64 or scores.dtype != torch.float64
 
 
-def nms_wins(boxes: Tensor, scores: Tensor, longest: int) -> bool:
-    """torchvision's nms is the faster CPU path for this call (``longest``: the longest
-    class, or an upper bound; -1 when unknown) and computes our result: IoU in float32
-    (float64 for float64 boxes), the scores held exactly in that dtype."""
-    exact = compute_dtype(boxes.dtype) == torch.float64 or scores.dtype != torch.float64
-    return 0 <= longest < NMS_CROSSOVER and exact
+# torchvision's CPU nms visits, for every box it keeps, every later box not yet suppressed:
+# O(N x kept) scalar IoUs on one thread. Ours calls the same kernel on chunks of NMS_CHUNK
+# boxes in its score order (its stable sort), each chunk first cleared of the boxes that a
+# box kept from an earlier chunk overlaps by more than the threshold (one vectorized IoU
+# matrix, torchvision's arithmetic: iou_over). A box is kept iff no box kept before it
+# overlaps it that much, whichever call looks: torchvision's result, ties included, with
+# its long scans turned into matrices (2-core x86: 1k boxes about 2x, 5k 1.5-2x, 20k 3x).
+NMS_CHUNK = 256
+
+
+def _chunked_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """``torchvision.ops.nms(boxes, scores, iou_threshold)``, chunk by chunk."""
+    n = boxes.shape[0]
+    if n <= 2 * NMS_CHUNK:          # (a second, short chunk would not pay for its matrix)
+        return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+    order = torch.sort(scores, stable=True, descending=True)[1]     # torchvision's order
+    rows = coordinate_rows(boxes)
+    threshold = (iou_threshold if boxes.dtype == torch.float64
+                 else float32_threshold(iou_threshold, boxes.device))
+    kept, kept_rows = [], rows[:, :0]
+    for lo in range(0, n, NMS_CHUNK):
+        chunk = order[lo:lo + NMS_CHUNK]
+        if kept:
+            r = rows.index_select(1, chunk)
+            chunk = chunk[~iou_over(kept_rows, kept_rows[4], r, r[4], threshold).amax(0)]
+        if chunk.numel():           # (a subset in score order: its stable sort keeps it)
+            kept.append(chunk[torch.ops.torchvision.nms(boxes[chunk], scores[chunk],
+                                                         iou_threshold)])
+            kept_rows = torch.cat([kept_rows, rows.index_select(1, kept[-1])], 1)
+    return torch.cat(kept)
 
 
 def nms(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float) -> Tensor:
-    """torchvision's nms (``idxs`` None) or batched_nms, on the compute dtype."""
+    """torchvision's nms (``idxs`` None) or batched_nms result, on the compute dtype."""
     cdt = compute_dtype(boxes.dtype)
     boxes, scores = boxes.to(cdt), scores.to(cdt)
     if idxs is None:
-        return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
+        return _chunked_nms(boxes, scores, iou_threshold)
     return _batched_nms(boxes, scores, idxs, iou_threshold)
 
 
-# torchvision's CPU batched_nms runs, past 4,000 coordinates (1,000 boxes), one nms per
-# class, one class after another on one thread. Ours runs the same calls on the same inputs
-# from the thread pool, the classes split into up to NMS_GROUPS groups of about equal box
-# counts, then torchvision's own final sort: the same result. (Below 1,000 boxes it runs
-# one nms over every box with the classes offset apart: ours calls it as it is.)
+# torchvision's CPU batched_nms runs, up to 4,000 coordinates (1,000 boxes), one nms over
+# every box with the classes offset apart ("coordinate trick"), and past that one nms per
+# class, one class after another. Ours makes the same calls, each chunked as above: on the
+# offset boxes, one call per run of whole classes (which cuts the O(N x kept) work by the
+# run count) where `_offsets_apart` says the offset classes never overlap (else one call
+# over them all); per class, from the thread pool, the classes split into up to
+# NMS_GROUPS groups of about equal box counts. The parts merge in torchvision's order:
+# the same result.
 NMS_GROUPS = 4
 _PER_CLASS_NUMEL = 4000   # torchvision's CPU switch to one nms per class (boxes.numel() >)
 
@@ -197,25 +224,50 @@ def _class_groups(counts: list[int], groups: int) -> list[list[int]]:
     return members
 
 
+def _offsets_apart(boxes: Tensor, idxs: Tensor, iou_threshold: float) -> bool:
+    """torchvision's offset boxes (``boxes`` before the offsets) of different classes never
+    suppress each other: the coordinates are at least 0, so a class's boxes lie in
+    [offset, offset + top], the offsets (class times ``top + 1``, rounded) stay at least
+    ``top`` apart (2 max|class| (top + 1) times the unit roundoff is at most 1), and an
+    IoU of 0 is not over the threshold."""
+    low, top = torch.aminmax(boxes)
+    classes = float(idxs.to(boxes).abs().max())
+    return (iou_threshold >= 0 and float(low) >= 0
+            and 2 * classes * (float(top) + 1) * torch.finfo(boxes.dtype).eps / 2 <= 1)
+
+
 def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    if boxes.numel() <= _PER_CLASS_NUMEL:
-        return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
     _, box_class, counts = torch.unique(idxs, return_inverse=True, return_counts=True)
     counts = counts.tolist()
-    if len(counts) < 2:
-        return _BATCHED_NMS(boxes, scores, idxs, iou_threshold)
-    # each class's boxes in increasing index, as torchvision's where(idxs == class) gives
-    by_class = torch.sort(box_class, stable=True)[1].split(counts)
+    offset = boxes.numel() <= _PER_CLASS_NUMEL
+    if offset:                      # torchvision's coordinate trick, operation for operation
+        apart = len(counts) > 1 and _offsets_apart(boxes, idxs, iou_threshold)
+        boxes = boxes + (idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes)))[:, None]
+        if not apart:
+            return _chunked_nms(boxes, scores, iou_threshold)
+    if offset:
+        # one call per run of whole classes (in the order of their values) from about
+        # NMS_CHUNK boxes on, on one thread: each at most about a tenth of a millisecond,
+        # less than the pool's hand-over; members in increasing index
+        starts = itertools.accumulate(counts[:-1], initial=0)
+        run = torch.tensor([start // NMS_CHUNK for start in starts])[box_class]
+        members = torch.sort(run, stable=True)[1].split(torch.bincount(run).tolist())
+        parts = [m[_chunked_nms(boxes[m], scores[m], iou_threshold)] for m in members if m.numel()]
+    else:
+        # each class's boxes in increasing index, as torchvision's where(idxs == class) gives
+        by_class = torch.sort(box_class, stable=True)[1].split(counts)
 
-    def kept(classes: list[int]) -> list[Tensor]:
-        return [by_class[c][torch.ops.torchvision.nms(boxes[by_class[c]], scores[by_class[c]],
-                                                      iou_threshold)] for c in classes]
+        def kept(classes: list[int]) -> Tensor:
+            return torch.cat([by_class[c][_chunked_nms(boxes[by_class[c]], scores[by_class[c]],
+                                                       iou_threshold)] for c in classes])
+        parts = _in_pool(kept, _class_groups(counts, min(len(counts), NMS_GROUPS)))
     keep = torch.zeros(boxes.shape[0], dtype=torch.bool)
-    for parts in _in_pool(kept, _class_groups(counts, min(len(counts), NMS_GROUPS))):
-        for part in parts:
-            keep[part] = True
+    for part in parts:
+        keep[part] = True
     keep_indices = torch.where(keep)[0]
-    return keep_indices[scores[keep_indices].sort(descending=True)[1]]
+    if offset:                      # nms's order: score, then index (its stable sort)
+        return keep_indices[torch.sort(scores[keep_indices], stable=True, descending=True)[1]]
+    return keep_indices[scores[keep_indices].sort(descending=True)[1]]   # torchvision's
 
 
 def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._boxes import Segments, coordinate_rows, expand_scale, expanded_int_boxes, \
-    float32_threshold, threshold_in
+    float32_threshold, iou_over, threshold_in
 from ._sampling import Pyramid, axis_samples, image_rows, sampling_entries
 from ._utils import compute_dtype, memory_format
 
@@ -224,21 +224,6 @@ def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel, dsum)
 # ---------------------------------------------------------------------------------------
 # NMS
 
-def _iou_over(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor,
-                        iou_threshold: float) -> Tensor:
-    """(len(a), len(b)) bool: IoU > threshold, with torchvision's arithmetic.
-
-    ``a``, ``b``: (4, K) coordinate rows x1, y1, x2, y2; areas ``(x2 - x1) * (y2 - y1)``.
-    """
-    w = (torch.minimum(a[2, :, None], b[2, None, :])
-         - torch.maximum(a[0, :, None], b[0, None, :])).clamp_(min=0)
-    h = (torch.minimum(a[3, :, None], b[3, None, :])
-         - torch.maximum(a[1, :, None], b[1, None, :])).clamp_(min=0)
-    inter = w.mul_(h)  # w = 0 gives 0 where torchvision could give NaN (0 * inf): both keep
-    union = (area_a[:, None] + area_b[None, :]).sub_(inter)
-    return inter.div_(union) > iou_threshold
-
-
 def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
     """PyTorch path, the same algorithm: 64-box blocks, fixed point, forward suppression.
 
@@ -264,7 +249,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
             continue
         m = stop - start
         lo = seg_lo[start:stop]
-        over = _iou_over(boxes[:, start:stop], area[start:stop],
+        over = iou_over(boxes[:, start:stop], area[start:stop],
                                    boxes[:, start:stop], area[start:stop], iou_threshold)
         diag = over & (lo[:, None] == lo[None, :]) & upper[:m, :m]
         kept = cand
@@ -287,7 +272,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
             step = max(64, 32767 // len(rows))
             for c in range(0, len(alive), step):
                 cols = alive[c:c + step]
-                hit = _iou_over(row_boxes, area[rows], boxes.index_select(1, cols),
+                hit = iou_over(row_boxes, area[rows], boxes.index_select(1, cols),
                                           area[cols], iou_threshold)
                 if mixed:
                     hit &= seg_lo[rows][:, None] == seg_lo[cols][None, :]

@@ -1,6 +1,6 @@
 """The CPU path outside the interpreter: each op runs torchvision's C++ kernel where it gives
-the same result faster (float32/float64 RoI Align at one level or per level, NMS below the
-crossover), ours elsewhere; both checked against our references (the independent oracle),
+the same result faster (RoI Align at one level or per level, NMS on chunks of its score
+order), ours elsewhere; both checked against our references (the independent oracle),
 and ``reference_path()`` still forces the references."""
 from __future__ import annotations
 
@@ -197,23 +197,59 @@ def _boxes(n, classes, seed=0):
     return boxes, torch.rand(n, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-@pytest.mark.parametrize("n, classes, path", [(300, 1, "torchvision"), (600, 40, "torchvision"),
-                                              (_cpu.NMS_CROSSOVER + 100, 1,
-                                               "reference")])
-def test_nms_path_follows_the_longest_class(n, classes, path):
+@pytest.mark.parametrize("n, classes", [(300, 1), (1300, 1), (900, 40), (_cpu.NMS_CHUNK * 9, 3)])
+def test_nms_runs_torchvisions_kernel_on_chunks_of_its_score_order(n, classes):
+    """Past 2 * NMS_CHUNK boxes in a call, torchvision's kernel runs on chunks of the score
+    order, each first cleared of what earlier kept boxes suppress: torchvision's result, the
+    reference path's too, and the keep-mask form's."""
     boxes, scores, idxs = _boxes(n, classes)
     kept = kernels.batched_nms(boxes, scores, idxs, 0.4)
-    assert last_path["nms_forward"] == path
+    assert last_path["nms_forward"] == "torchvision"
+    assert torch.equal(kept, torchvision.ops.batched_nms(boxes, scores, idxs, 0.4))
     with reference_path():
-        expected = kernels.batched_nms(boxes, scores, idxs, 0.4)
-    assert torch.equal(kept, expected)
+        assert torch.equal(kept, kernels.batched_nms(boxes, scores, idxs, 0.4))
     if classes == 1:
-        assert torch.equal(kernels.nms(boxes, scores, 0.4), expected)
-    # the keep-mask form takes the same path, with the same result
+        assert torch.equal(kernels.nms(boxes, scores, 0.4),
+                           torchvision.ops.nms(boxes, scores, 0.4))
     last_path.clear()
     mask = kernels.batched_nms_mask(boxes, scores, idxs, 0.4)
-    assert last_path["nms_forward"] == path
-    assert torch.equal(torch.where(mask)[0], expected.sort().values)
+    assert last_path["nms_forward"] == "torchvision"
+    assert torch.equal(torch.where(mask)[0], kept.sort().values)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chunked_nms_is_torchvisions_with_ties_and_odd_inputs(seed):
+    """Scores rounded to a few values and boxes to a coarse grid (ties everywhere), one
+    class to 300, negative coordinates and class values (the offset classes may overlap:
+    one call over them all), thresholds from -0.5 (everything overlaps) to 0.9, box counts
+    around the chunk size and torchvision's 1,000-box switch."""
+    n = [_cpu.NMS_CHUNK * 2 + 1, 999, 1000, 1001, 1777, 700, 2600, 520][seed]
+    boxes, scores, idxs = _boxes(n, [1, 2, 80, 300, 5, 40, 1, 7][seed], seed)
+    boxes, scores = (boxes / 16).round() * 16, (scores * 4).round() / 4
+    if seed % 3 == 1:
+        boxes -= 200
+    if seed % 4 == 2:
+        idxs = idxs * 1000 - 7
+    threshold = [0.3, 0.5, 0.7, 0.0, -0.5, 0.9, 0.5, 0.45][seed]
+    assert torch.equal(kernels.nms(boxes, scores, threshold),
+                       torchvision.ops.nms(boxes, scores, threshold))
+    assert torch.equal(kernels.batched_nms(boxes, scores, idxs, threshold),
+                       torchvision.ops.batched_nms(boxes, scores, idxs, threshold))
+    assert last_path["nms_forward"] == "torchvision"
+
+
+def test_batched_nms_offset_classes_run_in_runs_of_whole_classes(monkeypatch):
+    """Up to 1,000 boxes torchvision offsets the classes apart and calls nms once; ours
+    calls it once per run of whole classes of about NMS_CHUNK boxes (less O(N x kept)
+    work), the same result."""
+    boxes, scores, idxs = _boxes(1000, 80, 3)
+    calls = []
+    real = torch.ops.torchvision.nms
+    monkeypatch.setattr(_cpu, "_chunked_nms", lambda b, s, t: (calls.append(len(b)),
+                                                              real(b, s, t))[1])
+    kept = kernels.batched_nms(boxes, scores, idxs, 0.5)
+    assert len(calls) >= 3 and sum(calls) == 1000 and max(calls) < 2 * _cpu.NMS_CHUNK
+    assert torch.equal(kept, torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -334,28 +334,22 @@ def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tupl
     """The public wrappers' one host sync before any launch: the NaN/inf check of boxes and
     scores, read with the longest class and the class count (they size the mask band and
     pick the greedy pass's tiles, or the CPU path). Skipped while tracing or capturing:
-    (-1, -1), the band then follows MASK_BUDGET_BYTES. On the CPU path below the crossover
-    the box count bounds the longest class: no count is needed, and none is made."""
+    (-1, -1), the band then follows MASK_BUDGET_BYTES. The CPU path needs no count (the
+    box count bounds the longest class), and none is made."""
     if is_tracing():
         return -1, -1
-    n = boxes.shape[0]
-    known = None                    # (longest, classes) without counting
-    if idxs is None or (cpu_path(boxes) and n < _cpu.NMS_CROSSOVER):
-        known = (n, 1 if idxs is None else -1)
-    else:
-        counts = torch.unique(idxs, return_counts=True)[1]
-    if cpu_path(boxes):             # no sync to save: fewer, plain reads
+    if cpu_path(boxes):             # no sync to save: plain reads, no count
         if not bool(torch.isfinite(boxes).all()) or bool(torch.isnan(scores).any()):
             raise ValueError(_NOT_FINITE)
-        return known or (int(counts.max()), counts.numel())
+        return boxes.shape[0], (1 if idxs is None else -1)
     stats = [~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())]
-    if not known:
+    if idxs is not None:
+        counts = torch.unique(idxs, return_counts=True)[1]
         stats += [counts.max(), torch.tensor(counts.numel(), device=boxes.device)]
     bad, *read = torch.stack([v.long() for v in stats]).tolist()
     if bad:
         raise ValueError(_NOT_FINITE)
-    return known or tuple(read)
-
+    return tuple(read) if idxs is not None else (boxes.shape[0], 1)
 
 _NOT_FINITE = "boxes must have finite coordinates and scores must not be NaN"
 
@@ -389,7 +383,7 @@ def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: flo
     """The nms/batched_nms op body: kept input indices (``idxs`` None: one class)."""
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores, longest):
+    if cpu_path(boxes) and _cpu.nms_wins(boxes, scores):
         last_path["nms_forward"] = "torchvision"
         return _cpu.nms(boxes, scores, idxs, iou_threshold)
     p = Segments(boxes, scores, idxs)
@@ -437,9 +431,8 @@ def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
                          iou_threshold: float) -> Tensor:
     keep_in = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     if boxes.shape[0] and cpu_path(boxes):
-        # no sync to avoid on a CPU: batched_nms's body, its path picked by the longest class
-        longest = int(torch.unique(idxs, return_counts=True)[1].max())
-        keep_in[_kept(boxes, scores, idxs, iou_threshold, longest, -1)] = True
+        # batched_nms's body (the box count bounds the longest class)
+        keep_in[_kept(boxes, scores, idxs, iou_threshold, boxes.shape[0], -1)] = True
         return keep_in
     if boxes.shape[0]:
         p = Segments(boxes, scores, idxs)
