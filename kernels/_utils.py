@@ -86,11 +86,14 @@ def cpu_path(t: torch.Tensor) -> bool:
 
 
 def pick_path(t: torch.Tensor, kernel: Callable, ref: Callable,
-              deterministic: Callable | None = None, cpu: Callable | None = None) -> Callable:
+              deterministic: Callable | None = None, cpu: Callable | None = None,
+              cpu_name: str = "torchvision") -> Callable:
     """The launcher a custom op's body runs for ``t``: ``kernel`` (Triton), ``deterministic``
     (Triton without atomics, under ``torch.use_deterministic_algorithms``), ``cpu`` (a
-    ``kernels._cpu`` function running torchvision's kernel: see ``cpu_path``) or ``ref``
-    (the reference: CPU otherwise, float64 on CUDA, inside ``reference_path()``)."""
+    ``kernels._cpu`` function: see ``cpu_path``; ``cpu_name`` the path it records,
+    ``"torchvision"`` where it runs torchvision's kernel, ``"torch"`` where PyTorch's
+    operations) or ``ref`` (the reference: CPU otherwise, float64 on CUDA, inside
+    ``reference_path()``)."""
     if use_triton(t):
         path = kernel
         if deterministic is not None and torch.are_deterministic_algorithms_enabled():
@@ -98,7 +101,7 @@ def pick_path(t: torch.Tensor, kernel: Callable, ref: Callable,
         last_path[kernel.__name__] = "triton"
         return path
     if cpu is not None and cpu_path(t):
-        last_path[kernel.__name__] = "torchvision"
+        last_path[kernel.__name__] = cpu_name
         return cpu
     last_path[kernel.__name__] = "reference"
     return ref

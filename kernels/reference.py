@@ -185,9 +185,15 @@ def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
     cdt = compute_dtype(features.dtype)
     f = features.to(cdt).reshape(n, c, m * m)
     x = torch.einsum("ncp,nc->np", f, weight[labels].to(cdt)) + bias[labels].to(cdt)[:, None]
-    loss, dx = _bce_reference(x, targets.to(cdt).reshape(n, m * m))
+    return _selected_logits_loss(x, targets.to(cdt).reshape(n, m * m), compute_grad)
+
+
+def _selected_logits_loss(x: Tensor, targets: Tensor, compute_grad: bool):
+    """The fused predictor's loss from its selected logits ``x`` (N, P) and ``targets``
+    (N, P): (mean BCE, d loss / d x, its per-instance sums)."""
+    loss, dx = _bce_reference(x, targets)
     if not compute_grad:
-        return loss.mean(), x.new_empty(0, m * m), x.new_empty(0)
+        return loss.mean(), x.new_empty(0, x.shape[1]), x.new_empty(0)
     dx = dx / x.numel()
     return loss.mean(), dx, dx.sum(1)
 
@@ -209,12 +215,20 @@ def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel, dsum)
     w = weight[labels].to(cdt) * g                                     # (N, C)
     grad_features = (w[:, :, None] * grad_sel[:, None, :]).reshape(n, c, m, m)
     rows = torch.einsum("ncp,np->nc", features.to(cdt).reshape(n, c, m * m), grad_sel) * g
-    grad_weight = torch.zeros(weight.shape, dtype=cdt, device=weight.device).index_add_(
-        0, labels, rows)
-    grad_bias = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device).index_add_(
-        0, labels, dsum * g)
     return (grad_features.to(features.dtype).contiguous(memory_format=memory_format(features)),
-            grad_weight.to(weight.dtype), grad_bias.to(weight.dtype))
+            *_predictor_param_grads(weight, labels, rows, dsum * g))
+
+
+def _predictor_param_grads(weight: Tensor, labels: Tensor, rows: Tensor,
+                          bias_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The predictor's weight and bias gradients from per-instance rows (N, C) and (N,):
+    instances of one class add into its row (index_add in the rows' dtype), then the
+    parameters' dtype."""
+    grad_weight = torch.zeros(weight.shape, dtype=rows.dtype,
+                              device=weight.device).index_add_(0, labels, rows)
+    grad_bias = torch.zeros(weight.shape[0], dtype=rows.dtype,
+                            device=weight.device).index_add_(0, labels, bias_rows)
+    return grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------

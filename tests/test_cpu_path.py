@@ -308,3 +308,35 @@ def test_mask_losses_run_torchs_bce_and_autograd_with_the_references_result(dtyp
                 assert last_path["maskrcnn_loss_forward"] == "torch"
     for a, b in zip(results[False], results[True]):
         assert_close(a, b, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_predictor_losses_run_in_instance_chunks_with_the_references_result(
+        dtype, channels_last, monkeypatch):
+    """The fused predictor losses on the CPU: the reference's products on chunks of
+    instances (here 2 and a remainder of 1, through a reused buffer for half types), the
+    same loss and gradients as the reference, in the features' layout."""
+    _, labels, inst = _mask_case(dtype)
+    monkeypatch.setattr(_cpu, "PREDICTOR_CHUNK_BYTES", 2 * 5 * 7 * 7 * 4)
+    features = torch.randn(6, 5, 7, 7).to(dtype)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(4, 5, 1, 1).to(dtype), torch.randn(4).to(dtype)
+    targets = torch.rand(6, 7, 7)
+    results = {}
+    for forced in (False, True):
+        with reference_path() if forced else torch.enable_grad():
+            leaves = [t.clone().requires_grad_() for t in (features, weight, bias)]
+            loss = kernels.mask_predictor_loss(*leaves, targets, labels)
+            loss2 = kernels.maskrcnn_predictor_loss(*leaves, *inst)
+            grads = torch.autograd.grad(loss * 2.5 + loss2 * 0.5, leaves)  # (not 1: scaled)
+            results[forced] = (loss, loss2, *grads)
+            if not forced:
+                assert last_path["mask_predictor_loss_forward"] == "torch"
+                assert last_path["maskrcnn_predictor_loss_forward"] == "torch"
+                assert last_path["mask_predictor_loss_backward"] == "torch"
+                assert grads[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    for a, b in zip(results[False], results[True]):
+        assert a.dtype == b.dtype
+        assert_close(a, b, **tol(dtype))

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _cpu, reference
 from .._sampling import along_c, along_p, image_rows, p_major
 from .._utils import (cdiv, check_float_dtype, check_same_device, check_tensor, check_values,
                       compute_dtype, launch, memory_format, needs_grad, pick_path, pick_tuning,
@@ -279,7 +279,8 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
 def _mask_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
                             labels: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = pick_path(features, mask_predictor_loss_forward,
-                     reference.mask_predictor_loss_forward)
+                     reference.mask_predictor_loss_forward,
+                     cpu=_cpu.mask_predictor_loss_forward, cpu_name="torch")
     return impl(features, weight, bias, targets, labels, compute_grad)
 
 
@@ -301,7 +302,8 @@ def _maskrcnn_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, 
                                 labels: Tensor, gt_masks: list[Tensor], rows: list[int],
                                 compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     impl = pick_path(features, maskrcnn_predictor_loss_forward,
-                     reference.maskrcnn_predictor_loss_forward)
+                     reference.maskrcnn_predictor_loss_forward,
+                     cpu=_cpu.maskrcnn_predictor_loss_forward, cpu_name="torch")
     return impl(features, weight, bias, rois, labels, gt_masks, rows, compute_grad)
 
 
@@ -315,7 +317,8 @@ def _mask_predictor_loss_backward_op(grad: Tensor, features: Tensor, weight: Ten
                                      labels: Tensor, grad_sel: Tensor,
                                      dsum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     impl = pick_path(features, mask_predictor_loss_backward,
-                     reference.mask_predictor_loss_backward)
+                     reference.mask_predictor_loss_backward,
+                     cpu=_cpu.mask_predictor_loss_backward, cpu_name="torch")
     return impl(grad, features, weight, labels, grad_sel, dsum)
 
 
