@@ -12,9 +12,11 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
   first of what the boxes already kept suppress (its result: ``_chunked_nms``), and
   batched_nms's calls (offset boxes or per class, as torchvision makes them) from the
   same pool.
-* PyTorch's BCE with its own autograd for ``mask_loss`` / ``maskrcnn_loss`` (targets:
-  torchvision's roi_align of the gt masks): no gradient-in-forward, which saves the GPU a
-  pass but wastes one here when only the forward runs.
+* PyTorch's operations for ``mask_loss`` / ``maskrcnn_loss`` (targets: torchvision's
+  roi_align of the gt masks): the BCE's terms from vectorized sigmoid and log (PyTorch's
+  own ``log_sigmoid`` runs a scalar ``log1p``), its backward after the forward (no
+  gradient-in-forward, which saves the GPU a pass but wastes one here when only the
+  forward runs).
 
 The public functions call the autograd forms instead of the custom op on the CPU path.
 
@@ -31,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -274,12 +275,40 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
     return keep_indices[scores[keep_indices].sort(descending=True)[1]]   # torchvision's
 
 
+class _MaskLoss(torch.autograd.Function):
+    """``F.binary_cross_entropy_with_logits(logits[arange(N), labels], targets)`` in the
+    compute dtype, its gradient to the logits only (as the op's).
+
+    PyTorch's forward goes through ``log_sigmoid``, whose CPU kernel calls a scalar
+    ``log1p`` (about 5 ns an element here, 90% of the loss). Ours sums the same terms as
+    ``relu(x) - log(sigmoid(|x|)) - x t`` with vectorized sigmoid and log (about 3x faster;
+    each element within about 1e-7 of the exact value, as PyTorch's). The backward is
+    PyTorch's: ``(sigmoid(x) - t) / count`` into the picked logits."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
+        cdt = compute_dtype(logits.dtype)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        x, t = logits[rows, labels].to(cdt), targets.to(cdt)
+        ctx.save_for_backward(x, t, labels)
+        ctx.logits = (logits.shape, logits.dtype)
+        loss = torch.relu(x).sub_(torch.sigmoid(x.abs()).log_()).sum() - torch.dot(
+            x.flatten(), t.flatten())
+        return loss / x.numel()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, t, labels = ctx.saved_tensors
+        shape, dtype = ctx.logits
+        out = torch.zeros(shape, dtype=dtype, device=x.device)
+        out[torch.arange(shape[0], device=x.device), labels] = torch.sigmoid(x).sub_(t).mul_(
+            grad / x.numel()).to(dtype)
+        return out, None, None
+
+
 def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
-    """``F.binary_cross_entropy_with_logits(logits[arange(N), labels], targets)`` in
-    float32 (float64 for float64), with its own backward (to the logits only, as the op)."""
-    cdt = compute_dtype(logits.dtype)
-    picked = logits[torch.arange(logits.shape[0], device=logits.device), labels]
-    return F.binary_cross_entropy_with_logits(picked.to(cdt), targets.detach().to(cdt))
+    """The mask loss of :class:`_MaskLoss`."""
+    return _MaskLoss.apply(logits, targets.detach(), labels)
 
 
 def mask_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: int,

@@ -310,6 +310,26 @@ def test_mask_losses_run_torchs_bce_and_autograd_with_the_references_result(dtyp
         assert_close(a, b, **tol(dtype))
 
 
+@pytest.mark.parametrize("scale", [1e-3, 30.0, 1e4])
+def test_mask_loss_formula_holds_for_tiny_and_huge_logits(scale):
+    """The CPU path's BCE terms (vectorized sigmoid and log) against PyTorch's own BCE in
+    float64, where log(sigmoid(|x|)) rounds to 0 or sits near log(1/2)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 3, 6, 6, generator=g) * scale
+    targets = torch.rand(5, 6, 6, generator=g)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    x = logits.clone().requires_grad_()
+    loss = kernels.mask_loss(x, targets, labels)
+    loss.backward()
+    assert last_path["mask_loss_forward"] == "torch"
+    y = logits.double().requires_grad_()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        y[torch.arange(5), labels], targets.double())
+    expected.backward()
+    assert_close(loss.double(), expected, rtol=2e-6, atol=1e-7)
+    assert_close(x.grad.double(), y.grad, rtol=2e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_predictor_losses_run_in_instance_chunks_with_the_references_result(
