@@ -4,6 +4,8 @@ order), ours elsewhere; both checked against our references (the independent ora
 and ``reference_path()`` still forces the references."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torchvision
@@ -63,6 +65,22 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(_cpu._openmp() is None, reason="no OpenMP runtime found to set")
+def test_pool_threads_run_torch_on_one_openmp_thread(two_threads):
+    """Each pool thread's torch operations run on one OpenMP thread (no team of its own that
+    would slow the main thread's parallel regions); the main thread keeps its count, and a
+    thread started later gets torch's default, not the pool's."""
+    counts = _cpu._in_pool(lambda _: (torch.ones(1 << 20).sum(), torch.get_num_threads())[1],
+                           range(4))
+    assert counts == [1, 1, 1, 1]
+    assert torch.get_num_threads() == 2
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [2]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
