@@ -299,11 +299,14 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
         members = torch.sort(run, stable=True)[1].split(torch.bincount(run).tolist())
         parts = [m[_chunked_nms(boxes[m], scores[m], iou_threshold)] for m in members if m.numel()]
     else:
-        # each class's boxes in increasing index, as torchvision's where(idxs == class) gives
-        by_class = torch.sort(box_class, stable=True)[1].split(counts)
+        # each class's boxes in increasing index, as torchvision's where(idxs == class)
+        # gives; gathered once, each class a view
+        order = torch.sort(box_class, stable=True)[1]
+        by_class, class_boxes, class_scores = (
+            t.split(counts) for t in (order, boxes[order], scores[order]))
 
         def kept(classes: list[int]) -> Tensor:
-            return torch.cat([by_class[c][_chunked_nms(boxes[by_class[c]], scores[by_class[c]],
+            return torch.cat([by_class[c][_chunked_nms(class_boxes[c], class_scores[c],
                                                        iou_threshold)] for c in classes])
         parts = _in_pool(kept, _class_groups(counts, min(len(counts), NMS_GROUPS)))
     keep = torch.zeros(boxes.shape[0], dtype=torch.bool)
