@@ -48,10 +48,11 @@ from ._utils import compute_dtype, is_channels_last, is_tracing, memory_format, 
 # is torchvision's own computation, so the result is torchvision's, bit for bit, with any
 # number of threads.
 ROI_CHUNKS = 4
-# Outputs below which a part is not worth a thread: 8 RoIs of a box head (256 channels,
-# 7x7), 2 of a mask head (14x14). Counted in outputs, not RoIs: a level of 11 mask-head
-# RoIs in one part made MultiScaleRoIAlign's 16-RoI inference 0.7x torchvision.
-PART_OUTPUTS = 8 * 256 * 7 * 7
+# Bilinear samples below which a part is not worth a thread: 8 RoIs of a box head (256
+# channels, 7x7 bins of 2x2 samples), 2 of a mask head (14x14). Counted in samples, not
+# RoIs: a level of 11 mask-head RoIs in one part made MultiScaleRoIAlign's 16-RoI inference
+# 0.7x torchvision, and mask targets (1 channel, adaptive grids) are cheap per RoI.
+PART_SAMPLES = 8 * 256 * 7 * 7 * 4
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 
@@ -109,10 +110,22 @@ def _one_thread() -> None:
         omp.omp_set_num_threads(1)
 
 
-def _part_count(rois: int, per_roi: int, most: int = ROI_CHUNKS) -> int:
-    """How many parts the work of ``rois`` RoIs of ``per_roi`` outputs each goes into: up
-    to ``most`` (and ROI_CHUNKS), each of at least PART_OUTPUTS outputs; at least one."""
-    return max(1, min(ROI_CHUNKS, most, rois * per_roi // PART_OUTPUTS))
+def _samples(rois: Tensor, channels: int, pooled_h: int, pooled_w: int,
+             spatial_scale: float, sampling_ratio: int) -> int:
+    """About how many bilinear samples torchvision's kernel takes over ``rois`` (its
+    adaptive grid: the bin size rounded up)."""
+    if sampling_ratio > 0:
+        grid = sampling_ratio * sampling_ratio * rois.shape[0]
+    else:
+        size = ((rois[:, 3:5] - rois[:, 1:3]) * spatial_scale).clamp(min=1)
+        grid = int((torch.ceil(size[:, 0] / pooled_w) * torch.ceil(size[:, 1] / pooled_h)).sum())
+    return grid * channels * pooled_h * pooled_w
+
+
+def _part_count(samples: int, most: int = ROI_CHUNKS) -> int:
+    """How many parts work of ``samples`` samples goes into: up to ``most`` (and
+    ROI_CHUNKS), each of at least PART_SAMPLES samples; at least one."""
+    return max(1, min(ROI_CHUNKS, most, samples // PART_SAMPLES))
 
 
 def _ranges(total: int, count: int) -> list[tuple[int, int]]:
@@ -124,7 +137,8 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     cdt = compute_dtype(input.dtype)
     x, r = input.to(cdt), rois.to(cdt)
-    count = _part_count(r.shape[0], x.shape[1] * pooled_h * pooled_w)
+    count = _part_count(_samples(r, x.shape[1], pooled_h, pooled_w, spatial_scale,
+                                 sampling_ratio))
     if count == 1:
         return torch.ops.torchvision.roi_align(x, r, spatial_scale, pooled_h, pooled_w,
                                                sampling_ratio, aligned).to(input.dtype)
@@ -146,7 +160,8 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
     g, r = grad.to(cdt).contiguous(), rois.to(cdt)
-    count = _part_count(r.shape[0], c * pooled_h * pooled_w, most=n)
+    count = _part_count(_samples(r, c, pooled_h, pooled_w, spatial_scale, sampling_ratio),
+                        most=n)
     batch = r[:, 0]
 
     def images(lo_hi: tuple[int, int]) -> Tensor:
@@ -189,7 +204,8 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
     r = rois.to(cdt)
     tasks = []                      # (level, RoI indices): slices as roi_align_forward's
     for lvl, idx in enumerate(per_level):
-        count = _part_count(idx.numel(), out.shape[1] * pooled_h * pooled_w)
+        count = _part_count(_samples(r[idx], out.shape[1], pooled_h, pooled_w,
+                                     pyramid.scales[lvl], sampling_ratio))
         tasks += [(lvl, idx[lo:hi]) for lo, hi in _ranges(idx.numel(), count) if hi > lo]
     parts = _in_pool(lambda t: torch.ops.torchvision.roi_align(
         maps[t[0]], r[t[1]], pyramid.scales[t[0]], pooled_h, pooled_w, sampling_ratio, False),
@@ -356,15 +372,10 @@ def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
 
 def mask_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: int,
                  dtype: torch.dtype) -> Tensor:
-    """torchvision's targets (its roi_align of each image's gt masks in ``dtype``),
-    (N, size, size), the images side by side in the thread pool: each image's masks are
-    converted whole (as torchvision does; the bulk of the cost for image-sized masks) in
-    its own thread, then sampled there."""
-    def image(item: tuple[slice, Tensor]) -> Tensor:
-        i, masks = item
-        return torch.ops.torchvision.roi_align(masks[:, None].to(dtype), rois[i].to(dtype),
-                                               1.0, size, size, -1, False)[:, 0]
-    targets = _in_pool(image, image_rows(gt_masks, rows))
+    """torchvision's targets (its roi_align of each image's gt masks in ``dtype``, from the
+    thread pool as :func:`roi_align_forward` runs it: the same bits), (N, size, size)."""
+    targets = [roi_align_forward(masks[:, None].to(dtype), rois[i].to(dtype), 1.0, size, size,
+                                 -1, False)[:, 0] for i, masks in image_rows(gt_masks, rows)]
     return torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=dtype)
 
 

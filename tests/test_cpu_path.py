@@ -91,7 +91,7 @@ def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_thre
     x = torch.randn(3, 6, 21, 17)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(_cpu, "PART_OUTPUTS", 8 * 6 * 3 * 4)    # 8 RoIs of these a part
+    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * 6 * 3 * 4 * 4)    # 8 RoIs of these a part
     k = _cpu.ROI_CHUNKS * 8 + 3
     xy = torch.rand(k, 2) * 12
     rois = torch.cat([torch.randint(0, 3, (k, 1)).float(), xy, xy + 2 + torch.rand(k, 2) * 9],
@@ -200,7 +200,7 @@ def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(monkeyp
     real = _cpu._in_pool
     monkeypatch.setattr(_cpu, "_in_pool",
                         lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
-    monkeypatch.setattr(_cpu, "PART_OUTPUTS", 8 * 8 * 5 * 4)    # 8 RoIs of these a part
+    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * 8 * 5 * 4 * 4)    # 8 RoIs of these a part
     with torch.no_grad():
         out = kernels.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
     assert len(calls) == 1 and calls[0] > 4      # several levels' slices, one pass
