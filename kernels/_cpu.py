@@ -16,10 +16,7 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
   roi_align of the gt masks): the BCE's terms from vectorized sigmoid and log (PyTorch's
   own ``log_sigmoid`` runs a scalar ``log1p``), its backward after the forward (no
   gradient-in-forward, which saves the GPU a pass but wastes one here when only the
-  forward runs).
-
-The public functions call the autograd forms instead of the custom op on the CPU path.
-
+  forward runs). The public functions call these autograd forms instead of the custom op.
 * The fused predictor losses: the reference's products on chunks of instances in one
   reused buffer (no map-sized float32 copy of the features, no map-sized float32 gradient).
 
