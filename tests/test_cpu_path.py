@@ -244,7 +244,7 @@ def test_chunked_nms_is_torchvisions_with_ties_and_odd_inputs(seed):
     """Scores rounded to a few values and boxes to a coarse grid (ties everywhere), one
     class to 300, negative coordinates and class values (the offset classes may overlap:
     one call over them all), thresholds from -0.5 (everything overlaps) to 0.9, box counts
-    around the chunk size and torchvision's 1,000-box switch."""
+    around the chunk size and torchvision's 1,000-box switch, float64."""
     n = [_cpu.NMS_CHUNK * 2 + 1, 999, 1000, 1001, 1777, 700, 2600, 520][seed]
     boxes, scores, idxs = _boxes(n, [1, 2, 80, 300, 5, 40, 1, 7][seed], seed)
     boxes, scores = (boxes / 16).round() * 16, (scores * 4).round() / 4
@@ -252,6 +252,8 @@ def test_chunked_nms_is_torchvisions_with_ties_and_odd_inputs(seed):
         boxes -= 200
     if seed % 4 == 2:
         idxs = idxs * 1000 - 7
+    if seed == 7:                   # float64: IoU in float64, the threshold as given
+        boxes, scores = boxes.double(), scores.double()
     threshold = [0.3, 0.5, 0.7, 0.0, -0.5, 0.9, 0.5, 0.45][seed]
     assert torch.equal(kernels.nms(boxes, scores, threshold),
                        torchvision.ops.nms(boxes, scores, threshold))
