@@ -110,11 +110,12 @@ def _one_thread() -> None:
 def _samples(rois: Tensor, channels: int, pooled_h: int, pooled_w: int,
              spatial_scale: float, sampling_ratio: int) -> int:
     """About how many bilinear samples torchvision's kernel takes over ``rois`` (its
-    adaptive grid: the bin size rounded up)."""
+    adaptive grid: the bin size rounded up; unchecked NaN/inf boxes count as 1 pixel)."""
     if sampling_ratio > 0:
         grid = sampling_ratio * sampling_ratio * rois.shape[0]
     else:
-        size = ((rois[:, 3:5] - rois[:, 1:3]) * spatial_scale).clamp(min=1)
+        size = torch.nan_to_num((rois[:, 3:5] - rois[:, 1:3]) * spatial_scale, nan=1.0,
+                                posinf=1.0, neginf=1.0).clamp(min=1, max=1 << 20)
         grid = int((torch.ceil(size[:, 0] / pooled_w) * torch.ceil(size[:, 1] / pooled_h)).sum())
     return grid * channels * pooled_h * pooled_w
 
@@ -130,21 +131,37 @@ def _ranges(total: int, count: int) -> list[tuple[int, int]]:
     return [(total * i // count, total * (i + 1) // count) for i in range(count)]
 
 
+def _safe_rois(rois: Tensor, images: int) -> tuple[Tensor, Tensor | None]:
+    """RoIs torchvision's kernel can take, and the rows that were not (None: every row is):
+    a non-finite value or a batch index outside [0, images), which only the skipped data
+    checks (skip_data_checks, direct custom-op calls) let through, crash its kernel (NaN
+    sizes its sampling grid) or read out of bounds. They become empty boxes on image 0, and
+    pool nothing, as on the Triton path."""
+    bad = ~torch.isfinite(rois).all(1) | (rois[:, 0] < 0) | (rois[:, 0] >= images)
+    if not bool(bad.any()):
+        return rois, None
+    return rois.masked_fill(bad[:, None], 0.0), bad
+
+
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     cdt = compute_dtype(input.dtype)
-    x, r = input.to(cdt), rois.to(cdt)
+    x, (r, bad) = input.to(cdt), _safe_rois(rois.to(cdt), input.shape[0])
     count = _part_count(_samples(r, x.shape[1], pooled_h, pooled_w, spatial_scale,
                                  sampling_ratio))
     if count == 1:
-        return torch.ops.torchvision.roi_align(x, r, spatial_scale, pooled_h, pooled_w,
-                                               sampling_ratio, aligned).to(input.dtype)
-    out = x.new_empty(r.shape[0], x.shape[1], pooled_h, pooled_w)
+        out = torch.ops.torchvision.roi_align(x, r, spatial_scale, pooled_h, pooled_w,
+                                              sampling_ratio, aligned)
+    else:
+        out = x.new_empty(r.shape[0], x.shape[1], pooled_h, pooled_w)
 
-    def part(lo_hi: tuple[int, int]) -> None:     # each thread copies its own slice in
-        out[lo_hi[0]:lo_hi[1]] = torch.ops.torchvision.roi_align(
-            x, r[lo_hi[0]:lo_hi[1]], spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
-    _in_pool(part, _ranges(r.shape[0], count))
+        def part(lo_hi: tuple[int, int]) -> None:     # each thread copies its slice in
+            out[lo_hi[0]:lo_hi[1]] = torch.ops.torchvision.roi_align(
+                x, r[lo_hi[0]:lo_hi[1]], spatial_scale, pooled_h, pooled_w, sampling_ratio,
+                aligned)
+        _in_pool(part, _ranges(r.shape[0], count))
+    if bad is not None:
+        out[bad] = 0
     return out.to(input.dtype)
 
 
@@ -156,7 +173,9 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     groups' gradients never overlap (no buffer per slice of the map's size to add up)."""
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
-    g, r = grad.to(cdt).contiguous(), rois.to(cdt)
+    g, (r, bad) = grad.to(cdt).contiguous(), _safe_rois(rois.to(cdt), n)
+    if bad is not None:
+        g = g.masked_fill(bad[:, None, None, None], 0.0)
     count = _part_count(_samples(r, c, pooled_h, pooled_w, spatial_scale, sampling_ratio),
                         most=n)
     batch = r[:, 0]
@@ -198,7 +217,7 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                 maps[lvl], rois[idx].to(cdt), pyramid.scales[lvl], pooled_h, pooled_w,
                 sampling_ratio, False)
         return out.to(dtype)
-    r = rois.to(cdt)
+    r, bad = _safe_rois(rois.to(cdt), features[0].shape[0])
     tasks = []                      # (level, RoI indices): slices as roi_align_forward's
     for lvl, idx in enumerate(per_level):
         count = _part_count(_samples(r[idx], out.shape[1], pooled_h, pooled_w,
@@ -209,6 +228,8 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
         tasks)
     for (_, idx), part in zip(tasks, parts):
         out[idx] = part
+    if bad is not None:
+        out[bad] = 0
     return out.to(dtype)
 
 

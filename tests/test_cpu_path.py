@@ -161,6 +161,38 @@ def test_nms_half_types_run_torchvision_on_float32(boxes_dtype, scores_dtype, pa
         assert torch.equal(kept, kernels.nms(boxes, scores, 0.4))
 
 
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_unchecked_invalid_rois_never_reach_torchvisions_kernel(sampling_ratio, two_threads):
+    """With the data checks skipped (skip_data_checks, a direct custom-op call), RoIs with a
+    NaN or a batch index out of range would crash torchvision's kernel (NaN sizes its
+    sampling grid: a segfault at sampling ratio 2) or read out of bounds: the CPU path pools
+    nothing for them, as the Triton path, forward and backward, and torchvision's result
+    for the others."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 12, 12, generator=g)
+    xy = torch.rand(80, 2, generator=g) * 5
+    rois = torch.cat([torch.randint(0, 2, (80, 1), generator=g).float(), xy,
+                      xy + 1 + torch.rand(80, 2, generator=g) * 5], 1)
+    bad = torch.zeros(80, dtype=torch.bool)
+    bad[[3, 40]], bad[7], bad[50] = True, True, True
+    rois[3, 1], rois[40, 4], rois[7, 0], rois[50, 0] = float("nan"), float("inf"), 2, -1
+    xg = x.clone().requires_grad_()
+    with _utils.skip_data_checks():
+        out = kernels.roi_align(xg, rois, 7, 1.0, sampling_ratio)
+    out.sum().backward()
+    assert last_path["roi_align_forward"] == last_path["roi_align_backward"] == "torchvision"
+    assert not out[bad].any()
+    y = x.clone().requires_grad_()
+    expected = torchvision.ops.roi_align(y, rois[~bad], 7, 1.0, sampling_ratio)
+    expected.sum().backward()
+    assert torch.equal(out[~bad], expected)
+    assert torch.equal(xg.grad, y.grad)
+    with torch.no_grad(), _utils.skip_data_checks():
+        pooled = kernels.MultiScaleRoIAlign(["0"], 7, sampling_ratio)(
+            {"0": x}, [rois[rois[:, 0] == i, 1:] for i in range(2)], [(12, 12)] * 2)
+    assert torch.isfinite(pooled).all()
+
+
 def test_multiscale_roi_align_runs_torchvision_per_level():
     x = {"0": torch.randn(2, 4, 32, 32, requires_grad=True),
          "1": torch.randn(2, 4, 16, 16, requires_grad=True)}
