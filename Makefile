@@ -18,14 +18,17 @@ run: $(VENV)/.installed
 	$(PY) -m benchmarks
 
 # Triton kernels run on the CPU through Triton's interpreter; the same run also checks the
-# PyTorch reference path and compiles every launched kernel for sm_80/sm_90. Two passes:
-# every other test on two processes (pytest-xdist, one test file per process at a time),
-# then the compile check, which also compiles what the first pass launched (tests/conftest.py).
+# PyTorch reference path and compiles every launched kernel for sm_80/sm_90. Three passes:
+# every other test on two processes (pytest-xdist, one test file per process at a time);
+# the same tests without the interpreter, where CPU tensors take the CPU path (what a CPU
+# user runs: torchvision's kernels from a thread pool, PyTorch operations); then the
+# compile check, which also compiles what the first pass launched (tests/conftest.py).
 LAUNCHES_DIR := $(shell mktemp -u /tmp/kernel-launches.XXXXXX)
 test: $(VENV)/.installed
 	rm -rf $(LAUNCHES_DIR) && mkdir -p $(LAUNCHES_DIR)
 	KERNEL_LAUNCHES_DIR=$(LAUNCHES_DIR) TRITON_INTERPRET=1 $(PY) -m pytest tests -q -rs \
 		-m "not compile_check" -n 2 --dist loadfile
+	$(PY) -m pytest tests -q -m "not compile_check" -n 2 --dist loadfile
 	KERNEL_LAUNCHES_DIR=$(LAUNCHES_DIR) TRITON_INTERPRET=1 $(PY) -m pytest tests -q -rs \
 		-m compile_check
 	rm -rf $(LAUNCHES_DIR)
