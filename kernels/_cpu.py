@@ -25,6 +25,7 @@ The one-pass paste has no faster CPU form with the same result: it stays on the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,7 @@ def _in_pool(fn: Callable, items) -> list:
     return list(_pool.map(no_grad, items))
 
 
+@functools.cache
 def _openmp():
     """The OpenMP runtime torch runs on (ctypes; found among the process's mapped
     libraries, Linux), or None."""
@@ -109,13 +111,12 @@ def _one_thread() -> None:
 
 def _samples(rois: Tensor, channels: int, pooled_h: int, pooled_w: int,
              spatial_scale: float, sampling_ratio: int) -> int:
-    """About how many bilinear samples torchvision's kernel takes over ``rois`` (its
-    adaptive grid: the bin size rounded up; unchecked NaN/inf boxes count as 1 pixel)."""
+    """About how many bilinear samples torchvision's kernel takes over ``rois`` (finite:
+    after :func:`_safe_rois`; its adaptive grid: the bin size rounded up)."""
     if sampling_ratio > 0:
         grid = sampling_ratio * sampling_ratio * rois.shape[0]
     else:
-        size = torch.nan_to_num((rois[:, 3:5] - rois[:, 1:3]) * spatial_scale, nan=1.0,
-                                posinf=1.0, neginf=1.0).clamp(min=1, max=1 << 20)
+        size = ((rois[:, 3:5] - rois[:, 1:3]) * spatial_scale).clamp(min=1)
         grid = int((torch.ceil(size[:, 0] / pooled_w) * torch.ceil(size[:, 1] / pooled_h)).sum())
     return grid * channels * pooled_h * pooled_w
 

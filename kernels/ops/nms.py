@@ -351,6 +351,7 @@ def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tupl
         raise ValueError(_NOT_FINITE)
     return tuple(read) if idxs is not None else (boxes.shape[0], 1)
 
+
 _NOT_FINITE = "boxes must have finite coordinates and scores must not be NaN"
 
 
