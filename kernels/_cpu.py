@@ -267,7 +267,7 @@ def _chunked_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
             chunk = chunk[~iou_over(kept_rows, kept_rows[4], r, r[4], threshold).amax(0)]
         if chunk.numel():           # (a subset in score order: its stable sort keeps it)
             kept.append(chunk[torch.ops.torchvision.nms(boxes[chunk], scores[chunk],
-                                                         iou_threshold)])
+                                                        iou_threshold)])
             kept_rows = torch.cat([kept_rows, rows.index_select(1, kept[-1])], 1)
     return torch.cat(kept)
 

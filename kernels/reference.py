@@ -220,7 +220,7 @@ def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel, dsum)
 
 
 def _predictor_param_grads(weight: Tensor, labels: Tensor, rows: Tensor,
-                          bias_rows: Tensor) -> tuple[Tensor, Tensor]:
+                           bias_rows: Tensor) -> tuple[Tensor, Tensor]:
     """The predictor's weight and bias gradients from per-instance rows (N, C) and (N,):
     instances of one class add into its row (index_add in the rows' dtype), then the
     parameters' dtype."""
@@ -264,7 +264,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
         m = stop - start
         lo = seg_lo[start:stop]
         over = iou_over(boxes[:, start:stop], area[start:stop],
-                                   boxes[:, start:stop], area[start:stop], iou_threshold)
+                        boxes[:, start:stop], area[start:stop], iou_threshold)
         diag = over & (lo[:, None] == lo[None, :]) & upper[:m, :m]
         kept = cand
         while True:  # fixed point: settles in at most 64 rounds
@@ -287,7 +287,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
             for c in range(0, len(alive), step):
                 cols = alive[c:c + step]
                 hit = iou_over(row_boxes, area[rows], boxes.index_select(1, cols),
-                                          area[cols], iou_threshold)
+                               area[cols], iou_threshold)
                 if mixed:
                     hit &= seg_lo[rows][:, None] == seg_lo[cols][None, :]
                 removed[cols] |= hit.amax(0)  # amax: any(0) is 20x slower on CPU

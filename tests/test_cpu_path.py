@@ -301,8 +301,8 @@ def test_batched_nms_offset_classes_run_in_runs_of_whole_classes(monkeypatch):
     boxes, scores, idxs = _boxes(1000, 80, 3)
     calls = []
     real = torch.ops.torchvision.nms
-    monkeypatch.setattr(_cpu, "_chunked_nms", lambda b, s, t: (calls.append(len(b)),
-                                                              real(b, s, t))[1])
+    monkeypatch.setattr(_cpu, "_chunked_nms",
+                        lambda b, s, t: (calls.append(len(b)), real(b, s, t))[1])
     kept = kernels.batched_nms(boxes, scores, idxs, 0.5)
     assert len(calls) >= 3 and sum(calls) == 1000 and max(calls) < 2 * _cpu.NMS_CHUNK
     assert torch.equal(kept, torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
