@@ -72,6 +72,15 @@ def coordinate_rows(boxes: Tensor) -> Tensor:
     return rows
 
 
+def iou_rows(boxes: Tensor, iou_threshold: float) -> tuple[Tensor, float]:
+    """The rows :func:`iou_over` takes for ``boxes`` in torchvision's IoU dtype (float64
+    stays float64, every other dtype float32) and the threshold they compare with there."""
+    if boxes.dtype == torch.float64:
+        return coordinate_rows(boxes), iou_threshold
+    return (coordinate_rows(boxes.to(torch.float32)),
+            float32_threshold(iou_threshold, boxes.device))
+
+
 def iou_over(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor,
              iou_threshold: float) -> Tensor:
     """(A, B) bool: IoU > threshold, with torchvision's CPU arithmetic, operation for

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._boxes import coordinate_rows, float32_threshold, iou_over
+from ._boxes import iou_over, iou_rows
 from ._sampling import Pyramid, image_rows
 from ._utils import compute_dtype, is_channels_last, is_tracing, memory_format, needs_grad
 
@@ -256,9 +256,7 @@ def _chunked_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if n <= 2 * NMS_CHUNK:          # (a second, short chunk would not pay for its matrix)
         return torch.ops.torchvision.nms(boxes, scores, iou_threshold)
     order = torch.sort(scores, stable=True, descending=True)[1]     # torchvision's order
-    rows = coordinate_rows(boxes)
-    threshold = (iou_threshold if boxes.dtype == torch.float64
-                 else float32_threshold(iou_threshold, boxes.device))
+    rows, threshold = iou_rows(boxes, iou_threshold)     # (boxes: already that dtype)
     kept, kept_rows = [], rows[:, :0]
     for lo in range(0, n, NMS_CHUNK):
         chunk = order[lo:lo + NMS_CHUNK]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._boxes import Segments, coordinate_rows, expand_scale, expanded_int_boxes, \
-    float32_threshold, iou_over, threshold_in
+from ._boxes import Segments, expand_scale, expanded_int_boxes, iou_over, iou_rows, \
+    threshold_in
 from ._sampling import Pyramid, axis_samples, image_rows, sampling_entries
 from ._utils import compute_dtype, memory_format
 
@@ -246,11 +246,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
     Columns already removed are skipped (the kernels skip whole removed words).
     """
     n = p.n
-    if p.boxes.dtype == torch.float64:
-        boxes = coordinate_rows(p.boxes)
-    else:
-        boxes = coordinate_rows(p.boxes.to(torch.float32))
-        iou_threshold = float32_threshold(iou_threshold, boxes.device)
+    boxes, iou_threshold = iou_rows(p.boxes, iou_threshold)
     area = boxes[4]
     seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
     removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
