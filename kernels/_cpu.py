@@ -51,6 +51,10 @@ ROI_CHUNKS = 4
 # RoIs: a level of 11 mask-head RoIs in one part made MultiScaleRoIAlign's 16-RoI inference
 # 0.7x torchvision, and mask targets (1 channel, adaptive grids) are cheap per RoI.
 PART_SAMPLES = 8 * 256 * 7 * 7 * 4
+# A sample's position and weights cost torchvision's kernel about what two channels' reads
+# cost (measured here: 8 ns a sample at one channel, 3 ns more a channel), so a sample counts
+# channels + SAMPLE_WEIGHTS: mask targets (one channel) take two threads at 64 RoIs an image.
+SAMPLE_WEIGHTS = 2
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 
@@ -118,13 +122,13 @@ def _samples(rois: Tensor, channels: int, pooled_h: int, pooled_w: int,
     else:
         size = ((rois[:, 3:5] - rois[:, 1:3]) * spatial_scale).clamp(min=1)
         grid = int((torch.ceil(size[:, 0] / pooled_w) * torch.ceil(size[:, 1] / pooled_h)).sum())
-    return grid * channels * pooled_h * pooled_w
+    return grid * (channels + SAMPLE_WEIGHTS) * pooled_h * pooled_w
 
 
 def _part_count(samples: int, most: int = ROI_CHUNKS) -> int:
     """How many parts work of ``samples`` samples goes into: up to ``most`` (and
     ROI_CHUNKS), each of at least PART_SAMPLES samples; at least one."""
-    return max(1, min(ROI_CHUNKS, most, samples // PART_SAMPLES))
+    return max(1, min(ROI_CHUNKS, most, torch.get_num_threads(), samples // PART_SAMPLES))
 
 
 def _ranges(total: int, count: int) -> list[tuple[int, int]]:
@@ -351,6 +355,12 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
     return keep_indices[scores[keep_indices].sort(descending=True)[1]]   # torchvision's
 
 
+def _loss_sum(x: Tensor, t: Tensor) -> Tensor:
+    """The loss terms' sum, ``relu(x) - log(sigmoid(|x|)) - x t`` (see :class:`_MaskLoss`)."""
+    terms = torch.relu(x).sub_(torch.sigmoid(x.abs()).log_())
+    return terms.sum() - torch.dot(x.flatten(), t.flatten())
+
+
 class _MaskLoss(torch.autograd.Function):
     """``F.binary_cross_entropy_with_logits(logits[arange(N), labels], targets)`` in the
     compute dtype, its gradient to the logits only (as the op's).
@@ -368,9 +378,7 @@ class _MaskLoss(torch.autograd.Function):
         x, t = logits[rows, labels].to(cdt), targets.to(cdt)
         ctx.save_for_backward(x, t, labels)
         ctx.logits = (logits.shape, logits.dtype)
-        loss = torch.relu(x).sub_(torch.sigmoid(x.abs()).log_()).sum() - torch.dot(
-            x.flatten(), t.flatten())
-        return loss / x.numel()
+        return _loss_sum(x, t) / x.numel()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -387,22 +395,91 @@ def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
     return _MaskLoss.apply(logits, targets.detach(), labels)
 
 
+# Mask targets sample each RoI's own gt mask. torchvision converts an image's masks whole to
+# float (16 masks of 800x1216: 62 MB of fresh pages) and roi_align reads them back from
+# memory, on one thread. Ours converts them TARGET_CHUNK_PIXELS at a time, only the masks
+# some RoI samples, and runs torchvision's roi_align on each chunk's RoIs while the chunk is
+# in cache, chunks spread over the pool: its computation per RoI, so its bits.
+TARGET_CHUNK_PIXELS = 1 << 20
+
+
+def _target_chunks(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: int,
+                   dtype: torch.dtype, then: Callable[[Tensor, Tensor], object]) -> list:
+    """``then(rows, targets)`` for torchvision's targets of each chunk of rows (its roi_align
+    of the image's gt masks in ``dtype``, (R, size, size)), run in the pool thread that
+    sampled them; the results. Rows whose mask index is out of range, which only skipped
+    data checks let through, get zero targets (they sample nothing, as on the Triton path).
+
+    Nothing parallel runs on the main thread around the pool's work: a parallel op there
+    (a new_zeros, an index_put of the results) leaves the main thread's OpenMP workers
+    spinning on the cores the pool needs (libgomp's default wait), 2-3 ms lost at 128 RoIs."""
+    chunks, results = [], []
+    for i, masks in image_rows(gt_masks, rows):
+        r, bad = _safe_rois(rois[i].to(dtype), masks.shape[0])
+        rows_i = torch.arange(i.start, i.stop, device=rois.device)
+        if bad is not None:
+            results.append(then(rows_i[bad], r.new_zeros(int(bad.sum()), size, size)))
+            r, rows_i = r[~bad], rows_i[~bad]
+        per = max(1, TARGET_CHUNK_PIXELS // max(1, masks.shape[1] * masks.shape[2]))
+        chunk = r[:, 0].long() // per
+        for c in torch.unique(chunk).tolist():
+            sel = chunk == c
+            chunks.append((masks[c * per:(c + 1) * per], r[sel], rows_i[sel], c * per))
+
+    def targets(item):
+        masks, r, rows_c, first = item
+        r = r.clone()
+        r[:, 0] -= first
+        return then(rows_c, torch.ops.torchvision.roi_align(
+            masks[:, None].to(dtype), r, 1.0, size, size, -1, False)[:, 0])
+    return results + _in_pool(targets, chunks)
+
+
 def mask_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: int,
                  dtype: torch.dtype) -> Tensor:
-    """torchvision's targets (its roi_align of each image's gt masks in ``dtype``, from the
-    thread pool as :func:`roi_align_forward` runs it: the same bits), (N, size, size)."""
-    targets = [roi_align_forward(masks[:, None].to(dtype), rois[i].to(dtype), 1.0, size, size,
-                                 -1, False)[:, 0] for i, masks in image_rows(gt_masks, rows)]
-    return torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=dtype)
+    """torchvision's targets, its roi_align of each image's gt masks in ``dtype``
+    (N, size, size), by :func:`_target_chunks`."""
+    out = rois.new_empty(rois.shape[0], size, size, dtype=dtype)
+
+    def write(rows_c: Tensor, t: Tensor) -> None:       # each thread its rows
+        out[rows_c] = t
+    _target_chunks(rois, gt_masks, rows, size, dtype, write)
+    return out
+
+
+class _MaskRCNNLoss(_MaskLoss):
+    """:class:`_MaskLoss` on torchvision's targets, each chunk's targets and loss terms
+    computed in the pool thread that sampled them (while in cache); the backward is
+    _MaskLoss's."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
+                rows: list[int]) -> Tensor:
+        cdt = compute_dtype(logits.dtype)
+        n, _, m, _ = logits.shape
+        x, t = logits.new_empty(n, m, m, dtype=cdt), logits.new_empty(n, m, m, dtype=cdt)
+
+        def loss_terms(rows_c: Tensor, t_c: Tensor) -> Tensor:
+            x_c = logits[rows_c, labels[rows_c]].to(cdt)
+            x[rows_c], t[rows_c] = x_c, t_c
+            return _loss_sum(x_c, t_c)
+        sums = _target_chunks(rois, gt_masks, rows, m, cdt, loss_terms)
+        ctx.save_for_backward(x, t, labels)
+        ctx.logits = (logits.shape, logits.dtype)
+        return torch.stack(sums).sum() / x.numel()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _MaskLoss.backward(ctx, grad)[0], None, None, None, None
 
 
 def maskrcnn_loss(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
                   rows: list[int]) -> Tensor:
-    """:func:`mask_targets`, then :func:`mask_loss`."""
-    return mask_loss(logits, mask_targets(rois, gt_masks, rows, logits.shape[-1],
-                                          compute_dtype(logits.dtype)), labels)
+    """The mask loss on torchvision's targets (:class:`_MaskRCNNLoss`)."""
+    return _MaskRCNNLoss.apply(logits, rois, labels, gt_masks, rows)
 
 
+# The fused predictor loss reads the (N, C, M, M) features once forward and once backward.
 # The fused predictor loss reads the (N, C, M, M) features once forward and once backward.
 # The reference converts them whole to float32 (a fresh map-sized buffer: 100 MB at N=128,
 # C=256, M=28, and as long again in page faults as in copying) and writes the feature

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 import kernels
 from kernels import _cpu, _utils
 from kernels._utils import last_path, reference_path
+from torchvision.models.detection.roi_heads import maskrcnn_loss as tv_maskrcnn_loss
 from conftest import tol
 
 
@@ -91,7 +92,8 @@ def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_thre
     x = torch.randn(3, 6, 21, 17)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * 6 * 3 * 4 * 4)    # 8 RoIs of these a part
+    # 8 RoIs of these a part
+    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * (6 + _cpu.SAMPLE_WEIGHTS) * 3 * 4 * 4)
     k = _cpu.ROI_CHUNKS * 8 + 3
     xy = torch.rand(k, 2) * 12
     rois = torch.cat([torch.randint(0, 3, (k, 1)).float(), xy, xy + 2 + torch.rand(k, 2) * 9],
@@ -108,19 +110,21 @@ def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_thre
         return out
     monkeypatch.setattr(_cpu, "_in_pool", spy)
     runs = []
-    for threads in (2, 1):
+    for threads in (4, 2, 1):
         torch.set_num_threads(threads)
         xg = x.clone().requires_grad_()
         out = kernels.roi_align(xg, rois, (3, 4), 0.8, 2, True)
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
         runs.append((out, xg.grad))
-    assert slices == [_cpu.ROI_CHUNKS, 3] * 2
+    # no more parts than threads: forward slices, then backward groups of images (one
+    # group, serially, at one thread)
+    assert slices == [_cpu.ROI_CHUNKS, 3, 2, 2, 1]
     assert not any(grad_modes)      # no graph recorded in the pool's threads
     xg = x.clone().requires_grad_()
     expected = torchvision.ops.roi_align(xg, rois, (3, 4), 0.8, 2, True)
     expected.backward(torch.linspace(-1, 1, expected.numel()).reshape(expected.shape))
-    assert torch.equal(runs[0][0], expected) and torch.equal(runs[1][0], expected)
-    assert torch.equal(runs[0][1], xg.grad) and torch.equal(runs[1][1], xg.grad)
+    for out, grad in runs:
+        assert torch.equal(out, expected) and torch.equal(grad, xg.grad)
 
 
 def test_a_forked_child_gets_a_pool_of_its_own(monkeypatch, two_threads):
@@ -232,10 +236,11 @@ def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(monkeyp
     real = _cpu._in_pool
     monkeypatch.setattr(_cpu, "_in_pool",
                         lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
-    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * 8 * 5 * 4 * 4)    # 8 RoIs of these a part
+    # 8 RoIs of these a part
+    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * (8 + _cpu.SAMPLE_WEIGHTS) * 5 * 4 * 4)
     with torch.no_grad():
         out = kernels.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
-    assert len(calls) == 1 and calls[0] > 4      # several levels' slices, one pass
+    assert len(calls) == 1 and calls[0] > 2      # several levels' slices, one pass
     expected = torchvision.ops.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
     assert torch.equal(out, expected)
     # torch.compile traces the per-level op instead of the pool: one graph, same result
@@ -364,6 +369,55 @@ def test_mask_losses_run_torchs_bce_and_autograd_with_the_references_result(dtyp
                 assert last_path["maskrcnn_loss_forward"] == "torch"
     for a, b in zip(results[False], results[True]):
         assert_close(a, b, **tol(dtype))
+
+
+def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threads):
+    """Mask targets from chunks of each image's masks (here two masks a chunk), sampled in
+    the pool: torchvision's roi_align of the whole masks, bit for bit; maskrcnn_loss on them
+    (each chunk's loss terms in its thread) is torchvision's maskrcnn_loss, value and
+    gradient; a mask index out of range (data checks skipped) gets zero targets."""
+    g = torch.Generator().manual_seed(3)
+    monkeypatch.setattr(_cpu, "TARGET_CHUNK_PIXELS", 2 * 40 * 50)
+    gt = [torch.rand(7, 40, 50, generator=g) > 0.5,
+          (torch.rand(5, 30, 20, generator=g) > 0.5).to(torch.uint8)]
+    proposals, matched = [], []
+    for masks, n in zip(gt, (23, 17)):
+        h, w = masks.shape[1:]
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 1.1 - 2
+        wh = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.7
+        wh[::6] = 0.4                               # thinner than a pixel
+        proposals.append(torch.cat([xy, xy + wh], 1))
+        matched.append(torch.randint(0, masks.shape[0], (n,), generator=g))
+    labels = [torch.randint(0, 3, (m.shape[0],), generator=g) for m in gt]
+    rois = kernels.ops.mask_loss.sampled_rois(proposals, matched)
+    calls = []
+    real = _cpu._in_pool
+    monkeypatch.setattr(_cpu, "_in_pool",
+                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
+    targets = _cpu.mask_targets(rois, gt, [23, 17], 14, torch.float32)
+    assert calls == [4 + 1]     # 7 masks of 40x50 two a chunk; 5 of 30x20 fit in one
+    expected = torch.cat([torchvision.ops.roi_align(
+        m[:, None].float(), torch.cat([i[:, None].float(), p], 1), 14, 1.0)[:, 0]
+        for m, p, i in zip(gt, proposals, matched)])
+    assert torch.equal(targets, expected)
+
+    logits = torch.randn(40, 3, 14, 14, generator=g)
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = kernels.maskrcnn_loss(x, proposals, gt, labels, matched)
+    loss.backward()
+    ref = tv_maskrcnn_loss(y, proposals, gt, labels, matched)
+    ref.backward()
+    assert_close(loss, ref)
+    assert_close(x.grad, y.grad)
+
+    bad = rois.clone()
+    bad[[4, 30], 0] = torch.tensor([9.0, -1.0])   # no such masks
+    with _utils.skip_data_checks():
+        targets = _cpu.mask_targets(bad, gt, [23, 17], 14, torch.float32)
+    assert not targets[[4, 30]].any()
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[[4, 30]] = False
+    assert torch.equal(targets[keep], expected[keep])
 
 
 @pytest.mark.parametrize("scale", [1e-3, 30.0, 1e4])
