@@ -37,7 +37,7 @@ from torch import Tensor
 from . import reference
 from ._boxes import iou_over, iou_rows
 from ._sampling import Pyramid, image_rows
-from ._utils import compute_dtype, is_channels_last, is_tracing, memory_format, needs_grad
+from ._utils import compute_dtype, is_channels_last, is_tracing, memory_format, record_path
 
 
 # torchvision's CPU RoI Align runs on one thread. Ours runs the same kernel from a thread
@@ -170,12 +170,28 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
     return out.to(input.dtype)
 
 
+def _image_backward(grad: Tensor, rois: Tensor, rows: Tensor | None, images: tuple[int, int],
+                    n: int, spatial_scale: float, pooled_h: int, pooled_w: int,
+                    sampling_ratio: int, aligned: bool, shape: tuple[int, int, int]) -> Tensor:
+    """torchvision's backward into images [lo, hi) of n of (C, H, W) ``shape``, from the
+    RoIs ``rois[rows]`` (every row when None) and their output gradients ``grad[rows]``,
+    RoIs on other images left out: a RoI adds only into its own image, so this is
+    torchvision's own sums, in its order (the same bits)."""
+    lo, hi = images
+    g, r = (grad, rois) if rows is None else (grad[rows], rois[rows])
+    if (lo, hi) != (0, n):
+        on = torch.where((r[:, 0] >= lo) & (r[:, 0] < hi))[0]
+        g, r = g[on], r[on]                 # copies: the shift is theirs
+        r[:, 0] -= lo
+    return torch.ops.torchvision._roi_align_backward(
+        g, r, spatial_scale, pooled_h, pooled_w, hi - lo, *shape, sampling_ratio, aligned)
+
+
 def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                        pooled_w: int, sampling_ratio: int, aligned: bool,
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
-    """torchvision's backward per group of images: a RoI adds only into its own image, so
-    each group's gradient is torchvision's own sums, in its order (the same bits), and the
-    groups' gradients never overlap (no buffer per slice of the map's size to add up)."""
+    """torchvision's backward per group of images (:func:`_image_backward`): the groups'
+    gradients never overlap (no buffer per slice of the map's size to add up)."""
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
     g, (r, bad) = grad.to(cdt).contiguous(), _safe_rois(rois.to(cdt), n)
@@ -183,20 +199,9 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
         g = g.masked_fill(bad[:, None, None, None], 0.0)
     count = _part_count(_samples(r, c, pooled_h, pooled_w, spatial_scale, sampling_ratio),
                         most=n)
-    batch = r[:, 0]
-
-    def images(lo_hi: tuple[int, int]) -> Tensor:
-        lo, hi = lo_hi
-        if count == 1:
-            sel, r_sel = slice(None), r
-        else:
-            sel = torch.where((batch >= lo) & (batch < hi))[0]
-            r_sel = r[sel]
-            r_sel[:, 0] -= lo
-        return torch.ops.torchvision._roi_align_backward(
-            g[sel], r_sel, spatial_scale, pooled_h, pooled_w, hi - lo, c, h, w,
-            sampling_ratio, aligned)
-    parts = _in_pool(images, _ranges(n, count))
+    parts = _in_pool(lambda images: _image_backward(
+        g, r, None, images, n, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
+        (c, h, w)), _ranges(n, count))
     out = (parts[0] if count == 1 else torch.cat(parts)).to(grad.dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -204,38 +209,94 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
                          pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
     """torchvision's MultiScaleRoIAlign computation: levels, then roi_align per level, half
-    types upcast to float32 and the result rounded once. With a gradient to track, per
-    level through our op (whose CPU path is torchvision's kernel from the thread pool) and
-    its autograd (and while tracing); without (eager inference), every level's RoI slices
-    in one pass over the pool, so small levels run beside the others instead of one after
-    another."""
+    types upcast to float32 and the result rounded once. Eager, by :class:`_MultiScale`
+    (every level at once over the pool, forward and backward); while tracing, per level
+    through our op (torch.compile traces the op, not a pool)."""
     dtype = features[0].dtype
     cdt = compute_dtype(dtype)
     levels = pyramid.levels(rois, cdt)
+    if not is_tracing():
+        return _MultiScale.apply(rois, levels, pyramid.scales, pooled_h, pooled_w,
+                                 sampling_ratio, *features)
     out = features[0].new_zeros(rois.shape[0], features[0].shape[1], pooled_h, pooled_w,
                                 dtype=cdt)
-    maps = [f.to(cdt) for f in features]
-    per_level = [torch.where(levels == lvl)[0] for lvl in range(len(maps))]
-    if needs_grad(*features) or is_tracing():   # (torch.compile traces the op, not a pool)
-        for lvl, idx in enumerate(per_level):
-            out[idx] = torch.ops.maskrcnn_triton.roi_align(      # in place, as torchvision
-                maps[lvl], rois[idx].to(cdt), pyramid.scales[lvl], pooled_h, pooled_w,
-                sampling_ratio, False)
-        return out.to(dtype)
-    r, bad = _safe_rois(rois.to(cdt), features[0].shape[0])
-    tasks = []                      # (level, RoI indices): slices as roi_align_forward's
-    for lvl, idx in enumerate(per_level):
-        count = _part_count(_samples(r[idx], out.shape[1], pooled_h, pooled_w,
-                                     pyramid.scales[lvl], sampling_ratio))
-        tasks += [(lvl, idx[lo:hi]) for lo, hi in _ranges(idx.numel(), count) if hi > lo]
-    parts = _in_pool(lambda t: torch.ops.torchvision.roi_align(
-        maps[t[0]], r[t[1]], pyramid.scales[t[0]], pooled_h, pooled_w, sampling_ratio, False),
-        tasks)
-    for (_, idx), part in zip(tasks, parts):
-        out[idx] = part
-    if bad is not None:
-        out[bad] = 0
+    for lvl, f in enumerate(features):
+        idx = torch.where(levels == lvl)[0]
+        out[idx] = torch.ops.maskrcnn_triton.roi_align(      # in place, as torchvision
+            f.to(cdt), rois[idx].to(cdt), pyramid.scales[lvl], pooled_h, pooled_w,
+            sampling_ratio, False)
     return out.to(dtype)
+
+
+class _MultiScale(torch.autograd.Function):
+    """MultiScaleRoIAlign as torchvision's, each level's part torchvision's kernel (its
+    bits), every level's parts in one pass over the pool: forward, slices of each level's
+    RoIs (each thread writes its rows in); backward, each level's gradient per group of
+    images (:func:`_image_backward`). torchvision's runs the levels one after another on one
+    thread, and its autograd, level by level, the same."""
+
+    @staticmethod
+    def forward(ctx, rois: Tensor, levels: Tensor, scales: tuple[float, ...], pooled_h: int,
+                pooled_w: int, sampling_ratio: int, *features: Tensor) -> Tensor:
+        dtype = features[0].dtype
+        cdt = compute_dtype(dtype)
+        maps = [f.to(cdt) for f in features]
+        r, bad = _safe_rois(rois.to(cdt), features[0].shape[0])
+        pooled = levels if bad is None else levels.masked_fill(bad, -1)
+        per_level = [torch.where(pooled == lvl)[0] for lvl in range(len(maps))]
+        channels = features[0].shape[1]
+        # no new_zeros: nothing parallel on the main thread around the pool's work (see
+        # _target_chunks); the rows no level pools are zeroed after
+        out = maps[0].new_empty(rois.shape[0], channels, pooled_h, pooled_w)
+        tasks = []                  # (level, RoI indices): slices as roi_align_forward's
+        for lvl, idx in enumerate(per_level):
+            count = _part_count(_samples(r[idx], channels, pooled_h, pooled_w, scales[lvl],
+                                         sampling_ratio))
+            tasks += [(lvl, idx[lo:hi]) for lo, hi in _ranges(idx.numel(), count) if hi > lo]
+
+        def part(task) -> None:     # each thread writes its rows in
+            lvl, idx = task
+            out[idx] = torch.ops.torchvision.roi_align(
+                maps[lvl], r[idx], scales[lvl], pooled_h, pooled_w, sampling_ratio, False)
+        _in_pool(part, tasks)
+        if sum(idx.numel() for idx in per_level) < rois.shape[0]:
+            out[pooled < 0] = 0
+        ctx.save_for_backward(r, *per_level)
+        ctx.args = (scales, pooled_h, pooled_w, sampling_ratio)
+        ctx.maps = [(f.shape, f.dtype, is_channels_last(f)) for f in features]
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        record_path("multiscale_roi_align_backward", "torchvision")
+        r, *per_level = ctx.saved_tensors
+        scales, pooled_h, pooled_w, sampling_ratio = ctx.args
+        cdt = compute_dtype(grad.dtype)
+        g = grad.to(cdt).contiguous()
+        tasks = []                  # (level, images): every level's groups of images
+        for lvl, ((n, c, h, w), _, _) in enumerate(ctx.maps):
+            count = _part_count(_samples(r[per_level[lvl]], c, pooled_h, pooled_w,
+                                         scales[lvl], sampling_ratio), most=n)
+            tasks += [(lvl, images) for images in _ranges(n, count)]
+
+        def part(task) -> Tensor:
+            lvl, images = task
+            (n, c, h, w), dtype, channels_last = ctx.maps[lvl]
+            out = _image_backward(g, r, per_level[lvl], images, n, scales[lvl], pooled_h,
+                                  pooled_w, sampling_ratio, False, (c, h, w))
+            if images == (0, n):    # the level in one part: its layout and dtype here
+                out = out.to(dtype)
+                return out.contiguous(memory_format=torch.channels_last) if channels_last \
+                    else out
+            return out
+        parts = _in_pool(part, tasks)
+        grads = []
+        for lvl, (shape, dtype, channels_last) in enumerate(ctx.maps):
+            mine = [p for (level, _), p in zip(tasks, parts) if level == lvl]
+            out = mine[0] if len(mine) == 1 else torch.cat(mine).to(dtype)
+            grads.append(out.contiguous(memory_format=torch.channels_last) if channels_last
+                         and len(mine) > 1 else out)
+        return (None,) * 6 + tuple(grads)
 
 
 def nms_wins(boxes: Tensor, scores: Tensor) -> bool:

@@ -205,10 +205,10 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
     pooler = kernels.MultiScaleRoIAlign(["0", "1"], 3, 2)
     out = pooler(x, boxes, [(128, 128)] * 2)
     out.sum().backward()
-    # roi_align per level (torchvision's kernels) and its autograd: no multi-level
-    # backward op, no flat gradient buffer
+    # torchvision's kernels per level, forward and backward: no multi-level backward op,
+    # no flat gradient buffer
     assert last_path == {"multiscale_roi_align_forward": "torchvision",
-                         "roi_align_forward": "torchvision", "roi_align_backward": "torchvision"}
+                         "multiscale_roi_align_backward": "torchvision"}
     grads = [v.grad.clone() for v in x.values()]
     for v in x.values():
         v.grad = None
@@ -218,6 +218,45 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
     assert_close(out, ref, **tol(torch.float32))
     for g, v in zip(grads, x.values()):
         assert_close(g, v.grad, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False),
+                                                   (torch.float32, True),
+                                                   (torch.bfloat16, False)])
+def test_multiscale_roi_align_with_grad_is_torchvisions_bit_for_bit(dtype, channels_last,
+                                                                     monkeypatch, two_threads):
+    """Training: every level's RoI slices forward, every level's groups of images backward,
+    in one pass over the pool each; each part torchvision's kernel, so output and every
+    map's gradient are torchvision's MultiScaleRoIAlign's bit for bit (bfloat16: its float32
+    result rounded once); a level no RoI maps to gets a zero gradient, as torchvision's."""
+    g = torch.Generator().manual_seed(5)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = {str(i): torch.randn(3, 6, 64 >> i, 48 >> i, generator=g).to(dtype).contiguous(
+        memory_format=layout) for i in range(4)}
+    boxes = []
+    for n in (17, 0, 25):
+        side = torch.exp(torch.empty(n).uniform_(3.0, 6.0, generator=g))    # 20-400 px
+        xy = torch.rand(n, 2, generator=g) * 300
+        boxes.append(torch.cat([xy, xy + side[:, None] * torch.rand(n, 2, generator=g)], 1))
+    shapes = [(256, 192)] * 3
+    monkeypatch.setattr(_cpu, "PART_SAMPLES", 2 * (6 + _cpu.SAMPLE_WEIGHTS) * 5 * 4 * 4)
+    calls = []
+    real = _cpu._in_pool
+    monkeypatch.setattr(_cpu, "_in_pool",
+                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
+    xg = {k: v.clone().requires_grad_() for k, v in x.items()}
+    out = kernels.MultiScaleRoIAlign(list(x), (5, 4), 2)(xg, boxes, shapes)
+    grad = torch.randn(out.shape, generator=g).to(dtype)
+    out.backward(grad)
+    assert len(calls) == 2 and min(calls) > 4        # several levels' parts, one pass each
+    xt = {k: v.float().requires_grad_() for k, v in x.items()}
+    expected = torchvision.ops.MultiScaleRoIAlign(list(x), (5, 4), 2)(xt, boxes, shapes)
+    expected.backward(grad.float())
+    assert torch.equal(out, expected.to(dtype))
+    assert not xg["3"].grad.any()                   # no RoI maps to level 3
+    for k in x:
+        assert xg[k].grad.dtype == dtype
+        assert torch.equal(xg[k].grad, xt[k].grad.to(dtype)), k
 
 
 def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(monkeypatch,
