@@ -220,11 +220,10 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
         assert_close(g, v.grad, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False),
-                                                   (torch.float32, True),
-                                                   (torch.bfloat16, False)])
-def test_multiscale_roi_align_with_grad_is_torchvisions_bit_for_bit(dtype, channels_last,
-                                                                     monkeypatch, two_threads):
+@pytest.mark.parametrize("dtype, channels_last", [
+    (torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_multiscale_roi_align_with_grad_is_torchvisions_bit_for_bit(
+        dtype, channels_last, monkeypatch, two_threads):
     """Training: every level's RoI slices forward, every level's groups of images backward,
     in one pass over the pool each; each part torchvision's kernel, so output and every
     map's gradient are torchvision's MultiScaleRoIAlign's bit for bit (bfloat16: its float32
@@ -457,6 +456,28 @@ def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threa
     keep = torch.ones(40, dtype=torch.bool)
     keep[[4, 30]] = False
     assert torch.equal(targets[keep], expected[keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_loss_gradient_is_written_in_row_parts_from_the_pool(
+        dtype, monkeypatch, two_threads):
+    """The (N, K, M, M) gradient comes from the pool in parts of rows (zeros, then each
+    row's class plane): PyTorch's BCE gradient, zero in every other class."""
+    g = torch.Generator().manual_seed(4)
+    monkeypatch.setattr(_cpu, "LOSS_PART_ELEMENTS", 5 * 6 * 7 * 7)
+    calls = []
+    real = _cpu._in_pool
+    monkeypatch.setattr(_cpu, "_in_pool",
+                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
+    logits = (torch.randn(11, 6, 7, 7, generator=g) * 3).to(dtype)
+    targets, labels = torch.rand(11, 7, 7, generator=g), torch.randint(0, 6, (11,), generator=g)
+    x, y = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    kernels.mask_loss(x, targets, labels).mul(2.5).backward()
+    assert calls == [2] and x.grad.dtype == dtype
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        y[torch.arange(11), labels], targets).mul(2.5).backward()
+    assert_close(x.grad, y.grad.to(dtype), **tol(dtype))
+    assert torch.equal(x.grad != 0, y.grad != 0)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 30.0, 1e4])
