@@ -27,8 +27,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import mmap
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -112,41 +112,6 @@ def _one_thread() -> None:
     omp = _openmp()
     if omp is not None:
         omp.omp_set_num_threads(1)
-
-
-# A map-sized result of ours (a gradient) lands in fresh pages: the kernel faults them in
-# 4 KB at a time, which cost more than the writes (36 MB of zeros: 10.6 ms, 2.3 ms with
-# 2 MB pages). PyTorch backs its allocations with 2 MB pages only when THP_MEM_ALLOC_ENABLE
-# is set at start-up; ours ask for them on their own buffers (madvise MADV_HUGEPAGE before
-# anything touches them; Linux, where transparent huge pages are "always" or "madvise").
-HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise():
-    """libc's madvise (ctypes), or None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
-
-
-def _map_sized(shape, dtype: torch.dtype, zero: bool, layout=torch.contiguous_format
-               ) -> Tensor:
-    """An empty (or zero) CPU tensor whose whole 2 MB pages the kernel may back with huge
-    pages: asked for before it is first touched."""
-    t = torch.empty(shape, dtype=dtype, memory_format=layout)
-    madvise = _madvise()
-    start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
-    if madvise is not None and end > start:
-        madvise(start, end - start, _MADV_HUGEPAGE)     # advice: a failure changes nothing
-    return t.zero_() if zero else t
 
 
 def _samples(rois: Tensor, channels: int, pooled_h: int, pooled_w: int,
@@ -455,6 +420,22 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
 # The mask loss's gradient (N, K, M, M) is written in row parts from the pool, each at least
 # this many elements (PyTorch splits an op over threads from 32,768 elements).
 LOSS_PART_ELEMENTS = 1 << 16
+# It is zero but for one class plane a row. From 32 MB (where glibc's malloc hands out fresh
+# pages anyway) it is a fresh private mapping, whose pages stay the kernel's shared zero page
+# until written; torch.zeros writes every byte, faulting each page in (K=91, N=128: 36 MB,
+# 10.4 ms with the planes written and all of it read back; 3.6 ms). Not numpy's calloc:
+# numpy asks for huge pages, whose compaction stalled the first calls 38 ms each here.
+LAZY_ZEROS_BYTES = 32 << 20
+
+
+def _lazy_zeros(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A contiguous zero CPU tensor on a fresh anonymous mapping (unmapped with the tensor);
+    torch.zeros where the platform has none."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.zeros(shape, dtype=dtype)
+    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _loss_sum(x: Tensor, t: Tensor) -> Tensor:
@@ -484,25 +465,34 @@ class _MaskLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, t, labels = ctx.saved_tensors
-        shape, dtype = ctx.logits
-        scale = grad / x.numel()
+        return _loss_gradient(ctx, grad, in_pool=False), None, None
 
-        def rows(lo_hi: tuple[int, int]) -> None:
-            lo, hi = lo_hi
-            part = out[lo:hi].zero_()
-            part[torch.arange(hi - lo, device=x.device), labels[lo:hi]] = torch.sigmoid(
-                x[lo:hi]).sub_(t[lo:hi]).mul_(scale).to(dtype)
-        if torch.compiler.is_compiling():       # a traced graph: no pool, no madvise
-            out = torch.empty(shape, dtype=dtype, device=x.device)
-            rows((0, shape[0]))
-            return out, None, None
-        # from the pool, in parts of at least LOSS_PART_ELEMENTS: nothing parallel on the main
-        # thread (see _target_chunks), and the next call's pool work finds its cores free
-        out = _map_sized(shape, dtype, zero=False)
+
+def _loss_gradient(ctx, grad: Tensor, in_pool: bool) -> Tensor:
+    """The mask losses' gradient to the logits: zero but each row's class plane."""
+    x, t, labels = ctx.saved_tensors
+    shape, dtype = ctx.logits
+    scale = grad / x.numel()
+
+    def rows(lo_hi: tuple[int, int]) -> None:
+        lo, hi = lo_hi
+        part = out[lo:hi] if lazy else out[lo:hi].zero_()
+        part[torch.arange(hi - lo, device=x.device), labels[lo:hi]] = torch.sigmoid(
+            x[lo:hi]).sub_(t[lo:hi]).mul_(scale).to(dtype)
+    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    lazy = nbytes >= LAZY_ZEROS_BYTES and not torch.compiler.is_compiling()
+    out = (_lazy_zeros(shape, dtype) if lazy
+           else torch.empty(shape, dtype=dtype, device=x.device))
+    # An op's parallel work stays where its forward's ran: on the main thread's OpenMP team,
+    # or in the pool in row parts of at least LOSS_PART_ELEMENTS. Switching hands the pool
+    # the cores the main thread's workers still spin on (see _target_chunks). A traced graph
+    # has no pool.
+    if in_pool and not torch.compiler.is_compiling():
         _in_pool(rows, _ranges(shape[0], max(1, min(
             ROI_CHUNKS, torch.get_num_threads(), out.numel() // LOSS_PART_ELEMENTS))))
-        return out, None, None
+    else:
+        rows((0, shape[0]))
+    return out
 
 
 def mask_loss(logits: Tensor, targets: Tensor, labels: Tensor) -> Tensor:
@@ -565,7 +555,7 @@ def mask_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: in
 class _MaskRCNNLoss(_MaskLoss):
     """:class:`_MaskLoss` on torchvision's targets, each chunk's targets and loss terms
     computed in the pool thread that sampled them (while in cache); the backward is
-    _MaskLoss's."""
+    _MaskLoss's, from the pool."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
@@ -585,7 +575,7 @@ class _MaskRCNNLoss(_MaskLoss):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _MaskLoss.backward(ctx, grad)[0], None, None, None, None
+        return _loss_gradient(ctx, grad, in_pool=True), None, None, None, None
 
 
 def maskrcnn_loss(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
@@ -667,8 +657,8 @@ def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel, dsum)
     cdt = grad_sel.dtype
     g = grad.to(cdt)
     w = weight[labels].to(cdt) * g                                     # (N, C)
-    grad_features = _map_sized(features.shape, features.dtype, zero=False,
-                               layout=memory_format(features))
+    grad_features = torch.empty(features.shape, dtype=features.dtype, device=features.device,
+                                memory_format=memory_format(features))
     out = _flat(grad_features)
     rows = features.new_empty(n, c, dtype=cdt)
     products = None

@@ -458,24 +458,40 @@ def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threa
     assert torch.equal(targets[keep], expected[keep])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mask_loss_gradient_is_written_in_row_parts_from_the_pool(
-        dtype, monkeypatch, two_threads):
-    """The (N, K, M, M) gradient comes from the pool in parts of rows (zeros, then each
-    row's class plane): PyTorch's BCE gradient, zero in every other class."""
+@pytest.mark.parametrize("dtype, lazy", [(torch.float32, False), (torch.bfloat16, False),
+                                         (torch.float32, True)])
+def test_mask_loss_gradients_run_where_their_forward_ran(dtype, lazy, monkeypatch,
+                                                         two_threads):
+    """The (N, K, M, M) gradient, zero but each row's class plane: mask_loss's on the main
+    thread (as its forward), maskrcnn_loss's from the pool in parts of rows (as its
+    forward's targets and terms); PyTorch's BCE gradient / torchvision's either way, also
+    on a fresh mapping's zero pages (lazy: what large gradients get)."""
     g = torch.Generator().manual_seed(4)
     monkeypatch.setattr(_cpu, "LOSS_PART_ELEMENTS", 5 * 6 * 7 * 7)
+    monkeypatch.setattr(_cpu, "LAZY_ZEROS_BYTES", 1 if lazy else 1 << 40)
     calls = []
     real = _cpu._in_pool
     monkeypatch.setattr(_cpu, "_in_pool",
                         lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
     logits = (torch.randn(11, 6, 7, 7, generator=g) * 3).to(dtype)
     targets, labels = torch.rand(11, 7, 7, generator=g), torch.randint(0, 6, (11,), generator=g)
-    x, y = logits.clone().requires_grad_(), logits.float().requires_grad_()
+    x, y = logits.clone().requires_grad_(), logits.float().clone().requires_grad_()
     kernels.mask_loss(x, targets, labels).mul(2.5).backward()
-    assert calls == [2] and x.grad.dtype == dtype
+    assert calls == [] and x.grad.dtype == dtype
     torch.nn.functional.binary_cross_entropy_with_logits(
         y[torch.arange(11), labels], targets).mul(2.5).backward()
+    assert_close(x.grad, y.grad.to(dtype), **tol(dtype))
+    assert torch.equal(x.grad != 0, y.grad != 0)
+
+    masks = [torch.rand(3, 30, 40, generator=g) > 0.5]
+    xy = torch.rand(11, 2, generator=g) * 20
+    proposals = [torch.cat([xy, xy + 3 + torch.rand(11, 2, generator=g) * 15], 1)]
+    matched = [torch.randint(0, 3, (11,), generator=g)]
+    gt_labels = [torch.randint(0, 6, (3,), generator=g)]
+    x, y = logits.clone().requires_grad_(), logits.float().clone().requires_grad_()
+    kernels.maskrcnn_loss(x, proposals, masks, gt_labels, matched).mul(2.5).backward()
+    assert calls[-1] == 2 and x.grad.dtype == dtype     # forward chunks, backward 2 parts
+    tv_maskrcnn_loss(y, proposals, masks, gt_labels, matched).mul(2.5).backward()
     assert_close(x.grad, y.grad.to(dtype), **tol(dtype))
     assert torch.equal(x.grad != 0, y.grad != 0)
 
