@@ -304,7 +304,7 @@ class MaskRCNNPredictor(nn.Module):
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
 
     def features(self, x: Tensor) -> Tensor:
-        return F.relu(self.conv5_mask(x))
+        return F.relu(self.conv5_mask(x), inplace=True)     # as torchvision's nn.ReLU(inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mask_fcn_logits(self.features(x))
