@@ -6,17 +6,18 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
   Align forward and backward (``pick_path(cpu=...)`` in its custom ops: their loops beat our
   sparse matrix product at every benchmarked shape), run from a thread pool (torchvision's
   runs on one thread): the forward on slices of the RoIs, the backward on groups of
-  images; MultiScaleRoIAlign as torchvision
-  computes it, roi_align per level (no flat gradient buffer: that buffer serves the GPU's
-  single launch and costs a copy here); NMS on chunks of its score order, each cleared
-  first of what the boxes already kept suppress (its result: ``_chunked_nms``), and
-  batched_nms's calls (offset boxes or per class, as torchvision makes them) from the
-  same pool.
+  images; MultiScaleRoIAlign as torchvision computes it, roi_align per level, every
+  level's parts in one pass over the pool forward and backward (no flat gradient buffer:
+  that buffer serves the GPU's single launch and costs a copy here); NMS on chunks of its
+  score order, each cleared first of what the boxes already kept suppress (its result:
+  ``_chunked_nms``), and batched_nms's calls (offset boxes or per class, as torchvision
+  makes them) from the same pool.
 * PyTorch's operations for ``mask_loss`` / ``maskrcnn_loss`` (targets: torchvision's
-  roi_align of the gt masks): the BCE's terms from vectorized sigmoid and log (PyTorch's
-  own ``log_sigmoid`` runs a scalar ``log1p``), its backward after the forward (no
-  gradient-in-forward, which saves the GPU a pass but wastes one here when only the
-  forward runs). The public functions call these autograd forms instead of the custom op.
+  roi_align of the gt masks, by chunks of masks from the pool): the BCE's terms from
+  vectorized sigmoid and log (PyTorch's own ``log_sigmoid`` runs a scalar ``log1p``), its
+  backward after the forward (no gradient-in-forward, which saves the GPU a pass but
+  wastes one here when only the forward runs). The public functions call these autograd
+  forms instead of the custom op.
 * The fused predictor losses: the reference's products on chunks of instances in one
   reused buffer (no map-sized float32 copy of the features, no map-sized float32 gradient).
 
