@@ -586,7 +586,6 @@ def maskrcnn_loss(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[T
 
 
 # The fused predictor loss reads the (N, C, M, M) features once forward and once backward.
-# The fused predictor loss reads the (N, C, M, M) features once forward and once backward.
 # The reference converts them whole to float32 (a fresh map-sized buffer: 100 MB at N=128,
 # C=256, M=28, and as long again in page faults as in copying) and writes the feature
 # gradient whole in float32 before rounding it. Ours runs the same products on chunks of
