@@ -88,14 +88,15 @@ def iou_over(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor,
 
     ``a``, ``b``: (4+, A) and (4+, B) coordinate rows x1, y1, x2, y2 (as
     :func:`coordinate_rows`); areas ``(x2 - x1) * (y2 - y1)``; float32 rows take
-    :func:`float32_threshold`'s threshold.
+    :func:`float32_threshold`'s threshold. Batched: (4+, ..., A) and (4+, ..., B) rows give
+    (..., A, B).
     """
-    w = (torch.minimum(a[2, :, None], b[2, None, :])
-         - torch.maximum(a[0, :, None], b[0, None, :])).clamp_(min=0)
-    h = (torch.minimum(a[3, :, None], b[3, None, :])
-         - torch.maximum(a[1, :, None], b[1, None, :])).clamp_(min=0)
+    w = (torch.minimum(a[2, ..., :, None], b[2, ..., None, :])
+         - torch.maximum(a[0, ..., :, None], b[0, ..., None, :])).clamp_(min=0)
+    h = (torch.minimum(a[3, ..., :, None], b[3, ..., None, :])
+         - torch.maximum(a[1, ..., :, None], b[1, ..., None, :])).clamp_(min=0)
     inter = w.mul_(h)  # w = 0 gives 0 where torchvision could give NaN (0 * inf): both keep
-    union = (area_a[:, None] + area_b[None, :]).sub_(inter)
+    union = (area_a[..., :, None] + area_b[..., None, :]).sub_(inter)
     return inter.div_(union) > iou_threshold
 
 

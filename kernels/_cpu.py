@@ -381,6 +381,46 @@ def _offsets_apart(boxes: Tensor, idxs: Tensor, iou_threshold: float) -> bool:
             and 2 * classes * (float(top) + 1) * torch.finfo(boxes.dtype).eps / 2 <= 1)
 
 
+# Past 1,000 boxes, many small classes cost the per-class calls Python and dispatch per
+# class (80 classes: about 70 us each). Ours then takes every class at once while the
+# largest class has at most PADDED_NMS_LARGEST boxes and the classes padded to it,
+# (C, P, P), stay within PADDED_NMS_ELEMENTS (measured here, against the per-class calls:
+# P=26-121 1.5-4.4x faster, P=147-152 1.4x slower): each class's boxes in its nms order,
+# one IoU tensor (torchvision's arithmetic), and the greedy rule — a box is kept iff no box
+# kept before it in its class overlaps it over the threshold — solved for all classes
+# together: "kept" recomputed from the kept set until it no longer changes (the first k
+# boxes of a class are settled after k rounds; a set that reproduces itself is the greedy
+# one, the rule's only solution). torchvision's result.
+PADDED_NMS_ELEMENTS = 1 << 22
+PADDED_NMS_LARGEST = 128
+
+
+def _padded_nms(boxes: Tensor, scores: Tensor, box_class: Tensor, counts: list[int],
+                iou_threshold: float) -> Tensor:
+    """The indices every class's ``torchvision.ops.nms`` keeps (``box_class``: each box's
+    class in 0..C-1, ``counts`` the classes' sizes), in class order."""
+    n, c, p = boxes.shape[0], len(counts), max(counts)
+    by_score = torch.sort(scores, stable=True, descending=True)[1]
+    order = by_score[torch.sort(box_class[by_score], stable=True)[1]]   # class, then nms order
+    klass = box_class[order]
+    starts = torch.tensor(list(itertools.accumulate(counts[:-1], initial=0)))
+    slot = klass * p + torch.arange(n) - starts[klass]
+    rows, threshold = iou_rows(boxes, iou_threshold)
+    padded = rows.new_zeros(5, c * p)
+    padded[:, slot] = rows[:, order]
+    padded = padded.view(5, c, p)
+    later = torch.ones(p, p, dtype=torch.bool).triu_(1)                  # i before j
+    over = (iou_over(padded, padded[4], padded, padded[4], threshold) & later).float()
+    valid = torch.zeros(c * p, dtype=torch.bool)
+    valid[slot] = True
+    kept = valid = valid.view(c, p)
+    while True:                     # (0/1 sums: exact in float32)
+        again = valid & (torch.bmm(kept.float()[:, None, :], over)[:, 0] == 0)
+        if torch.equal(again, kept):
+            return order[kept.view(-1)[slot]]
+        kept = again
+
+
 def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     _, box_class, counts = torch.unique(idxs, return_inverse=True, return_counts=True)
     counts = counts.tolist()
@@ -390,7 +430,10 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
         boxes = boxes + (idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes)))[:, None]
         if not apart:
             return _chunked_nms(boxes, scores, iou_threshold)
-    if offset:
+    if (not offset and len(counts) > 1 and max(counts) <= PADDED_NMS_LARGEST
+            and len(counts) * max(counts) ** 2 <= PADDED_NMS_ELEMENTS):
+        parts = [_padded_nms(boxes, scores, box_class, counts, iou_threshold)]
+    elif offset:
         # one call per run of whole classes (in the order of their values) from about
         # NMS_CHUNK boxes on, on one thread: each at most about a tenth of a millisecond,
         # less than the pool's hand-over; members in increasing index

@@ -364,6 +364,7 @@ def test_batched_nms_runs_torchvisions_per_class_calls_in_threads(seed, monkeypa
     else:
         scores = scores.to(torch.bfloat16).float()
     idxs = idxs[torch.randperm(n, generator=g)]
+    monkeypatch.setattr(_cpu, "PADDED_NMS_LARGEST", 0)     # (small classes: one pass)
     groups = []
     real = _cpu._in_pool
     monkeypatch.setattr(_cpu, "_in_pool",
@@ -374,6 +375,45 @@ def test_batched_nms_runs_torchvisions_per_class_calls_in_threads(seed, monkeypa
         range(int(idxs.unique().numel())))
     expected = torchvision.ops.batched_nms(boxes, scores, idxs, [0.3, 0.5, 0.7][seed % 3])
     assert torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_nms_takes_many_small_classes_in_one_padded_pass(seed, monkeypatch):
+    """Past 4,000 coordinates, classes of at most PADDED_NMS_LARGEST boxes go through one
+    pass (padded (C, P, P) IoUs, the greedy rule solved for every class at once):
+    torchvision's per-class result and order, ties included (scores rounded to a few
+    values, boxes to whole pixels), thresholds from -0.5 to 0.9, float64, class values
+    negative and sparse, classes of one box."""
+    n = [1100, 2600, 5000, 1500, 3001, 1200][seed]
+    boxes, scores, idxs = _boxes(n, [30, 90, 80, 700, 60, 20][seed], seed)
+    if seed % 2:
+        boxes, scores = boxes.round(), (scores * 4).round() / 4
+    if seed == 3:
+        idxs = idxs * 7 - 2000
+    if seed == 5:
+        boxes, scores = boxes.double(), scores.double()
+    threshold = [0.5, 0.3, 0.7, 0.0, -0.5, 0.9][seed]
+    sizes = []
+    real = _cpu._padded_nms
+    monkeypatch.setattr(_cpu, "_padded_nms", lambda *a: (sizes.append(a[3]), real(*a))[1])
+    kept = kernels.batched_nms(boxes, scores, idxs, threshold)
+    assert len(sizes) == 1 and max(sizes[0]) <= _cpu.PADDED_NMS_LARGEST
+    assert torch.equal(kept, torchvision.ops.batched_nms(boxes, scores, idxs, threshold))
+
+
+def test_padded_nms_follows_chains_of_suppression():
+    """A suppresses B, B would suppress C but A does not: C is kept, as torchvision keeps
+    it (the first round of the padded pass drops C; the rounds go on until the kept set
+    reproduces itself)."""
+    chain = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10], [4, 0, 14, 10], [6, 0, 16, 10]])
+    boxes = torch.cat([chain, chain + 100, chain[:1]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.6, 0.4, 0.3, 0.2])
+    box_class = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    kept = _cpu._padded_nms(boxes, scores, box_class, [4, 4, 1], 0.5)
+    expected = torch.cat([torch.where(box_class == c)[0][torchvision.ops.nms(
+        boxes[box_class == c], scores[box_class == c], 0.5)] for c in range(3)])
+    assert torch.equal(kept.sort().values, expected.sort().values)
+    assert 2 in kept.tolist()
 
 
 def _mask_case(dtype):
