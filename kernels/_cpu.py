@@ -477,7 +477,7 @@ def _lazy_zeros(shape: torch.Size, dtype: torch.dtype) -> Tensor:
     torch.zeros where the platform has none."""
     if not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.zeros(shape, dtype=dtype)
-    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = shape.numel() * dtype.itemsize
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
@@ -523,7 +523,7 @@ def _loss_gradient(ctx, grad: Tensor, in_pool: bool) -> Tensor:
         part = out[lo:hi] if lazy else out[lo:hi].zero_()
         part[torch.arange(hi - lo, device=x.device), labels[lo:hi]] = torch.sigmoid(
             x[lo:hi]).sub_(t[lo:hi]).mul_(scale).to(dtype)
-    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = shape.numel() * dtype.itemsize
     lazy = nbytes >= LAZY_ZEROS_BYTES and not torch.compiler.is_compiling()
     out = (_lazy_zeros(shape, dtype) if lazy
            else torch.empty(shape, dtype=dtype, device=x.device))
