@@ -204,7 +204,13 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
     parts = _in_pool(lambda images: _image_backward(
         g, r, None, images, n, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
         (c, h, w)), _ranges(n, count))
-    out = (parts[0] if count == 1 else torch.cat(parts)).to(grad.dtype)
+    return _map_gradient(parts, grad.dtype, channels_last)
+
+
+def _map_gradient(parts: list[Tensor], dtype: torch.dtype, channels_last: bool) -> Tensor:
+    """A map's gradient from its image groups' (in image order), in the map's dtype and
+    layout."""
+    out = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -286,18 +292,14 @@ class _MultiScale(torch.autograd.Function):
             (n, c, h, w), dtype, channels_last = ctx.maps[lvl]
             out = _image_backward(g, r, per_level[lvl], images, n, scales[lvl], pooled_h,
                                   pooled_w, sampling_ratio, False, (c, h, w))
-            if images == (0, n):    # the level in one part: its layout and dtype here
-                out = out.to(dtype)
-                return out.contiguous(memory_format=torch.channels_last) if channels_last \
-                    else out
-            return out
+            # a level in one part takes its dtype and layout here, in the pool
+            return _map_gradient([out], dtype, channels_last) if images == (0, n) else out
         parts = _in_pool(part, tasks)
         grads = []
-        for lvl, (shape, dtype, channels_last) in enumerate(ctx.maps):
+        for lvl, (_, dtype, channels_last) in enumerate(ctx.maps):
             mine = [p for (level, _), p in zip(tasks, parts) if level == lvl]
-            out = mine[0] if len(mine) == 1 else torch.cat(mine).to(dtype)
-            grads.append(out.contiguous(memory_format=torch.channels_last) if channels_last
-                         and len(mine) > 1 else out)
+            grads.append(mine[0] if len(mine) == 1 else
+                         _map_gradient(mine, dtype, channels_last))
         return (None,) * 6 + tuple(grads)
 
 
@@ -573,14 +575,14 @@ def _target_chunks(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: 
         chunk = r[:, 0].long() // per
         for c in torch.unique(chunk).tolist():
             sel = chunk == c
-            chunks.append((masks[c * per:(c + 1) * per], r[sel], rows_i[sel], c * per))
+            r_c = r[sel]                    # a copy: the shift onto the chunk is its own
+            r_c[:, 0] -= c * per
+            chunks.append((masks[c * per:(c + 1) * per], r_c, rows_i[sel]))
 
     def targets(item):
-        masks, r, rows_c, first = item
-        r = r.clone()
-        r[:, 0] -= first
+        masks, r_c, rows_c = item
         return then(rows_c, torch.ops.torchvision.roi_align(
-            masks[:, None].to(dtype), r, 1.0, size, size, -1, False)[:, 0])
+            masks[:, None].to(dtype), r_c, 1.0, size, size, -1, False)[:, 0])
     return results + _in_pool(targets, chunks)
 
 
@@ -659,7 +661,7 @@ def _instance_chunks(features: Tensor, dtype: torch.dtype):
     features themselves where they already are in ``dtype``, else a copy in one reused
     buffer laid out as the features (valid until the next chunk)."""
     n, c, m, _ = features.shape
-    k = max(1, PREDICTOR_CHUNK_BYTES // (c * m * m * torch.finfo(dtype).bits // 8))
+    k = max(1, PREDICTOR_CHUNK_BYTES // (c * m * m * dtype.itemsize))
     flat = _flat(features)
     buffer = None if features.dtype == dtype else _chunk_buffer(flat, min(k, n), dtype)
     for lo in range(0, n, k):
