@@ -68,6 +68,21 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def pool_calls(monkeypatch):
+    """The item count of each call to the CPU path's thread pool, in order (it still runs
+    them)."""
+    calls = []
+    real = _cpu._in_pool
+
+    def spy(fn, items):
+        items = list(items)
+        calls.append(len(items))
+        return real(fn, items)
+    monkeypatch.setattr(_cpu, "_in_pool", spy)
+    return calls
+
+
 @pytest.mark.skipif(_cpu._openmp() is None, reason="no OpenMP runtime found to set")
 def test_pool_threads_run_torch_on_one_openmp_thread(two_threads):
     """Each pool thread's torch operations run on one OpenMP thread (no team of its own that
@@ -223,7 +238,7 @@ def test_multiscale_roi_align_runs_torchvision_per_level():
 @pytest.mark.parametrize("dtype, channels_last", [
     (torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_multiscale_roi_align_with_grad_is_torchvisions_bit_for_bit(
-        dtype, channels_last, monkeypatch, two_threads):
+        dtype, channels_last, monkeypatch, two_threads, pool_calls):
     """Training: every level's RoI slices forward, every level's groups of images backward,
     in one pass over the pool each; each part torchvision's kernel, so output and every
     map's gradient are torchvision's MultiScaleRoIAlign's bit for bit (bfloat16: its float32
@@ -239,15 +254,11 @@ def test_multiscale_roi_align_with_grad_is_torchvisions_bit_for_bit(
         boxes.append(torch.cat([xy, xy + side[:, None] * torch.rand(n, 2, generator=g)], 1))
     shapes = [(256, 192)] * 3
     monkeypatch.setattr(_cpu, "PART_SAMPLES", 2 * (6 + _cpu.SAMPLE_WEIGHTS) * 5 * 4 * 4)
-    calls = []
-    real = _cpu._in_pool
-    monkeypatch.setattr(_cpu, "_in_pool",
-                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
     xg = {k: v.clone().requires_grad_() for k, v in x.items()}
     out = kernels.MultiScaleRoIAlign(list(x), (5, 4), 2)(xg, boxes, shapes)
     grad = torch.randn(out.shape, generator=g).to(dtype)
     out.backward(grad)
-    assert len(calls) == 2 and min(calls) > 4        # several levels' parts, one pass each
+    assert len(pool_calls) == 2 and min(pool_calls) > 4    # several levels' parts, a pass each
     xt = {k: v.float().requires_grad_() for k, v in x.items()}
     expected = torchvision.ops.MultiScaleRoIAlign(list(x), (5, 4), 2)(xt, boxes, shapes)
     expected.backward(grad.float())
@@ -258,8 +269,8 @@ def test_multiscale_roi_align_with_grad_is_torchvisions_bit_for_bit(
         assert torch.equal(xg[k].grad, xt[k].grad.to(dtype)), k
 
 
-def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(monkeypatch,
-                                                                         two_threads):
+def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(
+        monkeypatch, two_threads, pool_calls):
     """Inference: every level's RoI slices go to the pool in one pass; each is
     torchvision's roi_align, so the result is torchvision's MultiScaleRoIAlign's, bit for
     bit."""
@@ -270,15 +281,11 @@ def test_multiscale_roi_align_without_grad_pools_every_level_in_one_pass(monkeyp
         xy = torch.rand(40, 2, generator=g) * 300
         boxes.append(torch.cat([xy, xy + 4 + torch.rand(40, 2, generator=g) * 250], 1))
     shapes = [(512, 384)] * 2
-    calls = []
-    real = _cpu._in_pool
-    monkeypatch.setattr(_cpu, "_in_pool",
-                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
     # 8 RoIs of these a part
     monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * (8 + _cpu.SAMPLE_WEIGHTS) * 5 * 4 * 4)
     with torch.no_grad():
         out = kernels.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
-    assert len(calls) == 1 and calls[0] > 2      # several levels' slices, one pass
+    assert len(pool_calls) == 1 and pool_calls[0] > 2     # several levels' slices, one pass
     expected = torchvision.ops.MultiScaleRoIAlign(list(x), (5, 4), 2)(x, boxes, shapes)
     assert torch.equal(out, expected)
     # torch.compile traces the per-level op instead of the pool: one graph, same result
@@ -449,7 +456,8 @@ def test_mask_losses_run_torchs_bce_and_autograd_with_the_references_result(dtyp
         assert_close(a, b, **tol(dtype))
 
 
-def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threads):
+def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threads,
+                                                          pool_calls):
     """Mask targets from chunks of each image's masks (here two masks a chunk), sampled in
     the pool: torchvision's roi_align of the whole masks, bit for bit; maskrcnn_loss on them
     (each chunk's loss terms in its thread) is torchvision's maskrcnn_loss, value and
@@ -468,12 +476,8 @@ def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threa
         matched.append(torch.randint(0, masks.shape[0], (n,), generator=g))
     labels = [torch.randint(0, 3, (m.shape[0],), generator=g) for m in gt]
     rois = kernels.ops.mask_loss.sampled_rois(proposals, matched)
-    calls = []
-    real = _cpu._in_pool
-    monkeypatch.setattr(_cpu, "_in_pool",
-                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
     targets = _cpu.mask_targets(rois, gt, [23, 17], 14, torch.float32)
-    assert calls == [4 + 1]     # 7 masks of 40x50 two a chunk; 5 of 30x20 fit in one
+    assert pool_calls == [4 + 1]     # 7 masks of 40x50 two a chunk; 5 of 30x20 fit in one
     expected = torch.cat([torchvision.ops.roi_align(
         m[:, None].float(), torch.cat([i[:, None].float(), p], 1), 14, 1.0)[:, 0]
         for m, p, i in zip(gt, proposals, matched)])
@@ -501,7 +505,7 @@ def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threa
 @pytest.mark.parametrize("dtype, lazy", [(torch.float32, False), (torch.bfloat16, False),
                                          (torch.float32, True)])
 def test_mask_loss_gradients_run_where_their_forward_ran(dtype, lazy, monkeypatch,
-                                                         two_threads):
+                                                         two_threads, pool_calls):
     """The (N, K, M, M) gradient, zero but each row's class plane: mask_loss's on the main
     thread (as its forward), maskrcnn_loss's from the pool in parts of rows (as its
     forward's targets and terms); PyTorch's BCE gradient / torchvision's either way, also
@@ -509,15 +513,11 @@ def test_mask_loss_gradients_run_where_their_forward_ran(dtype, lazy, monkeypatc
     g = torch.Generator().manual_seed(4)
     monkeypatch.setattr(_cpu, "LOSS_PART_ELEMENTS", 5 * 6 * 7 * 7)
     monkeypatch.setattr(_cpu, "LAZY_ZEROS_BYTES", 1 if lazy else 1 << 40)
-    calls = []
-    real = _cpu._in_pool
-    monkeypatch.setattr(_cpu, "_in_pool",
-                        lambda fn, items: (calls.append(len(list(items))), real(fn, items))[1])
     logits = (torch.randn(11, 6, 7, 7, generator=g) * 3).to(dtype)
     targets, labels = torch.rand(11, 7, 7, generator=g), torch.randint(0, 6, (11,), generator=g)
     x, y = logits.clone().requires_grad_(), logits.float().clone().requires_grad_()
     kernels.mask_loss(x, targets, labels).mul(2.5).backward()
-    assert calls == [] and x.grad.dtype == dtype
+    assert pool_calls == [] and x.grad.dtype == dtype
     torch.nn.functional.binary_cross_entropy_with_logits(
         y[torch.arange(11), labels], targets).mul(2.5).backward()
     assert_close(x.grad, y.grad.to(dtype), **tol(dtype))
@@ -530,7 +530,7 @@ def test_mask_loss_gradients_run_where_their_forward_ran(dtype, lazy, monkeypatc
     gt_labels = [torch.randint(0, 6, (3,), generator=g)]
     x, y = logits.clone().requires_grad_(), logits.float().clone().requires_grad_()
     kernels.maskrcnn_loss(x, proposals, masks, gt_labels, matched).mul(2.5).backward()
-    assert calls[-1] == 2 and x.grad.dtype == dtype     # forward chunks, backward 2 parts
+    assert pool_calls[-1] == 2 and x.grad.dtype == dtype    # forward chunks, backward 2 parts
     tv_maskrcnn_loss(y, proposals, masks, gt_labels, matched).mul(2.5).backward()
     assert_close(x.grad, y.grad.to(dtype), **tol(dtype))
     assert torch.equal(x.grad != 0, y.grad != 0)
