@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import time
 
 import torch
 import torchvision
 
 import maskrcnn
+from maskrcnn.engine import cpu_shared
 from benchmarks._common import (default_device, format_table, ieee_float32, measure, parity,
                                 write_results)
 
@@ -98,31 +97,13 @@ def run(quick: bool = False, device: str | None = None, write: bool = True,
     """The model in float32 (``amp``: bfloat16 autocast on CUDA)."""
     device = device or default_device()
     threads = torch.get_num_threads()
-    if device == "cpu" and _cpu_shared():
+    if device == "cpu" and cpu_shared():
         # shared CPU: multi-threaded kernels mostly wait at barriers (both sides alike)
         torch.set_num_threads(1)
     try:
         return _run(quick, device, write, amp, tiny, compiled)
     finally:
         torch.set_num_threads(threads)
-
-
-def _cpu_shared() -> bool:
-    """Other work runs on this CPU now: the runnable threads /proc/loadavg counts at this
-    instant (ours among them), sampled 5 times over a quarter second, exceed the cores in
-    most samples. The 1-minute load average (where /proc/loadavg is missing) also counts
-    this run's own earlier benchmarks: it sent the model to one thread, our thread pool
-    with it, in most CPU report runs."""
-    cores = os.cpu_count() or 1
-    try:
-        samples = []
-        for _ in range(5):
-            with open("/proc/loadavg") as f:
-                samples.append(int(f.read().split()[3].split("/")[0]))
-            time.sleep(0.05)
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] > cores
-    return sorted(samples)[2] - 1 >= cores
 
 
 def _run(quick: bool, device: str, write: bool, amp: bool, tiny: bool,

@@ -66,12 +66,12 @@ def _write_json(path: str, obj) -> None:
 
 def _set_threads(threads, world: int) -> None:
     """Torch CPU threads: ``threads`` if given; otherwise one per process when the CPU is
-    oversubscribed (load average above the core count, or several DDP processes), where
-    multi-threaded kernels spend most of their time waiting at barriers (measured 5-10x
-    slower on a shared 2-core machine), else torch's default."""
+    oversubscribed (other work running now, see ``engine.cpu_shared``, or several DDP
+    processes), where multi-threaded kernels spend most of their time waiting at barriers
+    (measured 5-10x slower on a shared 2-core machine), else torch's default."""
     if threads:
         torch.set_num_threads(threads)
-    elif world > 1 or os.getloadavg()[0] > (os.cpu_count() or 1):
+    elif world > 1 or engine.cpu_shared():
         torch.set_num_threads(1)
 
 
@@ -88,8 +88,10 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     model = engine.build_model(config, ops=args.ops)
     if rank == 0:
+        # the thread count changes float sums: runs compare bit for bit only at the same one
+        threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
         print(f"training {config['arch']} on {len(train_set)} images, {world} process(es), "
-              f"device {device}", flush=True)
+              f"device {device}{threads}", flush=True)
     time_budget = args.time_budget
     if time_budget is None and not args.images:
         time_budget = 480.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -149,7 +148,9 @@ def collate(batch):
 
 
 # ---------------------------------------------------------------------------------------
-# Augmentations on (image, target) pairs
+# Augmentations on (image, target) pairs. Their random draws come from torch's generator:
+# seeded by training's --seed, saved and restored with a checkpoint, and reseeded per loader
+# worker by the DataLoader (Python's ``random`` was never seeded: runs differed from step 1).
 
 class Compose:
     def __init__(self, transforms: Sequence[Callable]):
@@ -166,7 +167,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, image, target):
-        if random.random() < self.p:
+        if float(torch.rand(())) < self.p:
             w = image.shape[-1]
             image = image.flip(-1)
             target = dict(target)
@@ -187,7 +188,7 @@ class Resize:
 
     def __call__(self, image, target):
         h, w = image.shape[-2:]
-        size = random.choice(self.min_sizes)
+        size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
         scale = min(size / min(h, w), self.max_size / max(h, w))
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         image = torch.nn.functional.interpolate(image[None], (nh, nw), mode="bilinear",

@@ -66,6 +66,69 @@ def test_train_writes_checkpoint_and_resumes(checkpoint, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["resumed.pt"]
 
 
+def _weights(path):
+    return engine.load_checkpoint(path)["model"]
+
+
+def test_training_is_reproducible_and_resume_is_exact(tmp_path, monkeypatch):
+    # Same seed, same threads: the same weights, bit for bit (the augmentations drew from
+    # Python's unseeded `random`, and the time budget moved the first steps' learning rate:
+    # runs differed from the third step). A run stopped after its first epoch and resumed
+    # ends with exactly the uninterrupted run's weights (flips from the restored RNG, the
+    # step schedule, the optimizer's momentum).
+    args = [*TINY, "--epochs", "2"]
+    kept = {}
+    save = engine.save_checkpoint
+
+    def save_and_keep(path, state):
+        save(path, state)
+        if state["epoch"] == 1 and "first" not in kept:
+            kept["first"] = str(tmp_path / "after-epoch-1.pt")
+            save(kept["first"], state)
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_and_keep)
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    assert _run(["train", *args, "--output", a]) == 0
+    assert _run(["train", *args, "--output", b]) == 0
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    resumed = str(tmp_path / "resumed.pt")
+    assert _run(["train", *args, "--resume", kept["first"], "--output", resumed]) == 0
+    assert engine.load_checkpoint(resumed)["step"] == 8
+    wr = _weights(resumed)
+    assert all(torch.equal(wa[k], wr[k]) for k in wa)
+    # and the weights did move in the second epoch (the comparison is not of idle copies)
+    w1 = _weights(kept["first"])
+    assert any(not torch.equal(w1[k], wa[k]) for k in wa if wa[k].is_floating_point())
+
+
+def test_time_budget_binds_only_when_time_leads():
+    # a run inside its budget follows the step schedule exactly; one that falls behind
+    # switches to time and stays there, ending when the budget is spent
+    p = engine.Progress(100, 1000.0, 0, 0.0, torch.device("cpu"))
+    assert p.at(10) == 0.1 and not p.time_bound
+    p.t0 -= 200.0                       # 20% of the budget spent at 10% of the steps
+    assert p.at(10) == pytest.approx(0.2, abs=1e-3) and p.time_bound
+    p.t0 += 150.0                       # back to 5%: stays time-bound, steps lead now
+    assert p.at(30) == 0.3
+    late = engine.Progress(100, 10.0, 99, 10.5, torch.device("cpu"))
+    assert late.value == 1.0            # budget spent at 99% of the steps: done
+
+
+@pytest.mark.parametrize("running, shared", [(2, False), (3, True)])
+def test_cpu_shared_counts_runnable_threads_now(monkeypatch, running, shared):
+    # 2 cores: our own runnable thread plus one other fits; two others do not. The load
+    # averages (here 9.0) are not read: they count the previous run's work too.
+    import io
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.StringIO(
+        f"9.00 9.00 9.00 {running}/300 4242\n") if path == "/proc/loadavg"
+        else real_open(path, *a, **k))
+    assert engine.cpu_shared() is shared
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     engine.save_checkpoint(str(path), {"model": {"w": torch.ones(2)}, "config": {}})
@@ -211,7 +274,7 @@ def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    assert "2 process(es), device cpu, 1 thread(s)" in proc.stdout   # one per process
     ckpt = engine.load_checkpoint(str(out))
     # 8 images / (2 processes x batch 2) = 2 steps, each over 4 images
     assert ckpt["step"] == 2
