@@ -7,9 +7,10 @@ K in {2, 91} classes, M = 28 (the fused predictor + loss: ``bench_mask_predictor
 * ``maskrcnn_loss``: ours (targets sampled inside the loss kernel) vs torchvision's
   ``roi_heads.maskrcnn_loss`` (roi_align of the gt masks, then the loss), 2 images of
   800x1216 with 16 uint8 gt masks each and N/2 proposals per image.
-Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what existed
-before; ``*_scratch_bytes``, that peak less the gradients every provider must return;
-``*_held_bytes``, what the forward keeps alive for the backward.
+Forward+backward rows end with a read of the returned gradient (``consume``), for every
+provider. Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what
+existed before; ``*_scratch_bytes``, that peak less the gradients every provider must
+return; ``*_held_bytes``, what the forward keeps alive for the backward.
 
 On CUDA every provider runs its CUDA kernels; on the CPU ours is the PyTorch reference path
 (or the Triton interpreter under TRITON_INTERPRET=1, very slow) and peak memory is not
@@ -79,6 +80,13 @@ def held_bytes(forward, device: str) -> int | None:
     return held
 
 
+def consume(grad):
+    """Read the whole gradient, as the layer before the loss does in training. Without it
+    the CPU path's large gradient (fresh zero pages, ``kernels._cpu.LAZY_ZEROS_BYTES``) is
+    never faulted in, and its rows leave out a cost training pays."""
+    return grad.sum()
+
+
 def time_providers(row, providers, mode, device, reps, nbytes):
     for name, (forward, params) in providers.items():
         def step(forward=forward, params=params):
@@ -86,6 +94,7 @@ def time_providers(row, providers, mode, device, reps, nbytes):
             if mode != "forward":
                 loss.backward()
                 for p in params:
+                    consume(p.grad)
                     p.grad = None
         measure(row, name, step, device, nbytes, reps)
         peak = row[f"{name}_peak_bytes"]
