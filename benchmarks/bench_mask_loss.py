@@ -7,8 +7,8 @@ K in {2, 91} classes, M = 28 (the fused predictor + loss: ``bench_mask_predictor
 * ``maskrcnn_loss``: ours (targets sampled inside the loss kernel) vs torchvision's
   ``roi_heads.maskrcnn_loss`` (roi_align of the gt masks, then the loss), 2 images of
   800x1216 with 16 uint8 gt masks each and N/2 proposals per image.
-Forward+backward rows end with a read of the returned gradient (``consume``), for every
-provider. Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what
+Forward+backward rows end by touching every page of the returned gradient (``consume``),
+for every provider. Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what
 existed before; ``*_scratch_bytes``, that peak less the gradients every provider must
 return; ``*_held_bytes``, what the forward keeps alive for the backward.
 
@@ -80,11 +80,18 @@ def held_bytes(forward, device: str) -> int | None:
     return held
 
 
+PAGE = 4096
+
+
 def consume(grad):
-    """Read the whole gradient, as the layer before the loss does in training. Without it
-    the CPU path's large gradient (fresh zero pages, ``kernels._cpu.LAZY_ZEROS_BYTES``) is
-    never faulted in, and its rows leave out a cost training pays."""
-    return grad.sum()
+    """Touch every memory page of the returned gradient (one element a page), as the
+    layer before the loss, which reads it, does in training. The CPU path's large gradient
+    is fresh zero pages (``kernels._cpu.LAZY_ZEROS_BYTES``) whose mapping is deferred to the
+    first access: untouched, its rows would leave out that cost. One element a page keeps
+    the touch itself on one thread (a parallel read would leave the main thread's OpenMP
+    workers spinning into the next repeat, a cost no other benchmark's loop has)."""
+    step = max(1, PAGE // grad.element_size())
+    return grad.as_strided((-(-grad.numel() // step),), (step,)).sum()
 
 
 def time_providers(row, providers, mode, device, reps, nbytes):
