@@ -32,16 +32,13 @@ def _add_data_args(p: argparse.ArgumentParser, split_seed: int, num: int) -> Non
                         "seeds)")
 
 
-def _dataset(args, *, train: bool):
+def _dataset(args):
     if bool(args.images) != bool(args.annotations):
         raise data.DataError("--images and --annotations go together")
     if args.images:
-        transforms = data.train_transforms() if train else None
-        return data.CocoDetection(args.images, args.annotations, transforms=transforms)
-    size = args.image_size or 64
-    transforms = data.Compose([data.RandomHorizontalFlip(0.5)]) if train else None
-    return data.SyntheticShapes(args.num_images, image_size=size, seed=args.data_seed,
-                                transforms=transforms)
+        return data.CocoDetection(args.images, args.annotations)
+    return data.SyntheticShapes(args.num_images, image_size=args.image_size or 64,
+                                seed=args.data_seed)
 
 
 def _write_atomic(path: str, write) -> None:
@@ -78,7 +75,7 @@ def _set_threads(threads, world: int) -> None:
 def cmd_train(args) -> int:
     rank, world, device = engine.distributed_setup(args.device)
     _set_threads(args.threads, world)
-    train_set = _dataset(args, train=True)
+    train_set = _dataset(args)
     if args.resume:
         config = engine.load_checkpoint(args.resume)["config"]
     else:
@@ -103,10 +100,19 @@ def cmd_train(args) -> int:
             evaluate_after = False
             print(f"note: no held-out evaluation after training: {e}", flush=True)
     t0 = time.time()
-    engine.train(model=model, config=config, train_set=train_set, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, device=device, output=args.output,
-                 resume=args.resume, amp=not args.no_amp, workers=args.workers,
-                 seed=args.seed, max_steps=args.max_steps, time_budget=time_budget)
+    result = engine.train(
+        model=model, config=config, train_set=train_set, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, device=device, output=args.output,
+        resume=args.resume, amp=not args.no_amp, workers=args.workers, seed=args.seed,
+        max_steps=args.max_steps, time_budget=time_budget, save_every=args.save_every,
+        transforms=data.train_transforms())
+    if result.get("interrupted"):
+        if rank == 0:
+            print(f"interrupted: checkpoint {args.output}; continue with --resume "
+                  f"{args.output}", flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 130
     if rank == 0:
         print(f"training took {time.time() - t0:.0f} s; checkpoint: {args.output}", flush=True)
         if evaluate_after:
@@ -133,7 +139,7 @@ def cmd_evaluate(args) -> int:
     data.require_pycocotools()
     if args.image_size is None:
         args.image_size = ckpt["config"]["image_size"]
-    dataset = _dataset(args, train=False)
+    dataset = _dataset(args)
     metrics, table = evaluation.evaluate(model, dataset, device, progress=True)
     print(table)
     _write_json(args.output, {"checkpoint": args.checkpoint, "images": len(dataset), **metrics})
@@ -205,7 +211,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on an oversubscribed CPU, else torch's)")
     t.add_argument("--output", default="runs/maskrcnn.pt", help="checkpoint path")
-    t.add_argument("--resume", help="checkpoint to resume from")
+    t.add_argument("--resume", help="checkpoint to resume from (mid-epoch too: exactly where "
+                                    "it was written)")
+    t.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                   help="also checkpoint every STEPS steps (default: every 10 minutes); "
+                        "always after each epoch, and on Ctrl-C after the step under way")
     t.add_argument("--val-images", type=int, default=200,
                    help="synthetic: held-out images evaluated after training (0: skip)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")

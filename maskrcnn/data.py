@@ -148,17 +148,19 @@ def collate(batch):
 
 
 # ---------------------------------------------------------------------------------------
-# Augmentations on (image, target) pairs. Their random draws come from torch's generator:
-# seeded by training's --seed, saved and restored with a checkpoint, and reseeded per loader
-# worker by the DataLoader (Python's ``random`` was never seeded: runs differed from step 1).
+# Augmentations on (image, target) pairs. Each draws from ``generator`` (torch's global one
+# when None). Training draws them from :class:`Augmented`'s generator seeded per sample by
+# (seed, epoch, index): the same flips whichever loader worker renders a sample, with any
+# --workers, and after a resume mid-epoch. (They drew from Python's never-seeded ``random``
+# until 2026-12-05: no two runs were alike.)
 
 class Compose:
     def __init__(self, transforms: Sequence[Callable]):
         self.transforms = list(transforms)
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, generator: Optional[torch.Generator] = None):
         for t in self.transforms:
-            image, target = t(image, target)
+            image, target = t(image, target, generator)
         return image, target
 
 
@@ -166,8 +168,8 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
 
-    def __call__(self, image, target):
-        if float(torch.rand(())) < self.p:
+    def __call__(self, image, target, generator: Optional[torch.Generator] = None):
+        if float(torch.rand((), generator=generator)) < self.p:
             w = image.shape[-1]
             image = image.flip(-1)
             target = dict(target)
@@ -186,9 +188,9 @@ class Resize:
         self.min_sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
         self.max_size = max_size
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, generator: Optional[torch.Generator] = None):
         h, w = image.shape[-2:]
-        size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+        size = self.min_sizes[int(torch.randint(len(self.min_sizes), (), generator=generator))]
         scale = min(size / min(h, w), self.max_size / max(h, w))
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         image = torch.nn.functional.interpolate(image[None], (nh, nw), mode="bilinear",
@@ -201,6 +203,50 @@ class Resize:
         else:
             target["masks"] = target["masks"].new_zeros((0, nh, nw))
         return image, target
+
+
+class Augmented(torch.utils.data.Dataset):
+    """``dataset`` with ``transforms`` drawing from a generator seeded by (seed, epoch,
+    index): indexed by the ``(epoch, index)`` keys of :class:`EpochKeys`, so a sample's
+    augmentation depends on nothing else (not the worker that renders it, nor the batches
+    before it)."""
+
+    def __init__(self, dataset, transforms: Optional[Callable], seed: int = 0) -> None:
+        self.dataset, self.transforms, self.seed = dataset, transforms, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        image, target = self.dataset[index]
+        if self.transforms is None:
+            return image, target
+        g = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.seed % 2**63, epoch, index]).generate_state(1)[0]))
+        return self.transforms(image, target, g)
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """``sampler``'s indices as ``(epoch, index)`` keys for :class:`Augmented`, the first
+    ``skip`` of the next epoch left out (a resume mid-epoch)."""
+
+    def __init__(self, sampler, skip: int = 0) -> None:
+        self.sampler, self.skip, self.epoch = sampler, skip, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, index in enumerate(self.sampler):
+            if i >= skip:
+                yield self.epoch, index
 
 
 # ---------------------------------------------------------------------------------------

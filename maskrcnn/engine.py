@@ -1,11 +1,14 @@
 """Training (single process or torchrun/DDP), checkpoints, model configs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -154,6 +157,7 @@ class Progress:
         self.t0 = time.time() - spent
         self.device = device
         self.time_bound = False
+        self.interrupted = False        # set by Ctrl-C (stop_on_interrupt): progress 1
         self.value = self.at(start_step)
 
     def spent(self) -> float:
@@ -166,6 +170,8 @@ class Progress:
             self.time_bound = self.time_bound or by_time > min(p + self.TIME_LEAD, 1.0)
             if self.time_bound:
                 p = max(p, by_time)
+        if self.interrupted:
+            p = 1.0
         if dist.is_initialized():
             t = torch.tensor([p], dtype=torch.float64,
                              device=self.device if self.device.type == "cuda" else "cpu")
@@ -175,13 +181,60 @@ class Progress:
         return self.value
 
 
+@contextlib.contextmanager
+def stop_on_interrupt(progress: "Progress"):
+    """Ctrl-C (SIGINT) inside the block ends training after the step under way, as if its
+    budget were spent: the loop stops between steps and writes its checkpoint (a step cut
+    halfway would leave the weights half updated). A second Ctrl-C interrupts at once.
+    Main thread only (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        progress.interrupted = True
+        signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _step(model, optimizer, scaler, params, images, targets, device, use_amp: bool,
+          clip_grad: float, step: int) -> dict[str, float]:
+    """One optimizer step on a batch; its losses (one host sync reads them all)."""
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    with torch.autocast(device.type, enabled=use_amp):
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+    values = dict(zip([*loss_dict, "loss"], torch.stack(
+        [v.detach().float() for v in (*loss_dict.values(), loss)]).tolist()))
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss is {values['loss']} at step {step}: {values}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    # from-scratch training spikes early on; clipping keeps it from diverging
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return values
+
+
 def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: float,
           device, output: str, resume: Optional[str] = None, amp: bool = True,
           workers: int = 0, seed: int = 0, max_steps: Optional[int] = None,
           weight_decay: float = 1e-4, clip_grad: float = 10.0,
-          time_budget: Optional[float] = None, log=print) -> dict:
-    """Train; checkpoint ``output`` after every epoch (and at the end). Returns the last
-    losses (averaged over the last epoch)."""
+          time_budget: Optional[float] = None, transforms: Optional[Callable] = None,
+          save_every: Optional[int] = None, save_minutes: float = 10.0, log=print) -> dict:
+    """Train; checkpoint ``output`` after every epoch, every ``save_every`` steps (default:
+    every ``save_minutes`` of training) and when training stops early (step or time budget,
+    Ctrl-C). ``transforms``: the augmentation, seeded per sample (:class:`data.Augmented`).
+    A resume continues where the checkpoint was taken, mid-epoch too, and ends with the
+    weights an uninterrupted run ends with. Returns the losses averaged over the last
+    epoch, with ``interrupted`` set when Ctrl-C ended it."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(seed)
     model.to(device)
@@ -189,76 +242,89 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, step, spent = 0, 0, 0.0
+    start_epoch, step, spent, done, sums = 0, 0, 0.0, 0, {}
     if resume:
         ckpt = load_checkpoint(resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch, step, spent = ckpt["epoch"], ckpt["step"], ckpt.get("spent", 0.0)
+        done, sums = ckpt.get("batch", 0), dict(ckpt.get("epoch_sums", {}))
         torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                         else None) if world > 1 else model
 
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=seed)
+    shards = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
+                                                 shuffle=True, seed=seed)
+    steps_per_epoch = len(shards) // batch_size
+    sampler = data.EpochKeys(shards, skip=done * batch_size)
+    # the loader's own generator seeds its workers: the global one (the model's random
+    # draws, saved in checkpoints) is not drawn from when an epoch's iterator starts
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=data.collate, drop_last=True, persistent_workers=workers > 0)
-    steps_per_epoch = len(loader)
+        data.Augmented(train_set, transforms, seed), batch_size=batch_size, sampler=sampler,
+        num_workers=workers, collate_fn=data.collate, drop_last=True,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
     total = epochs * steps_per_epoch if max_steps is None else min(max_steps,
                                                                    epochs * steps_per_epoch)
     progress = Progress(total, time_budget, step, spent, device)
     warmup = 0.1
     averages: dict[str, float] = {}
-    for epoch in range(start_epoch, epochs):
-        if progress.value >= 1:
-            break
-        sampler.set_epoch(epoch)
-        model.train()
-        sums: dict[str, float] = {}
-        count = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0,
-                   dynamic_ncols=True, leave=True)
-        for images, targets in bar:
-            if progress.at(step) >= 1:
+    last_save = time.time()
+
+    def save(epoch: int, done: int, sums: dict) -> None:
+        finished = done == steps_per_epoch
+        save_checkpoint(output, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch + finished, "step": step,
+            "batch": 0 if finished else done, "epoch_sums": {} if finished else sums,
+            "config": config, "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "losses": {k: v / max(1, done) for k, v in sums.items()},
+            "spent": progress.spent(), "time": time.time()})
+
+    with stop_on_interrupt(progress):
+        for epoch in range(start_epoch, epochs):
+            if progress.value >= 1:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(progress.value, lr, warmup)
-            images = [img.to(device, non_blocking=True) for img in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()}
-                       for t in targets]
-            with torch.autocast(device.type, enabled=use_amp):
-                loss_dict = ddp_model(images, targets)
-                loss = sum(loss_dict.values())
-            # every logged value in one host sync: the losses, read once per step
-            values = dict(zip([*loss_dict, "loss"], torch.stack(
-                [v.detach().float() for v in (*loss_dict.values(), loss)]).tolist()))
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {step}: {values}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # from-scratch training spikes early on; clipping keeps it from diverging
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            count += 1
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.4f}")
-        averages = {k: v / max(1, count) for k, v in sums.items()}
-        if rank == 0:
-            save_checkpoint(output, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                "config": config, "rng": torch.get_rng_state(), "losses": averages,
-                "spent": progress.spent(),
-                "time": time.time()})
-            log(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in averages.items())
-                + f" -> {output}")
+            sampler.set_epoch(epoch)
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0,
+                       dynamic_ncols=True, leave=True, initial=done, total=steps_per_epoch)
+            for images, targets in bar:
+                if progress.at(step) >= 1:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(progress.value, lr, warmup)
+                values = _step(ddp_model, optimizer, scaler, params, images, targets,
+                               device, use_amp, clip_grad, step)
+                step += 1
+                done += 1
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+                due = (step % save_every == 0 if save_every
+                       else time.time() - last_save >= 60 * save_minutes)
+                if due and done < steps_per_epoch:
+                    if rank == 0:
+                        save(epoch, done, sums)
+                        bar.write(f"step {step}: checkpoint -> {output}")
+                    last_save = time.time()
+            if done == 0:       # stopped before its first step: nothing new to save
+                break
+            averages = {k: v / max(1, done) for k, v in sums.items()}
+            if rank == 0:
+                save(epoch, done, sums)
+                stopped = ("" if done == steps_per_epoch
+                           else f" (stopped at {done}/{steps_per_epoch})")
+                log(f"epoch {epoch + 1}{stopped}: "
+                    + ", ".join(f"{k}={v:.4f}" for k, v in averages.items()) + f" -> {output}")
+            last_save = time.time()
+            done, sums = 0, {}
     if world > 1:
         dist.barrier()
+    if progress.interrupted:
+        averages["interrupted"] = True
     return averages

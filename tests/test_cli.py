@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -70,36 +71,68 @@ def _weights(path):
     return engine.load_checkpoint(path)["model"]
 
 
-def test_training_is_reproducible_and_resume_is_exact(tmp_path, monkeypatch):
-    # Same seed, same threads: the same weights, bit for bit (the augmentations drew from
-    # Python's unseeded `random`, and the time budget moved the first steps' learning rate:
-    # runs differed from the third step). A run stopped after its first epoch and resumed
-    # ends with exactly the uninterrupted run's weights (flips from the restored RNG, the
-    # step schedule, the optimizer's momentum).
-    args = [*TINY, "--epochs", "2"]
-    kept = {}
+def _same(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_is_reproducible_and_resumes_exactly(tmp_path, monkeypatch):
+    # Same seed, same threads: the same weights, bit for bit, with any --workers (the flips
+    # are seeded per sample). Before 2026-12-05 the augmentations drew from Python's
+    # unseeded `random` and the time budget moved the first steps' learning rate: runs
+    # differed from the third step. A run resumed from a checkpoint written mid-epoch, or
+    # from the one Ctrl-C writes, ends with exactly the uninterrupted run's weights.
+    args = [*TINY, "--epochs", "2"]                     # 2 epochs of 4 steps
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    assert _run(["train", *args, "--output", a]) == 0
+    assert _run(["train", *args, "--workers", "2", "--output", b]) == 0
+    wa = _weights(a)
+    assert _same(wa, _weights(b))
+
+    kept = []                                           # every checkpoint as written
     save = engine.save_checkpoint
 
     def save_and_keep(path, state):
         save(path, state)
-        if state["epoch"] == 1 and "first" not in kept:
-            kept["first"] = str(tmp_path / "after-epoch-1.pt")
-            save(kept["first"], state)
+        kept.append(str(tmp_path / f"kept-{len(kept)}.pt"))
+        save(kept[-1], state)
 
     monkeypatch.setattr(engine, "save_checkpoint", save_and_keep)
-    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
-    assert _run(["train", *args, "--output", a]) == 0
-    assert _run(["train", *args, "--output", b]) == 0
-    wa, wb = _weights(a), _weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    resumed = str(tmp_path / "resumed.pt")
-    assert _run(["train", *args, "--resume", kept["first"], "--output", resumed]) == 0
-    assert engine.load_checkpoint(resumed)["step"] == 8
-    wr = _weights(resumed)
-    assert all(torch.equal(wa[k], wr[k]) for k in wa)
-    # and the weights did move in the second epoch (the comparison is not of idle copies)
-    w1 = _weights(kept["first"])
-    assert any(not torch.equal(w1[k], wa[k]) for k in wa if wa[k].is_floating_point())
+    c = str(tmp_path / "c.pt")
+    assert _run(["train", *args, "--save-every", "3", "--output", c]) == 0
+    states = [engine.load_checkpoint(k) for k in kept]
+    assert [(s["epoch"], s["batch"], s["step"]) for s in states] == [
+        (0, 3, 3), (1, 0, 4), (1, 2, 6), (2, 0, 8)]
+    assert _same(wa, _weights(c))                       # saving changes nothing
+    for k, state in zip(kept[:3], states):              # resume from each but the last
+        resumed = str(tmp_path / f"resumed-{state['step']}.pt")
+        assert _run(["train", *args, "--resume", k, "--output", resumed]) == 0
+        assert engine.load_checkpoint(resumed)["step"] == 8
+        assert _same(wa, _weights(resumed)), f"resumed at step {state['step']}"
+    # and the weights did move after the first checkpoint (no idle comparison)
+    assert any(not torch.equal(states[0]["model"][k], wa[k]) for k in wa
+               if wa[k].is_floating_point())
+
+    # Ctrl-C during step 2 (the third): that step ends, the checkpoint is written, exit 130
+    kept.clear()
+    calls = []
+    lr_at = engine.lr_at
+
+    def interrupt_at_third_step(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return lr_at(*a)
+
+    monkeypatch.setattr(engine, "lr_at", interrupt_at_third_step)
+    d = str(tmp_path / "d.pt")
+    assert _run(["train", *args, "--output", d]) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+    state = engine.load_checkpoint(d)
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 3, 3)
+    monkeypatch.setattr(engine, "lr_at", lr_at)
+    resumed = str(tmp_path / "resumed-ctrl-c.pt")
+    assert _run(["train", *args, "--resume", d, "--output", resumed]) == 0
+    assert _same(wa, _weights(resumed))
 
 
 def test_time_budget_binds_only_when_time_leads():
