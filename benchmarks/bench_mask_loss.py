@@ -8,9 +8,9 @@ K in {2, 91} classes, M = 28 (the fused predictor + loss: ``bench_mask_predictor
   ``roi_heads.maskrcnn_loss`` (roi_align of the gt masks, then the loss), 2 images of
   800x1216 with 16 uint8 gt masks each and N/2 proposals per image.
 Forward+backward rows end by touching every page of the returned gradient (``consume``),
-for every provider. Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark above what
-existed before; ``*_scratch_bytes``, that peak less the gradients every provider must
-return; ``*_held_bytes``, what the forward keeps alive for the backward.
+for every provider. Memory columns (CUDA): ``*_peak_bytes``, the step's high-water mark
+above what existed before; ``*_scratch_bytes``, that peak less the gradients every provider
+must return; ``*_held_bytes``, what the forward keeps alive for the backward.
 
 On CUDA every provider runs its CUDA kernels; on the CPU ours is the PyTorch reference path
 (or the Triton interpreter under TRITON_INTERPRET=1, very slow) and peak memory is not
