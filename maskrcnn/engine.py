@@ -201,6 +201,37 @@ def stop_on_interrupt(progress: "Progress"):
         signal.signal(signal.SIGINT, previous)
 
 
+def _agreed(flag: bool, device) -> bool:
+    """``flag`` as rank 0 has it (under DDP every rank must take the same branch)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def _rng_states(device) -> dict:
+    """Every rank's random state (each rank's model draws its own): a list, rank by rank,
+    gathered to every rank (the CUDA generator's too on CUDA)."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return {k: [v] for k, v in states.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    return {k: [g[k] for g in gathered] for k in states}
+
+
+def _set_rng_states(ckpt: dict, rank: int, device) -> None:
+    """This rank's random state from a checkpoint (one state: older checkpoints)."""
+    def mine(states):
+        return states[rank % len(states)] if isinstance(states, list) else states
+    torch.set_rng_state(mine(ckpt["rng"]))
+    if device.type == "cuda" and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(mine(ckpt["cuda_rng"]), device)
+
+
 def _step(model, optimizer, scaler, params, images, targets, device, use_amp: bool,
           clip_grad: float, step: int) -> dict[str, float]:
     """One optimizer step on a batch; its losses (one host sync reads them all)."""
@@ -250,9 +281,7 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
         scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch, step, spent = ckpt["epoch"], ckpt["step"], ckpt.get("spent", 0.0)
         done, sums = ckpt.get("batch", 0), dict(ckpt.get("epoch_sums", {}))
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and "cuda_rng" in ckpt:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        _set_rng_states(ckpt, rank, device)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                         else None) if world > 1 else model
 
@@ -274,15 +303,17 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
     last_save = time.time()
 
     def save(epoch: int, done: int, sums: dict) -> None:
+        """Every rank calls it (the random states are gathered); rank 0 writes."""
         finished = done == steps_per_epoch
-        save_checkpoint(output, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch + finished, "step": step,
-            "batch": 0 if finished else done, "epoch_sums": {} if finished else sums,
-            "config": config, "rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-            "losses": {k: v / max(1, done) for k, v in sums.items()},
-            "spent": progress.spent(), "time": time.time()})
+        states = _rng_states(device)
+        if rank == 0:
+            save_checkpoint(output, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch + finished, "step": step,
+                "batch": 0 if finished else done, "epoch_sums": {} if finished else sums,
+                "config": config, **states,
+                "losses": {k: v / max(1, done) for k, v in sums.items()},
+                "spent": progress.spent(), "time": time.time()})
 
     with stop_on_interrupt(progress):
         for epoch in range(start_epoch, epochs):
@@ -306,17 +337,17 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
                 bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.4f}")
                 due = (step % save_every == 0 if save_every
-                       else time.time() - last_save >= 60 * save_minutes)
+                       else _agreed(time.time() - last_save >= 60 * save_minutes, device))
                 if due and done < steps_per_epoch:
+                    save(epoch, done, sums)
                     if rank == 0:
-                        save(epoch, done, sums)
                         bar.write(f"step {step}: checkpoint -> {output}")
                     last_save = time.time()
             if done == 0:       # stopped before its first step: nothing new to save
                 break
             averages = {k: v / max(1, done) for k, v in sums.items()}
+            save(epoch, done, sums)
             if rank == 0:
-                save(epoch, done, sums)
                 stopped = ("" if done == steps_per_epoch
                            else f" (stopped at {done}/{steps_per_epoch})")
                 log(f"epoch {epoch + 1}{stopped}: "

@@ -300,17 +300,28 @@ def test_exit_code_2_from_the_real_command(tmp_path):
 
 
 def test_torchrun_ddp_two_processes_on_cpu(tmp_path):
-    out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", "-m", "maskrcnn", "train", *TINY, "--epochs", "1",
-           "--max-steps", "2", "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 8 images / (2 processes x batch 2) = 2 steps an epoch, each over 4 images. A run
+    # stopped after its first step (mid-epoch: each rank skips its own shard's first batch
+    # on resume) and resumed ends with the uninterrupted run's weights.
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "-m", "maskrcnn", "train", *TINY, "--epochs", "2",
+               "--output", str(out), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    whole, part, resumed = tmp_path / "ddp.pt", tmp_path / "part.pt", tmp_path / "resumed.pt"
+    proc = torchrun(whole)
     assert "2 process(es), device cpu, 1 thread(s)" in proc.stdout   # one per process
-    ckpt = engine.load_checkpoint(str(out))
-    # 8 images / (2 processes x batch 2) = 2 steps, each over 4 images
-    assert ckpt["step"] == 2
+    assert engine.load_checkpoint(str(whole))["step"] == 4
+    torchrun(part, "--max-steps", "1")      # step 0's learning rate is the same either way
+    state = engine.load_checkpoint(str(part))
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 1, 1)
+    torchrun(resumed, "--resume", str(part))
+    assert engine.load_checkpoint(str(resumed))["step"] == 4
+    assert _same(_weights(str(whole)), _weights(str(resumed)))
 
 
 @requires_pycocotools
