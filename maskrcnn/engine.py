@@ -232,6 +232,20 @@ def _set_rng_states(ckpt: dict, rank: int, device) -> None:
         torch.cuda.set_rng_state(mine(ckpt["cuda_rng"]), device)
 
 
+def _check_mid_epoch(ckpt: dict, path: str, **now) -> None:
+    """A checkpoint taken mid-epoch resumes with the seed, batch size and process count it
+    was written with: they fix which samples the epoch's first batches were."""
+    if not ckpt.get("batch"):
+        return
+    then = ckpt.get("loader", {})
+    changed = [f"{k} {then[k]} -> {v}" for k, v in now.items() if k in then and then[k] != v]
+    if changed:
+        raise data.DataError(
+            f"{path} was written mid-epoch (after batch {ckpt['batch']} of epoch "
+            f"{ckpt['epoch'] + 1}); resuming it needs the same {', '.join(now)} "
+            f"(changed: {', '.join(changed)})")
+
+
 def _step(model, optimizer, scaler, params, images, targets, device, use_amp: bool,
           clip_grad: float, step: int) -> dict[str, float]:
     """One optimizer step on a batch; its losses (one host sync reads them all)."""
@@ -281,6 +295,7 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
         scaler.load_state_dict(ckpt.get("scaler", {}))
         start_epoch, step, spent = ckpt["epoch"], ckpt["step"], ckpt.get("spent", 0.0)
         done, sums = ckpt.get("batch", 0), dict(ckpt.get("epoch_sums", {}))
+        _check_mid_epoch(ckpt, resume, seed=seed, batch_size=batch_size, processes=world)
         _set_rng_states(ckpt, rank, device)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                         else None) if world > 1 else model
@@ -312,6 +327,7 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
                 "scaler": scaler.state_dict(), "epoch": epoch + finished, "step": step,
                 "batch": 0 if finished else done, "epoch_sums": {} if finished else sums,
                 "config": config, **states,
+                "loader": {"seed": seed, "batch_size": batch_size, "processes": world},
                 "losses": {k: v / max(1, done) for k, v in sums.items()},
                 "spent": progress.spent(), "time": time.time()})
 

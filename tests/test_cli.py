@@ -108,6 +108,10 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path, monkeypatch):
         assert _run(["train", *args, "--resume", k, "--output", resumed]) == 0
         assert engine.load_checkpoint(resumed)["step"] == 8
         assert _same(wa, _weights(resumed)), f"resumed at step {state['step']}"
+    # a mid-epoch checkpoint refuses another batch size (its first batches were others)
+    assert _run(["train", *args, "--batch-size", "1", "--resume", kept[0],
+                 "--output", str(tmp_path / "refused.pt")]) == 2
+    assert not os.path.exists(tmp_path / "refused.pt")
     # and the weights did move after the first checkpoint (no idle comparison)
     assert any(not torch.equal(states[0]["model"][k], wa[k]) for k in wa
                if wa[k].is_floating_point())
