@@ -114,6 +114,36 @@ def test_augmentations_keep_boxes_and_masks_aligned():
                                atol=1.0, rtol=0)
 
 
+def test_augmented_flips_depend_only_on_seed_epoch_and_index():
+    base = data.SyntheticShapes(24, image_size=32, seed=2)
+    aug = data.Augmented(base, data.train_transforms(), seed=5)
+
+    def flipped(epoch, index):
+        image, _ = aug[(epoch, index)]
+        plain, _ = base[index]
+        assert torch.equal(image, plain) or torch.equal(image, plain.flip(-1))
+        return not torch.equal(image, plain)
+
+    torch.manual_seed(0)
+    first = [flipped(0, i) for i in range(24)]
+    torch.manual_seed(1)                 # the global generator plays no part
+    assert [flipped(0, i) for i in reversed(range(24))] == first[::-1]
+    assert 0 < sum(first) < 24           # p = 0.5: both outcomes among 24 samples
+    assert [flipped(1, i) for i in range(24)] != first          # another epoch, other flips
+    other = data.Augmented(base, data.train_transforms(), seed=6)
+    assert [not torch.equal(other[(0, i)][0], base[i][0]) for i in range(24)] != first
+    assert data.Augmented(base, None)[(3, 4)][0].equal(base[4][0])   # no transforms
+
+
+def test_epoch_keys_skip_the_first_indices_of_the_next_epoch_only():
+    keys = data.EpochKeys(range(5), skip=3)
+    assert len(keys) == 2
+    keys.set_epoch(2)
+    assert list(keys) == [(2, 3), (2, 4)]
+    keys.set_epoch(3)
+    assert len(keys) == 5 and list(keys) == [(3, i) for i in range(5)]
+
+
 @requires_pycocotools
 @pytest.mark.parametrize("problem", ["missing", "not_json", "not_coco", "bad_entry"])
 def test_bad_annotation_files_raise_data_error(tmp_path, problem):
