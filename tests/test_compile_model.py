@@ -44,7 +44,10 @@ def _quiet_dynamo():
 
 
 def pair(**kw):
-    """The default and the static model with the same weights, in eval."""
+    """The default and the static model with the same weights, in eval. The weights are
+    seeded here: about one random initialization in twelve detects nothing in the test
+    images (seed 7 of 0-11), and the comparisons need detections (a CI run drew one)."""
+    torch.manual_seed(0)
     default = maskrcnn.maskrcnn_resnet18_fpn(fpn_channels=16, **kw).eval()
     static = maskrcnn.maskrcnn_resnet18_fpn(fpn_channels=16, static_shapes=True, **kw).eval()
     static.load_state_dict(default.state_dict())
