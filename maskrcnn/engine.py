@@ -140,6 +140,16 @@ def lr_at(progress: float, base: float, warmup: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _rank0(value: float, device) -> float:
+    """``value`` as rank 0 has it: under DDP every rank must take the same branch."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(t, 0)
+    return float(t)
+
+
 class Progress:
     """Training progress in [0, 1]: steps done over the step budget, until a time budget
     binds. Time binds once the time spent leads the steps by more than ``TIME_LEAD`` of the
@@ -172,12 +182,7 @@ class Progress:
                 p = max(p, by_time)
         if self.interrupted:
             p = 1.0
-        if dist.is_initialized():
-            t = torch.tensor([p], dtype=torch.float64,
-                             device=self.device if self.device.type == "cuda" else "cpu")
-            dist.broadcast(t, 0)
-            p = float(t)
-        self.value = min(1.0, p)
+        self.value = min(1.0, _rank0(p, self.device))
         return self.value
 
 
@@ -199,15 +204,6 @@ def stop_on_interrupt(progress: "Progress"):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _agreed(flag: bool, device) -> bool:
-    """``flag`` as rank 0 has it (under DDP every rank must take the same branch)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device if device.type == "cuda" else "cpu")
-    dist.broadcast(t, 0)
-    return bool(t.item())
 
 
 def _rng_states(device) -> dict:
@@ -353,7 +349,8 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
                 bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.4f}")
                 due = (step % save_every == 0 if save_every
-                       else _agreed(time.time() - last_save >= 60 * save_minutes, device))
+                       else bool(_rank0(time.time() - last_save >= 60 * save_minutes,
+                                        device)))
                 if due and done < steps_per_epoch:
                     save(epoch, done, sums)
                     if rank == 0:
