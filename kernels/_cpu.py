@@ -138,6 +138,26 @@ def _ranges(total: int, count: int) -> list[tuple[int, int]]:
     return [(total * i // count, total * (i + 1) // count) for i in range(count)]
 
 
+def _nchw(maps: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``maps`` in ``dtype`` and contiguous (NCHW), as torchvision's CPU kernels read them:
+    they copy a channels_last map to that on every call, so calls on RoI slices would copy
+    it once per slice, and a call in the pool on one thread. Copied here once, by channel
+    ranges, in one pass over the pool (a parallel copy on the main thread would leave its
+    OpenMP workers spinning on the pool's cores: see _target_chunks)."""
+    copy = [not x.is_contiguous() for x in maps]
+    out = [torch.empty(x.shape, dtype=dtype) if c else x.to(dtype) for x, c in zip(maps, copy)]
+    width = min(ROI_CHUNKS, torch.get_num_threads())
+    tasks = [(i, lo, hi) for i, x in enumerate(maps) if copy[i]
+             for lo, hi in _ranges(x.shape[1], width)]
+
+    def part(task) -> None:
+        i, lo, hi = task
+        out[i][:, lo:hi].copy_(maps[i][:, lo:hi])
+    if tasks:
+        _in_pool(part, tasks)
+    return out
+
+
 def _safe_rois(rois: Tensor, images: int) -> tuple[Tensor, Tensor | None]:
     """RoIs torchvision's kernel can take, and the rows that were not (None: every row is):
     a non-finite value or a batch index outside [0, images), which only the skipped data
@@ -153,7 +173,7 @@ def _safe_rois(rois: Tensor, images: int) -> tuple[Tensor, Tensor | None]:
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     cdt = compute_dtype(input.dtype)
-    x, (r, bad) = input.to(cdt), _safe_rois(rois.to(cdt), input.shape[0])
+    (x,), (r, bad) = _nchw([input], cdt), _safe_rois(rois.to(cdt), input.shape[0])
     count = _part_count(_samples(r, x.shape[1], pooled_h, pooled_w, spatial_scale,
                                  sampling_ratio))
     if count == 1:
@@ -248,7 +268,7 @@ class _MultiScale(torch.autograd.Function):
                 pooled_w: int, sampling_ratio: int, *features: Tensor) -> Tensor:
         dtype = features[0].dtype
         cdt = compute_dtype(dtype)
-        maps = [f.to(cdt) for f in features]
+        maps = _nchw(features, cdt)
         r, bad = _safe_rois(rois.to(cdt), features[0].shape[0])
         pooled = levels if bad is None else levels.masked_fill(bad, -1)
         per_level = [torch.where(pooled == lvl)[0] for lvl in range(len(maps))]
