@@ -14,9 +14,11 @@ the baseline, speed-up, achieved GB/s and its share of the device's measured cop
 bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png`` (speed-up per shape).
 Each benchmark checks its result against the baseline before timing; a mismatch is
 recorded in the rows it concerns (``parity``) and the report goes on, as it does past an op
-whose benchmark raises (its section holds the error). The report ends with the static
-kernel report (``python -m benchmarks.static``: registers, spills, shared memory and sm_90
-occupancy of every kernel compiled for sm_80/sm_90); ``--no-static`` leaves it out.
+whose benchmark raises (its section holds the error). On a GPU the Markdown opens with
+issue 18's speed targets, each met, missed or not measured (``benchmarks.targets``). The
+report ends with the static kernel report (``python -m benchmarks.static``: registers,
+spills, shared memory and sm_90 occupancy of every kernel compiled for sm_80/sm_90);
+``--no-static`` leaves it out.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks import static
+from benchmarks import static, targets
 from benchmarks._common import (RESULTS_DIR, copy_bandwidth_gbps, default_device, environment,
-                                format_table, slug)
+                                format_table, on_gpu, slug)
 
 # op name -> module with run(quick=, device=, write=, tiny=[, dtypes=]) -> rows; the model
 # runs in float32 and takes no dtypes
@@ -102,6 +104,11 @@ def markdown(results: dict) -> str:
            f"git {env['git_sha']}. Measured copy bandwidth: {bandwidth or 0:.1f} GB/s.", ""]
     if results.get("runs"):   # a report put together from several runs says which
         out += [results["runs"], ""]
+    if on_gpu(env):
+        out += ["## Speed targets (issue 18)", "",
+                "Each target's rows must all reach its minimum speed-up and match their "
+                "baseline (`python -m benchmarks.targets`).", "",
+                targets.markdown(targets.evaluate(results)), ""]
     for op, section in results["benchmarks"].items():
         out += [f"## {op}", ""]
         if section.get("measured"):

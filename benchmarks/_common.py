@@ -43,6 +43,11 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def on_gpu(environment: dict) -> bool:
+    """Whether a report's ``environment`` names a GPU (``device_name`` names a CPU "CPU ...")."""
+    return not environment.get("device", "CPU").startswith("CPU")
+
+
 def slug(name: str) -> str:
     """A device name as a file name: ``NVIDIA H200`` -> ``nvidia-h200``."""
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
@@ -206,9 +211,11 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def cli(doc: str, run: Callable[..., list[dict]], columns: list[str], *,
         dtype: str | None = "float32,bfloat16", quick_help: str = "fewer shapes and repeats",
-        channels_last: bool = False, shown: Callable[[dict], dict] = lambda r: r):
+        channels_last: bool = False, layouts: tuple[str, ...] = (),
+        shown: Callable[[dict], dict] = lambda r: r):
     """The ``main(argv)`` of a benchmark module: --quick, --dtype, --device (and
-    --channels-last where the op takes layouts), then ``run`` and a table of ``columns``."""
+    --channels-last or --layout where the op takes layouts: ``run``'s ``channels_last`` or
+    ``layouts``), then ``run`` and a table of ``columns``."""
     def main(argv=None):
         p = argparse.ArgumentParser(description=doc.splitlines()[0])
         p.add_argument("--quick", action="store_true", help=quick_help)
@@ -216,8 +223,16 @@ def cli(doc: str, run: Callable[..., list[dict]], columns: list[str], *,
         p.add_argument("--device", default=None)
         if channels_last:
             p.add_argument("--channels-last", action="store_true")
+        if layouts:
+            p.add_argument("--layout", default=",".join(layouts),
+                           help=f"comma-separated subset of {','.join(layouts)}")
         a = p.parse_args(argv)
         extra = {"channels_last": a.channels_last} if channels_last else {}
+        if layouts:
+            unknown = set(a.layout.split(",")) - set(layouts)
+            if unknown:
+                p.error(f"--layout: unknown layout(s) {sorted(unknown)}")
+            extra["layouts"] = tuple(a.layout.split(","))
         rows = run(a.quick, a.dtype.split(",") if a.dtype else None, a.device, **extra)
         print(format_table([shown(r) for r in rows], columns))
     return main

@@ -12,8 +12,8 @@ for every provider. Memory columns (CUDA): ``*_peak_bytes``, the step's high-wat
 above what existed before; ``*_scratch_bytes``, that peak less the gradients every provider
 must return; ``*_held_bytes``, what the forward keeps alive for the backward.
 
-On CUDA every provider runs its CUDA kernels; on the CPU ours is the PyTorch reference path
-(or the Triton interpreter under TRITON_INTERPRET=1, very slow) and peak memory is not
+On CUDA every provider runs its CUDA kernels; on the CPU ours is our CPU path (PyTorch
+operations, ``kernels._cpu``; the Triton interpreter under TRITON_INTERPRET=1, very slow) and peak memory is not
 measured.
 
     python -m benchmarks.bench_mask_loss [--quick] [--dtype float32,bfloat16]

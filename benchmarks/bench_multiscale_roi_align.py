@@ -8,7 +8,8 @@ log-uniform sizes (16..800 px) so every level gets RoIs. Cases:
   infer box  : 1 image x 1000 RoIs, 7x7, forward
   infer mask : 1 image x 100 RoIs, 14x14, forward
 Sampling ratio 2, as torchvision's Mask R-CNN. On CUDA both run their GPU kernels; on the CPU
-ours is the PyTorch reference path and torchvision its CPU kernel (which has no bfloat16).
+ours is our CPU path (torchvision's kernel from a thread pool, bfloat16 upcast to float32)
+and torchvision its CPU kernel (which has no bfloat16).
 
     python -m benchmarks.bench_multiscale_roi_align [--quick] [--dtype float32,bfloat16]
 """

@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 import kernels
-from benchmarks import bench_paste_masks_in_image
+from benchmarks import bench_paste_masks_in_image, targets
 from benchmarks.gpu import kit
 from kernels import _utils
 from kernels.ops import roi_align as roi_align_ops
@@ -63,6 +63,15 @@ def test_dry_run_runs_every_step_and_writes_the_files(dry_run):
     assert counts["memcheck"]["launches"] > 0 and counts["memcheck"]["missing"] == []
     assert counts["benchmarks"]["mismatches"] == 0 and counts["benchmarks"]["rows"] > 0
     assert counts["static"]["rows"] > 0 and counts["static"]["compile_failures"] == 0
+    # issue 18's targets, read from the report: even at tiny sizes the roi_align rows hold
+    # both layouts, the combinations its targets require (and both dtypes, but the CPU's
+    # torchvision has no bfloat16 baseline to time them against)
+    verdicts = {v["target"]: v for v in counts["benchmarks"]["targets"]}
+    assert list(verdicts) == [t.name for t in targets.TARGETS]
+    for t in targets.TARGETS[:2]:
+        assert verdicts[t.name]["rows"], t.name
+        assert {m["dtype"] for m in verdicts[t.name]["missing"]} == {"bfloat16"}, t.name
+    assert "speed targets (issue 18): dry run" in proc.stdout
     # the benchmark report came back with the static section beside the times
     report = json.loads((out / counts["benchmarks"]["report"]).read_text())
     assert set(report["benchmarks"]) == {"roi_align", "multiscale_roi_align", "nms",

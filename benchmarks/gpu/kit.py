@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from benchmarks import targets
 from benchmarks._common import RESULTS_DIR, slug
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -282,6 +283,9 @@ def benchmarks_collect(ctx: Context, rc: int):
         if values:
             speedups[op] = f"{min(values):.2f}x-{max(values):.2f}x"
     counts["speedup_range"] = speedups
+    counts["targets"] = [{k: v[k] for k in ("target", "status", "rows", "worst", "below",
+                                            "missing") if k in v}
+                         for v in targets.evaluate(report)]
     if errors or mismatches:
         counts["mismatch_rows"] = mismatches[:20]
         return "failed", f"op errors {errors}, {len(mismatches)} mismatching row(s)", counts
@@ -487,6 +491,13 @@ def one_screen(summary: dict, out: Path) -> str:
     if speed:
         lines.append("speed-up over torchvision (min-max per op): "
                      + ", ".join(f"{op} {r}" for op, r in speed.items()))
+    verdicts = next((s["counts"].get("targets") for s in summary["steps"]
+                     if s["name"] == "benchmarks" and s.get("counts")), None)
+    if verdicts:
+        lines.append("speed targets (issue 18)" + (": dry run, CPU timings, no verdict on "
+                                                   "the GPU" if summary["dry_run"] else ":"))
+        lines += [f"  {v['status']:12s} {v['target']}"
+                  + (f" (worst {v['worst']})" if v.get("worst") else "") for v in verdicts]
     slow = next((s["counts"].get("slowest") for s in summary["steps"]
                  if s["name"] == "tests" and s.get("counts")), None)
     if slow:
