@@ -150,14 +150,26 @@ def _rank0(value: float, device) -> float:
     return float(t)
 
 
+def _rank0_or_any(value: float, flag: bool, device) -> tuple[float, bool]:
+    """``value`` as rank 0 has it, and whether ``flag`` is set on any rank: one all-reduce
+    (the maximum of rank 0's value, -inf elsewhere, and of the flags)."""
+    if not dist.is_initialized():
+        return value, flag
+    mine = value if dist.get_rank() == 0 else -math.inf
+    t = torch.tensor([mine, float(flag)], dtype=torch.float64,
+                     device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t[0]), bool(t[1])
+
+
 class Progress:
     """Training progress in [0, 1]: steps done over the step budget, until a time budget
     binds. Time binds once the time spent leads the steps by more than ``TIME_LEAD`` of the
     schedule, or the budget is spent; from then on progress is whichever is further, so
     training still ends on time with the learning-rate schedule completed. A run that fits
     its budget follows the step schedule alone: the same learning rates, and (same seed,
-    same thread count) the same weights, every run. Under DDP the ranks agree through
-    rank 0."""
+    same thread count) the same weights, every run. Under DDP the ranks agree: on rank
+    0's progress, and on a Ctrl-C that reached any of them."""
 
     TIME_LEAD = 0.05
 
@@ -167,7 +179,8 @@ class Progress:
         self.t0 = time.time() - spent
         self.device = device
         self.time_bound = False
-        self.interrupted = False        # set by Ctrl-C (stop_on_interrupt): progress 1
+        self.requested = False          # set by Ctrl-C on this rank (stop_on_interrupt)
+        self.interrupted = False        # a Ctrl-C on any rank, as the ranks agreed: progress 1
         self.value = self.at(start_step)
 
     def spent(self) -> float:
@@ -180,9 +193,9 @@ class Progress:
             self.time_bound = self.time_bound or by_time > min(p + self.TIME_LEAD, 1.0)
             if self.time_bound:
                 p = max(p, by_time)
-        if self.interrupted:
-            p = 1.0
-        self.value = min(1.0, _rank0(p, self.device))
+        # (a Ctrl-C during the agreement is agreed on at the next step)
+        p, self.interrupted = _rank0_or_any(p, self.requested, self.device)
+        self.value = 1.0 if self.interrupted else min(1.0, p)
         return self.value
 
 
@@ -197,7 +210,7 @@ def stop_on_interrupt(progress: "Progress"):
         return
 
     def handler(signum, frame):
-        progress.interrupted = True
+        progress.requested = True
         signal.signal(signal.SIGINT, previous)
     previous = signal.signal(signal.SIGINT, handler)
     try:

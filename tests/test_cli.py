@@ -152,6 +152,34 @@ def test_time_budget_binds_only_when_time_leads():
     assert late.value == 1.0            # budget spent at 99% of the steps: done
 
 
+_AGREE = """
+import sys, torch, torch.distributed as dist
+from maskrcnn import engine
+rank, ctrl_c = int(sys.argv[1]), int(sys.argv[3])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+p = engine.Progress(100 if rank == 0 else 50, None, 0, 0.0, torch.device("cpu"))
+first = p.at(1)
+if rank == ctrl_c:
+    p.requested = True          # what stop_on_interrupt's handler sets on a Ctrl-C
+print(first, p.at(2), p.interrupted)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("ctrl_c_rank", [0, 1])
+def test_ddp_ranks_agree_on_progress_and_on_a_ctrl_c_any_rank_got(tmp_path, ctrl_c_rank):
+    # rank 0's progress binds every rank (rank 1 counts 50 steps, rank 0 100); a Ctrl-C
+    # that reached one rank stops all of them at the same step, each saying interrupted
+    # (exit 130 from each: before, only rank 0's signal counted, and only rank 0 said so)
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, str(rank),
+                               str(tmp_path / "rendezvous"), str(ctrl_c_rank)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(), cwd=ROOT) for rank in (0, 1)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert [out.split() for out, _ in outs] == [["0.01", "1.0", "True"]] * 2
+
+
 @pytest.mark.parametrize("running, shared", [(2, False), (3, True)])
 def test_cpu_shared_counts_runnable_threads_now(monkeypatch, running, shared):
     # 2 cores: our own runnable thread plus one other fits; two others do not. The load
