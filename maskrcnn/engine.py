@@ -140,19 +140,10 @@ def lr_at(progress: float, base: float, warmup: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _rank0(value: float, device) -> float:
-    """``value`` as rank 0 has it: under DDP every rank must take the same branch."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64,
-                     device=device if device.type == "cuda" else "cpu")
-    dist.broadcast(t, 0)
-    return float(t)
-
-
 def _rank0_or_any(value: float, flag: bool, device) -> tuple[float, bool]:
-    """``value`` as rank 0 has it, and whether ``flag`` is set on any rank: one all-reduce
-    (the maximum of rank 0's value, -inf elsewhere, and of the flags)."""
+    """``value`` as rank 0 has it, and whether ``flag`` is set on any rank: under DDP every
+    rank must take the same branch. One all-reduce: the maximum of rank 0's value (-inf
+    elsewhere) and of the flags."""
     if not dist.is_initialized():
         return value, flag
     mine = value if dist.get_rank() == 0 else -math.inf
@@ -160,6 +151,11 @@ def _rank0_or_any(value: float, flag: bool, device) -> tuple[float, bool]:
                      device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t[0]), bool(t[1])
+
+
+def _rank0(value: float, device) -> float:
+    """``value`` as rank 0 has it."""
+    return _rank0_or_any(value, False, device)[0]
 
 
 class Progress:
@@ -204,8 +200,11 @@ def stop_on_interrupt(progress: "Progress"):
     """Ctrl-C (SIGINT) inside the block ends training after the step under way, as if its
     budget were spent: the loop stops between steps and writes its checkpoint (a step cut
     halfway would leave the weights half updated). A second Ctrl-C interrupts at once.
-    Main thread only (where Python delivers signals)."""
-    if threading.current_thread() is not threading.main_thread():
+    Main thread only (where Python delivers signals). A process that ignores SIGINT (as a
+    shell starts background jobs without job control, or nohup) keeps ignoring it, as
+    Python itself does."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
 

@@ -128,9 +128,19 @@ def test_training_is_reproducible_and_resumes_exactly(tmp_path, monkeypatch):
         return lr_at(*a)
 
     monkeypatch.setattr(engine, "lr_at", interrupt_at_third_step)
-    d = str(tmp_path / "d.pt")
-    assert _run(["train", *args, "--output", d]) == 130
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+    # a process started in the background without job control ignores SIGINT, and keeps
+    # ignoring it: that run ends normally
+    original = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert _run(["train", *args, "--output", str(tmp_path / "ignored.pt")]) == 0
+        assert len(calls) == 8 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        calls.clear()
+        signal.signal(signal.SIGINT, signal.default_int_handler)    # Python's own, as in a shell
+        d = str(tmp_path / "d.pt")
+        assert _run(["train", *args, "--output", d]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+    finally:
+        signal.signal(signal.SIGINT, original)
     state = engine.load_checkpoint(d)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 3, 3)
     monkeypatch.setattr(engine, "lr_at", lr_at)
