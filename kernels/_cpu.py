@@ -6,7 +6,8 @@ reference (decided per op and dtype from the CPU benchmark; the references stay 
   Align forward and backward (``pick_path(cpu=...)`` in its custom ops: their loops beat our
   sparse matrix product at every benchmarked shape), run from a thread pool (torchvision's
   runs on one thread): the forward on slices of the RoIs, the backward on groups of
-  images; MultiScaleRoIAlign as torchvision computes it, roi_align per level, every
+  images and ranges of channels, each part copied into the gradient by its thread;
+  MultiScaleRoIAlign as torchvision computes it, roi_align per level, every
   level's parts in one pass over the pool forward and backward (no flat gradient buffer:
   that buffer serves the GPU's single launch and costs a copy here); NMS on chunks of its
   score order, each cleared first of what the boxes already kept suppress (its result:
@@ -44,7 +45,9 @@ from ._utils import compute_dtype, is_channels_last, is_tracing, memory_format, 
 
 # torchvision's CPU RoI Align runs on one thread. Ours runs the same kernel from a thread
 # pool (its C++ releases the GIL) on up to ROI_CHUNKS parts of the work at once: the
-# forward on slices of the RoIs, the backward on groups of images. Either way each part
+# forward on slices of the RoIs, the backward on groups of images, split by channels where
+# there are fewer images than parts (a RoI adds only into its own image, and each
+# channel's sums only into that channel). Either way each part
 # is torchvision's own computation, so the result is torchvision's, bit for bit, with any
 # number of threads.
 ROI_CHUNKS = 4
@@ -193,45 +196,79 @@ def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_
 
 
 def _image_backward(grad: Tensor, rois: Tensor, rows: Tensor | None, images: tuple[int, int],
-                    n: int, spatial_scale: float, pooled_h: int, pooled_w: int,
-                    sampling_ratio: int, aligned: bool, shape: tuple[int, int, int]) -> Tensor:
-    """torchvision's backward into images [lo, hi) of n of (C, H, W) ``shape``, from the
-    RoIs ``rois[rows]`` (every row when None) and their output gradients ``grad[rows]``,
-    RoIs on other images left out: a RoI adds only into its own image, so this is
-    torchvision's own sums, in its order (the same bits)."""
-    lo, hi = images
-    g, r = (grad, rois) if rows is None else (grad[rows], rois[rows])
+                    channels: tuple[int, int], n: int, spatial_scale: float, pooled_h: int,
+                    pooled_w: int, sampling_ratio: int, aligned: bool,
+                    shape: tuple[int, int]) -> Tensor:
+    """torchvision's backward into images [lo, hi) of n and channels [c0, c1) of an (H, W)
+    ``shape`` map, from the RoIs ``rois[rows]`` (every row when None) and their output
+    gradients ``grad[rows]``: a RoI adds only into its own image, and each channel's sums
+    only into that channel, so this is torchvision's own sums, in its order (the same
+    bits)."""
+    (lo, hi), (c0, c1) = images, channels
+    g = grad[:, c0:c1]                      # a view: torchvision's kernel reads strides
+    g, r = (g, rois) if rows is None else (g[rows], rois[rows])
     if (lo, hi) != (0, n):
         on = torch.where((r[:, 0] >= lo) & (r[:, 0] < hi))[0]
         g, r = g[on], r[on]                 # copies: the shift is theirs
         r[:, 0] -= lo
     return torch.ops.torchvision._roi_align_backward(
-        g, r, spatial_scale, pooled_h, pooled_w, hi - lo, *shape, sampling_ratio, aligned)
+        g, r, spatial_scale, pooled_h, pooled_w, hi - lo, c1 - c0, *shape, sampling_ratio,
+        aligned)
+
+
+def _backward_parts(n: int, c: int, count: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(images, channels) ranges of ``count`` parts of an (n, c, H, W) gradient: groups of
+    images, each split by channels where there are fewer images than parts (one image:
+    torchvision's scatter on one thread was the whole backward)."""
+    groups = min(n, count)
+    return [(images, channels) for images in _ranges(n, groups)
+            for channels in _ranges(c, max(1, count // groups))]
+
+
+def _map_gradients(maps: list[tuple], jobs: list[tuple], part: Callable) -> list[Tensor]:
+    """Each map's gradient, in the map's dtype and layout, from the pool: ``maps`` holds
+    each map's ((n, c, h, w), dtype, channels_last), ``jobs`` (map, images, channels)
+    ranges and ``part(job)`` computes one job's float gradient. A map of several parts gets
+    its buffer here, and each thread copies its part in (no cat of the parts on the main
+    thread, whose parallel copy left OpenMP workers spinning on the pool's cores)."""
+    counts = [sum(1 for job in jobs if job[0] == i) for i in range(len(maps))]
+    outs = [None if k == 1 else torch.empty(shape, dtype=dtype, memory_format=(
+        torch.channels_last if channels_last else torch.contiguous_format))
+        for k, (shape, dtype, channels_last) in zip(counts, maps)]
+
+    def run(job) -> Tensor | None:
+        i, (lo, hi), (c0, c1) = job
+        g = part(job)
+        if outs[i] is None:     # the map's one part: its dtype and layout, in the pool
+            _, dtype, channels_last = maps[i]
+            g = g.to(dtype)
+            return g.contiguous(memory_format=torch.channels_last) if channels_last else g
+        outs[i][lo:hi, c0:c1] = g
+        return None
+    done = _in_pool(run, jobs)
+    for job, g in zip(jobs, done):
+        if g is not None:
+            outs[job[0]] = g
+    return outs
 
 
 def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                        pooled_w: int, sampling_ratio: int, aligned: bool,
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
-    """torchvision's backward per group of images (:func:`_image_backward`): the groups'
-    gradients never overlap (no buffer per slice of the map's size to add up)."""
+    """torchvision's backward in parts of images and channels (:func:`_image_backward`):
+    the parts' gradients never overlap (no buffer per part of the map's size to add up)."""
     n, c, h, w = input_shape
     cdt = compute_dtype(grad.dtype)
     g, (r, bad) = grad.to(cdt).contiguous(), _safe_rois(rois.to(cdt), n)
     if bad is not None:
         g = g.masked_fill(bad[:, None, None, None], 0.0)
-    count = _part_count(_samples(r, c, pooled_h, pooled_w, spatial_scale, sampling_ratio),
-                        most=n)
-    parts = _in_pool(lambda images: _image_backward(
-        g, r, None, images, n, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
-        (c, h, w)), _ranges(n, count))
-    return _map_gradient(parts, grad.dtype, channels_last)
-
-
-def _map_gradient(parts: list[Tensor], dtype: torch.dtype, channels_last: bool) -> Tensor:
-    """A map's gradient from its image groups' (in image order), in the map's dtype and
-    layout."""
-    out = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    count = _part_count(_samples(r, c, pooled_h, pooled_w, spatial_scale, sampling_ratio))
+    (out,) = _map_gradients(
+        [(input_shape, grad.dtype, channels_last)],
+        [(0, *part) for part in _backward_parts(n, c, count)],
+        lambda job: _image_backward(g, r, None, job[1], job[2], n, spatial_scale, pooled_h,
+                                    pooled_w, sampling_ratio, aligned, (h, w)))
+    return out
 
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, pyramid: Pyramid,
@@ -301,25 +338,18 @@ class _MultiScale(torch.autograd.Function):
         scales, pooled_h, pooled_w, sampling_ratio = ctx.args
         cdt = compute_dtype(grad.dtype)
         g = grad.to(cdt).contiguous()
-        tasks = []                  # (level, images): every level's groups of images
+        jobs = []                   # (level, images, channels): every level's parts
         for lvl, ((n, c, h, w), _, _) in enumerate(ctx.maps):
             count = _part_count(_samples(r[per_level[lvl]], c, pooled_h, pooled_w,
-                                         scales[lvl], sampling_ratio), most=n)
-            tasks += [(lvl, images) for images in _ranges(n, count)]
+                                         scales[lvl], sampling_ratio))
+            jobs += [(lvl, *part) for part in _backward_parts(n, c, count)]
 
-        def part(task) -> Tensor:
-            lvl, images = task
-            (n, c, h, w), dtype, channels_last = ctx.maps[lvl]
-            out = _image_backward(g, r, per_level[lvl], images, n, scales[lvl], pooled_h,
-                                  pooled_w, sampling_ratio, False, (c, h, w))
-            # a level in one part takes its dtype and layout here, in the pool
-            return _map_gradient([out], dtype, channels_last) if images == (0, n) else out
-        parts = _in_pool(part, tasks)
-        grads = []
-        for lvl, (_, dtype, channels_last) in enumerate(ctx.maps):
-            mine = [p for (level, _), p in zip(tasks, parts) if level == lvl]
-            grads.append(mine[0] if len(mine) == 1 else
-                         _map_gradient(mine, dtype, channels_last))
+        def part(job) -> Tensor:
+            lvl, images, channels = job
+            n, _, h, w = ctx.maps[lvl][0]
+            return _image_backward(g, r, per_level[lvl], images, channels, n, scales[lvl],
+                                   pooled_h, pooled_w, sampling_ratio, False, (h, w))
+        grads = _map_gradients(ctx.maps, jobs, part)
         return (None,) * 6 + tuple(grads)
 
 

@@ -146,6 +146,33 @@ def test_roi_align_on_roi_slices_in_threads(channels_last, monkeypatch, two_thre
         assert torch.equal(out, expected) and torch.equal(grad, xg.grad)
 
 
+@pytest.mark.parametrize("dtype, channels_last", [
+    (torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_roi_align_backward_of_one_image_in_channel_parts(dtype, channels_last, monkeypatch,
+                                                          two_threads, pool_calls):
+    """One image, more work than one part: the backward splits the channels (a RoI's sums
+    into a channel are that channel's alone), each part torchvision's kernel, copied into
+    the map's gradient from the pool: torchvision's gradient bit for bit (bfloat16: its
+    float32 gradient rounded once), in the map's dtype and layout."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 21, 17, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(_cpu, "PART_SAMPLES", 8 * (6 + _cpu.SAMPLE_WEIGHTS) * 3 * 4 * 4)
+    xy = torch.rand(20, 2, generator=g) * 12
+    rois = torch.cat([torch.zeros(20, 1), xy, xy + 2 + torch.rand(20, 2, generator=g) * 9], 1)
+    grad = torch.randn(20, 6, 3, 4, generator=g).to(dtype)
+    xg = x.clone().requires_grad_()
+    kernels.roi_align(xg, rois, (3, 4), 0.8, 2, True).backward(grad)
+    assert pool_calls[-1] == 2                  # two channel parts of the one image
+    assert xg.grad.dtype == dtype
+    assert xg.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    xt = x.float().requires_grad_()
+    torchvision.ops.roi_align(xt, rois, (3, 4), 0.8, 2, True).backward(grad.float())
+    assert torch.equal(xg.grad, xt.grad.to(dtype))
+    assert xt.grad.abs().sum() > 0
+
+
 def test_a_forked_child_gets_a_pool_of_its_own(monkeypatch, two_threads):
     """The pool's threads do not survive a fork: a process whose pid differs from the
     pool's creator's makes a new one instead of queueing work no thread will run."""
