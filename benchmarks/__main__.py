@@ -12,7 +12,9 @@ Writes ``<out>/<device>.json`` (all numbers and the environment; rewritten after
 so a run cut short keeps what it measured), ``<out>/<device>.md`` (one table per op: ours,
 the baseline, speed-up, achieved GB/s and its share of the device's measured copy
 bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png`` (speed-up per shape).
-Each benchmark checks its result against the baseline before timing; a mismatch is
+Each op's benchmark runs in a process of its own (what an earlier one leaves behind —
+the allocator's heap, OpenMP's spinning workers — must not time it). Each benchmark checks
+its result against the baseline before timing; a mismatch is
 recorded in the rows it concerns (``parity``) and the report goes on, as it does past an op
 whose benchmark raises (its section holds the error). On a GPU the Markdown opens with
 issue 18's speed targets, each met, missed or not measured (``benchmarks.targets``). The
@@ -25,6 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -159,6 +165,40 @@ def write_report(results: dict, out: Path, plots: bool = True) -> tuple[Path, Pa
     return json_path, md_path
 
 
+def _op_section(module, op: str, quick: bool, device: str, tiny: bool,
+                dtypes: list[str]) -> dict:
+    """One op's report section: its rows, or the error its benchmark raised (one op's
+    failure must not cost the others' numbers)."""
+    try:
+        kwargs = {} if op == "model" else {"dtypes": dtypes}
+        return {"rows": module.run(quick=quick, device=device, write=False, tiny=tiny,
+                                   **kwargs)}
+    except Exception as e:
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
+def _in_own_process(op: str, argv: list[str]) -> dict:
+    """``op``'s section, measured in a process of its own: what an op's earlier neighbours
+    leave behind — the allocator's grown heap (after the roi_align benchmark, torch's
+    36 MB mask-loss gradient came from retained heap instead of fresh pages: 2.5 ms, not
+    13), OpenMP's spinning workers, warm caches — must not time the next op. Its output goes
+    to this process's; a crash leaves an error in its section."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
+        path = Path(tmp) / "section.json"
+        rest = [x for i, x in enumerate(argv) if not (
+            x.startswith("--ops") or (i and argv[i - 1] == "--ops"))]
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", *rest, "--ops", op,
+                               "--rows-out", str(path)], cwd=root, env=env)
+        if path.exists():
+            return json.loads(path.read_text())
+        return {"error": f"the benchmark's process ended with exit code {proc.returncode} "
+                         "and no result (see the output above)"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
@@ -175,10 +215,11 @@ def main(argv=None) -> int:
                    help="leave out the static kernel report (registers, spills, occupancy)")
     p.add_argument("--copy-bandwidth", type=float, default=None, metavar="GBPS",
                    help="the device's copy bandwidth, already measured (default: measure it)")
+    p.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = a.device or default_device()
     quick = a.quick or a.tiny or (device == "cpu" and not a.full)
-    if quick and not (a.quick or a.tiny):
+    if quick and not (a.quick or a.tiny or a.rows_out):
         print("no GPU: running the --quick report on the CPU (--full for all shapes)")
     mods = available_ops()
     wanted = a.ops.split(",") if a.ops else list(mods)
@@ -189,19 +230,22 @@ def main(argv=None) -> int:
     if missing:
         p.error(f"--ops: benchmark module(s) not present: {missing}")
     dtypes = a.dtype.split(",")
+    if a.rows_out and len(wanted) != 1:
+        p.error("--rows-out takes one op (--ops)")
+    if a.rows_out:      # one op, for the report's own process (below)
+        (op,) = wanted
+        a.rows_out.write_text(json.dumps(_op_section(mods[op], op, quick, device, a.tiny,
+                                                     dtypes), default=str))
+        return 0
     results = {"environment": environment(device), "quick": quick, "tiny": a.tiny,
                "benchmarks": {}}
     results["copy_bandwidth_GBps"] = a.copy_bandwidth or copy_bandwidth_gbps(device)
     failed = []
     for op in tqdm(wanted, desc="benchmarks", unit="op"):
-        try:
-            kwargs = {} if op == "model" else {"dtypes": dtypes}
-            rows = mods[op].run(quick=quick, device=device, write=False, tiny=a.tiny, **kwargs)
-            results["benchmarks"][op] = {"rows": rows}
-        except Exception as e:  # one op's failure must not cost the others' numbers
-            traceback.print_exc()
+        section = _in_own_process(op, argv if argv is not None else sys.argv[1:])
+        if "error" in section:
             failed.append(op)
-            results["benchmarks"][op] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        results["benchmarks"][op] = section
         write_report(results, a.out, plots=False)   # a run cut short keeps what it measured
     if not a.no_static:
         print("compiling every kernel for sm_80/sm_90 (static kernel report"

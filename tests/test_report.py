@@ -39,3 +39,27 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
             assert png.format == "PNG" and png.width > 100 and png.height > 100
             png.verify()
     assert "static" not in data and "Static kernel report" not in markdown
+
+
+def test_each_op_runs_in_a_process_of_its_own_and_a_failure_stays_in_its_section():
+    # the report measures each op in a fresh process (one op's allocator and OpenMP state
+    # must not time the next); its rows come back, and an op whose process fails or whose
+    # benchmark raises gets an error in its section instead of rows
+    from benchmarks.__main__ import _in_own_process, _op_section
+    env_before = dict(os.environ)
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        section = _in_own_process("nms", ["--tiny", "--device", "cpu", "--dtype", "float32"])
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    assert section["rows"] and all(r["parity"] == "ok" for r in section["rows"])
+    crashed = _in_own_process("no_such_op", ["--tiny", "--device", "cpu"])
+    assert "exit code 2" in crashed["error"]
+
+    class Raises:
+        @staticmethod
+        def run(**kwargs):
+            raise RuntimeError("boom")
+    assert _op_section(Raises, "nms", True, "cpu", True, ["float32"]) == {
+        "error": "RuntimeError: boom"}
