@@ -130,10 +130,10 @@ def _samples(rois: Tensor, channels: int, pooled_h: int, pooled_w: int,
     return grid * (channels + SAMPLE_WEIGHTS) * pooled_h * pooled_w
 
 
-def _part_count(samples: int, most: int = ROI_CHUNKS) -> int:
-    """How many parts work of ``samples`` samples goes into: up to ``most`` (and
-    ROI_CHUNKS), each of at least PART_SAMPLES samples; at least one."""
-    return max(1, min(ROI_CHUNKS, most, torch.get_num_threads(), samples // PART_SAMPLES))
+def _part_count(samples: int) -> int:
+    """How many parts work of ``samples`` samples goes into: up to ROI_CHUNKS and torch's
+    thread count, each of at least PART_SAMPLES samples; at least one."""
+    return max(1, min(ROI_CHUNKS, torch.get_num_threads(), samples // PART_SAMPLES))
 
 
 def _ranges(total: int, count: int) -> list[tuple[int, int]]:
