@@ -13,9 +13,10 @@ so a run cut short keeps what it measured), ``<out>/<device>.md`` (one table per
 the baseline, speed-up, achieved GB/s and its share of the device's measured copy
 bandwidth where the op moves bytes) and ``<out>/<device>-<op>.png`` (speed-up per shape).
 On the CPU each op's benchmark runs in a process of its own (what an earlier one leaves
-behind — glibc's grown heap, OpenMP's spinning workers — must not time it); on a GPU in
-this one (the CUDA caching allocator serves both sides from its cache once warmed up, and
-a process per op would cost the GPU kit's capped step half a minute of start-ups). Each
+behind — glibc's grown heap, OpenMP's spinning workers — must not time it); on a GPU, and
+at --tiny sizes, whose timings mean nothing, in this one (the CUDA caching allocator
+serves both sides from its cache once warmed up, and a process per op would cost the GPU
+kit's capped step half a minute of start-ups). Each
 benchmark checks its result against the baseline before timing; a mismatch is recorded in
 the rows it concerns (``parity``) and the report goes on, as it does past an op whose
 benchmark raises (its section holds the error). On a GPU the Markdown opens with
@@ -245,8 +246,8 @@ def main(argv=None) -> int:
     failed = []
     for op in tqdm(wanted, desc="benchmarks", unit="op"):
         section = (_in_own_process(op, argv if argv is not None else sys.argv[1:])
-                   if device == "cpu" else _op_section(mods[op], op, quick, device, a.tiny,
-                                                       dtypes))
+                   if device == "cpu" and not a.tiny
+                   else _op_section(mods[op], op, quick, device, a.tiny, dtypes))
         if "error" in section:
             failed.append(op)
         results["benchmarks"][op] = section
