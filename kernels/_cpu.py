@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._boxes import iou_over, iou_rows
+from ._boxes import IoUWork, iou_over, iou_rows
 from ._sampling import Pyramid, image_rows
 from ._utils import compute_dtype, is_channels_last, is_tracing, memory_format, record_path
 
@@ -377,11 +377,13 @@ def _chunked_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     order = torch.sort(scores, stable=True, descending=True)[1]     # torchvision's order
     rows, threshold = iou_rows(boxes, iou_threshold)     # (boxes: already that dtype)
     kept, kept_rows = [], rows[:, :0]
+    work = IoUWork(rows.dtype)
     for lo in range(0, n, NMS_CHUNK):
         chunk = order[lo:lo + NMS_CHUNK]
         if kept:
             r = rows.index_select(1, chunk)
-            chunk = chunk[~iou_over(kept_rows, kept_rows[4], r, r[4], threshold).amax(0)]
+            over = iou_over(kept_rows, kept_rows[4], r, r[4], threshold, work)
+            chunk = chunk[~over.amax(0)]
         if chunk.numel():           # (a subset in score order: its stable sort keeps it)
             kept.append(chunk[torch.ops.torchvision.nms(boxes[chunk], scores[chunk],
                                                         iou_threshold)])

@@ -353,6 +353,27 @@ def test_nms_runs_torchvisions_kernel_on_chunks_of_its_score_order(n, classes):
     assert torch.equal(torch.where(mask)[0], kept.sort().values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_iou_over_in_reused_buffers_gives_the_same_bits(dtype):
+    """The chunked nms's IoU tests write their temporaries into one IoUWork (a fresh
+    process otherwise mapped and faulted in eight pair-sized tensors per chunk): the same
+    operations, so the same answer at every pair, ties at the threshold included, across
+    calls that grow the buffers past their first capacity."""
+    from kernels._boxes import IoUWork, iou_over, iou_rows
+    g = torch.Generator().manual_seed(11)
+    boxes = ((torch.rand(700, 4, generator=g) * 40).round() * 4).to(dtype)
+    boxes[:, 2:] += boxes[:, :2] + 4            # coarse grid: many IoUs exactly equal
+    rows, threshold = iou_rows(boxes, 0.5)
+    work = IoUWork(dtype, capacity=1000)
+    for a, b in ((slice(0, 30), slice(30, 60)), (slice(0, 400), slice(400, 700)),
+                 (slice(5, 25), slice(100, 140))):
+        x, y = rows[:, a], rows[:, b]
+        expected = iou_over(x, x[4], y, y[4], threshold)
+        assert torch.equal(iou_over(x, x[4], y, y[4], threshold, work), expected)
+        assert expected.any() and not expected.all()
+    assert work.capacity >= 400 * 300
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_chunked_nms_is_torchvisions_with_ties_and_odd_inputs(seed):
     """Scores rounded to a few values and boxes to a coarse grid (ties everywhere), one
