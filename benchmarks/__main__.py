@@ -16,10 +16,10 @@ On the CPU each op's benchmark runs in a process of its own (what an earlier one
 behind — glibc's grown heap, OpenMP's spinning workers — must not time it); on a GPU, and
 at --tiny sizes, whose timings mean nothing, in this one (the CUDA caching allocator
 serves both sides from its cache once warmed up, and a process per op would cost the GPU
-kit's capped step half a minute of start-ups). Each
-benchmark checks its result against the baseline before timing; a mismatch is recorded in
-the rows it concerns (``parity``) and the report goes on, as it does past an op whose
-benchmark raises (its section holds the error). On a GPU the Markdown opens with
+kit's capped step half a minute of start-ups). Each benchmark checks its result against
+the baseline before timing; a mismatch is recorded in the rows it concerns (``parity``)
+and the report goes on, as it does past an op whose benchmark raises (its section holds
+the error). On a GPU the Markdown opens with
 issue 18's speed targets, each met, missed or not measured (``benchmarks.targets``). The
 report ends with the static kernel report (``python -m benchmarks.static``: registers,
 spills, shared memory and sm_90 occupancy of every kernel compiled for sm_80/sm_90);
