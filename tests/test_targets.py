@@ -12,7 +12,8 @@ from benchmarks.__main__ import markdown
 
 
 def _report(speedup: float = 5.0, device: str = "NVIDIA H200") -> dict:
-    """Every row the full GPU report writes for roi_align and nms, each at ``speedup``."""
+    """The rows the full GPU report writes for roi_align (its deterministic rows left out)
+    and nms, each at ``speedup``."""
     roi = []
     for dtype, layout, level, head in itertools.product(
             targets.TARGET_DTYPES, bench_roi_align.LAYOUTS, bench_roi_align.LEVELS,
