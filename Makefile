@@ -14,8 +14,10 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install run test gpu
 install: $(VENV)/.installed
 
+# The report of a run goes to out/report (ignored by git): the committed reports in
+# benchmarks/results are written on purpose, with --out benchmarks/results.
 run: $(VENV)/.installed
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks --out out/report
 
 # Triton kernels run on the CPU through Triton's interpreter; the same run also checks the
 # PyTorch reference path and compiles every launched kernel for sm_80/sm_90. Three passes:

@@ -2,7 +2,7 @@
 
     python -m benchmarks [--quick | --full | --tiny] [--ops roi_align,nms]
                          [--dtype float32,bfloat16] [--out benchmarks/results] [--no-static]
-                         [--copy-bandwidth GBPS]
+                         [--no-host] [--copy-bandwidth GBPS]
 
 On a CUDA device the default is the full report; on the CPU it is --quick. ``--tiny`` is
 the GPU kit's dry run (``python -m benchmarks.gpu --dry-run``): the smallest shapes, one
@@ -20,10 +20,12 @@ kit's capped step half a minute of start-ups). Each benchmark checks its result 
 the baseline before timing; a mismatch is recorded in the rows it concerns (``parity``)
 and the report goes on, as it does past an op whose benchmark raises (its section holds
 the error). On a GPU the Markdown opens with
-issue 18's speed targets, each met, missed or not measured (``benchmarks.targets``). The
-report ends with the static kernel report (``python -m benchmarks.static``: registers,
-spills, shared memory and sm_90 occupancy of every kernel compiled for sm_80/sm_90);
-``--no-static`` leaves it out.
+issue 18's speed targets, each met, missed or not measured (``benchmarks.targets``). After
+the ops comes the host cost of each public call beside its baseline's (``python -m
+benchmarks.host``: host µs, syncs, tensor operations, Triton launches; ``--no-host`` leaves
+it out). The report ends with the static kernel report (``python -m benchmarks.static``:
+registers, spills, shared memory and sm_90 occupancy of every kernel compiled for
+sm_80/sm_90); ``--no-static`` leaves it out.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks import static, targets
+from benchmarks import host, static, targets
 from benchmarks._common import (RESULTS_DIR, copy_bandwidth_gbps, default_device, environment,
                                 format_table, on_gpu, slug)
 
@@ -138,6 +140,13 @@ def markdown(results: dict) -> str:
         out += [format_table(rows, columns), ""]
         if section.get("plot"):
             out += [f"![{op}]({Path(section['plot']).name})", ""]
+    host_section = results.get("host")
+    if host_section:
+        out += ["## Host cost per call (`python -m benchmarks.host`)", ""]
+        if "error" in host_section:
+            out += [f"Host reading failed: `{host_section['error']}`", ""]
+        else:
+            out += [host.markdown(host_section["rows"]), ""]
     static_section = results.get("static")
     if static_section:
         out += ["## Static kernel report (sm_80 / sm_90, compiled without a GPU)", ""]
@@ -216,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-static", action="store_true",
                    help="leave out the static kernel report (registers, spills, occupancy)")
+    p.add_argument("--no-host", action="store_true",
+                   help="leave out the host cost per call (syncs, tensor ops, launches)")
     p.add_argument("--copy-bandwidth", type=float, default=None, metavar="GBPS",
                    help="the device's copy bandwidth, already measured (default: measure it)")
     p.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -252,6 +263,9 @@ def main(argv=None) -> int:
             failed.append(op)
         results["benchmarks"][op] = section
         write_report(results, a.out, plots=False)   # a run cut short keeps what it measured
+    if not a.no_host:
+        print("reading the host cost of each call (benchmarks.host)")
+        results["host"] = host.report_section(device, tiny=a.tiny)
     if not a.no_static:
         print("compiling every kernel for sm_80/sm_90 (static kernel report"
               + (", one specialization per kernel and tuning row)" if a.tiny else ")"))

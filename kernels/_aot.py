@@ -7,7 +7,7 @@ and compiling cannot share one):
     python -m kernels._aot compile specs.json report.json          # sm_80 + sm_90 cubins
 
 ``record`` calls every op module's ``_compile_examples()`` and writes the specializations
-that :func:`kernels._utils.launch` saw (plus any passed in). ``compile`` expands each over
+that :func:`kernels._launch.launch` saw (plus any passed in). ``compile`` expands each over
 its kernel's registered tuning table, compiles with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))`` and reads registers, spills (local memory) and shared
 memory from the cubin with the ``cuobjdump`` that ships in the triton wheel.
@@ -62,14 +62,14 @@ def run_examples(device: str = "cpu", modules: list[str] | None = None) -> None:
 def expand(launched: list[dict], extra: list[dict] | None = None) -> list[dict]:
     """Recorded specializations (``Specialization.as_json()``), each expanded over every row
     of its kernel's tuning table, not only the row its launch picked."""
-    from kernels import _utils
+    from kernels import _launch
     specs = {json.dumps(d, sort_keys=True): d for d in list(launched) + list(extra or [])}
-    tables = _utils.TUNING_TABLES
+    tables = _launch.TUNING_TABLES
     out, seen = [], set()
     for d in specs.values():
         for row in tables.get(d["kernel"], [dict(d["tunables"])]):
             e = dict(d, tunables=sorted([list(kv) for kv in row.items()]),
-                     interpreter_only=row in _utils.INTERPRETER_ROWS.get(d["kernel"], []))
+                     interpreter_only=row in _launch.INTERPRETER_ROWS.get(d["kernel"], []))
             key = json.dumps(e, sort_keys=True)
             if key not in seen:
                 seen.add(key)
@@ -80,11 +80,11 @@ def expand(launched: list[dict], extra: list[dict] | None = None) -> list[dict]:
 def record(extra: list[dict] | None = None, modules: list[str] | None = None) -> list[dict]:
     """Run the op modules' ``_compile_examples()`` (all by default); return the recorded
     specializations."""
-    from kernels import _utils
+    from kernels import _launch, _utils
     if not _utils.INTERPRET:
         raise RuntimeError("recording runs the ops on CPU tensors: set TRITON_INTERPRET=1")
     run_examples(modules=modules)
-    return expand([s.as_json() for s in _utils.LAUNCHES], extra)
+    return expand([s.as_json() for s in _launch.LAUNCHES], extra)
 
 
 def record_in_subprocess(extra: list[dict] | None = None) -> list[dict]:
@@ -201,7 +201,7 @@ def lane_rows(results: list[dict]) -> list[dict]:
     lanes x elements per thread consecutive entries, of which at most ``inner`` run along
     it). 1-D accesses are checked where the rule names them flat; a 2-D access against a
     flat rule (or none) fails."""
-    from kernels import _utils
+    from kernels import _launch
     for name in op_modules():
         importlib.import_module(name)   # tables and lane rules register on import
     rows = []
@@ -210,7 +210,7 @@ def lane_rows(results: list[dict]) -> list[dict]:
             continue
         spec = r["spec"]
         kid = spec["kernel"]
-        rule = _utils.LANE_RULES.get(kid)
+        rule = _launch.LANE_RULES.get(kid)
         base = {"kernel": kid.split(":")[1], "spec": describe(spec),
                 "runs_on": "interpreter" if spec.get("interpreter_only") else "GPU"}
         if rule is None:
@@ -239,7 +239,7 @@ def lane_rows(results: list[dict]) -> list[dict]:
                                  tile="x".join(map(str, shape)),
                                  lanes="x".join(map(str, lanes or [])), along=along,
                                  needed=needed, ok=along >= needed,
-                                 note=_utils.LANE_NOTES.get(kid, {}).get(layout)))
+                                 note=_launch.LANE_NOTES.get(kid, {}).get(layout)))
     return rows
 
 
@@ -338,19 +338,19 @@ UNJUSTIFIED = "BELOW TARGET, NOT JUSTIFIED"
 
 def occupancy_notes() -> dict[str, str]:
     """kernel id -> why its sm_90 occupancy below the target is the right trade."""
-    from kernels import _utils
+    from kernels import _launch
     for name in op_modules():
         importlib.import_module(name)  # registering a tuning table registers its note
-    return dict(_utils.OCCUPANCY_NOTES)
+    return dict(_launch.OCCUPANCY_NOTES)
 
 
 def occupancy_note(spec: dict, occupancy: float | None, notes: dict[str, str]) -> str | None:
     """Why a row is exempt from, or sits below, the sm_90 occupancy target: INTERPRETER_ONLY,
     the kernel's note, UNJUSTIFIED; None when it meets the target (or is not sm_90)."""
-    from kernels import _utils
+    from kernels import _launch
     if spec.get("interpreter_only"):
         return INTERPRETER_ONLY
-    if occupancy is None or occupancy >= _utils.OCCUPANCY_TARGET:
+    if occupancy is None or occupancy >= _launch.OCCUPANCY_TARGET:
         return None
     return notes.get(spec["kernel"], UNJUSTIFIED)
 

@@ -7,6 +7,9 @@ tensor of the masks' dtype compares it.
 """
 from __future__ import annotations
 
+import functools
+import struct
+
 import torch
 from torch import Tensor
 
@@ -16,7 +19,9 @@ COORD_LIMIT = 2.0**31
 
 
 class Segments:
-    """Boxes sorted into contiguous segments by (class, score desc, index)."""
+    """Boxes sorted into contiguous segments by (class, score desc, index). Without classes
+    (``idxs`` None) there is one segment, the whole sorted order, and no segment tensors
+    (``bounds``, ``nseg``, ``seg_lo``, ``seg_hi`` are None: the kernels take all N)."""
 
     def __init__(self, boxes: Tensor, scores: Tensor, idxs: Tensor | None):
         n = boxes.shape[0]
@@ -27,10 +32,7 @@ class Segments:
         self.score_order = torch.argsort(scores, descending=True, stable=True)
         if idxs is None:
             self.perm = self.score_order
-            self.bounds = torch.arange(2, dtype=torch.int32, device=dev) * n  # no host copy
-            self.nseg = torch.ones(1, dtype=torch.int32, device=dev)
-            self.seg_lo = torch.zeros(n, dtype=torch.int32, device=dev)  # the reference's
-            self.seg_hi = torch.full((n,), n, dtype=torch.int32, device=dev)
+            self.bounds = self.nseg = self.seg_lo = self.seg_hi = None
         else:
             by_class = torch.argsort(idxs[self.score_order], stable=True)
             self.perm = self.score_order[by_class]
@@ -49,6 +51,14 @@ class Segments:
         self.boxes = boxes[self.perm]
 
 
+@functools.lru_cache(maxsize=1024)
+def _float32_threshold(iou_threshold: float, cuda: bool) -> float:
+    t = torch.tensor(iou_threshold, dtype=torch.float32)
+    if not cuda and float(t) > iou_threshold:
+        t = torch.nextafter(t, torch.tensor(float("-inf")))
+    return float(t)
+
+
 def float32_threshold(iou_threshold: float, device: torch.device) -> float:
     """The float32 threshold torchvision's kernel for ``device`` compares its float32 IoU with.
 
@@ -58,10 +68,7 @@ def float32_threshold(iou_threshold: float, device: torch.device) -> float:
     whose IoU sits right there). Measured on an H200: the two differ at thresholds such as
     0.3 for boxes whose IoU is exactly float32(0.3).
     """
-    t = torch.tensor(iou_threshold, dtype=torch.float32)
-    if torch.device(device).type != "cuda" and float(t) > iou_threshold:
-        t = torch.nextafter(t, torch.tensor(float("-inf")))
-    return float(t)
+    return _float32_threshold(float(iou_threshold), torch.device(device).type == "cuda")
 
 
 def coordinate_rows(boxes: Tensor) -> Tensor:
@@ -151,9 +158,16 @@ def expanded_int_boxes(boxes: Tensor, scale: float) -> Tensor:
     return out.clamp(-COORD_LIMIT, COORD_LIMIT).to(torch.int64)
 
 
+@functools.lru_cache(maxsize=1024)
 def threshold_in(dtype: torch.dtype, threshold: float) -> float:
     """The threshold as ``tensor_of_dtype > threshold`` compares: rounded to ``dtype``
-    (the comparison happens in the tensor's dtype), then held exactly in float32."""
+    (the comparison happens in the tensor's dtype), then held exactly in float32. Cached:
+    a call's host path makes no tensor of its own."""
     if dtype == torch.float64:
         return float(threshold)
     return float(torch.tensor(threshold, dtype=dtype).float())
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to the nearest float32, as a Python float (no tensor)."""
+    return struct.unpack("f", struct.pack("f", value))[0]

@@ -70,27 +70,38 @@ def bins_by_channels(C, PH, PW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def roi_box(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-            r, spatial_scale, PH, PW, sampling_ratio, ALIGNED: tl.constexpr):
-    """Decode RoI r: batch index, start (y, x), bin size (y, x), samples per bin (y, x)."""
+            r, spatial_scale, PH, PW, sampling_ratio, N, ALIGNED: tl.constexpr):
+    """:func:`decode_roi` of row r of a (K, 5) RoI tensor."""
     base = rois_ptr + r * 5
-    b = tl.load(base).to(tl.int64)
+    return decode_roi(tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
+                      tl.load(base + 4), spatial_scale, PH, PW, sampling_ratio, N, ALIGNED)
+
+
+@triton.jit
+def decode_roi(b_f, x1, y1, x2, y2, spatial_scale, PH, PW, sampling_ratio, N,
+               ALIGNED: tl.constexpr):
+    """Decode a RoI: batch index (0 where invalid), whether the index is in [0, N) (as
+    torchvision's kernel truncates it), start (y, x), bin size (y, x) and samples per bin
+    (y, x) as floats (torchvision's ceil of the bin size with adaptive sampling)."""
+    b_ok = (b_f > -1.0) & (b_f < N)      # NaN fails both
+    b = tl.where(b_ok, b_f, 0.0).to(tl.int64)
     offset = 0.5 if ALIGNED else 0.0
-    start_w = tl.load(base + 1) * spatial_scale - offset
-    start_h = tl.load(base + 2) * spatial_scale - offset
-    roi_w = (tl.load(base + 3) * spatial_scale - offset) - start_w
-    roi_h = (tl.load(base + 4) * spatial_scale - offset) - start_h
+    start_w = x1 * spatial_scale - offset
+    start_h = y1 * spatial_scale - offset
+    roi_w = (x2 * spatial_scale - offset) - start_w
+    roi_h = (y2 * spatial_scale - offset) - start_h
     if not ALIGNED:
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
     bin_h = roi_h / PH
     bin_w = roi_w / PW
     if sampling_ratio > 0:
-        grid_h = sampling_ratio
-        grid_w = sampling_ratio
+        grid_h = sampling_ratio * 1.0
+        grid_w = sampling_ratio * 1.0
     else:
-        grid_h = tl.ceil(roi_h / PH).to(tl.int32)
-        grid_w = tl.ceil(roi_w / PW).to(tl.int32)
-    return b, start_h, start_w, bin_h, bin_w, grid_h, grid_w
+        grid_h = tl.ceil(roi_h / PH)
+        grid_w = tl.ceil(roi_w / PW)
+    return b, b_ok, start_h, start_w, bin_h, bin_w, grid_h, grid_w
 
 
 @triton.jit
@@ -112,20 +123,71 @@ def bilinear_axis(pos, size):
 
 
 @triton.jit
+def sample_pos(start, p, bin_size, i, grid):
+    """Position of sample i of bin p along one axis, torchvision's expression in its order:
+    ``start + p * bin + (i + 0.5) * bin / grid``."""
+    return start + p * bin_size + (i + 0.5) * bin_size / grid
+
+
+@triton.jit
+def _first_sample(start, p, bin_size, grid, grid_i, bound, BELOW: tl.constexpr):
+    """Per lane, the first sample index i in [0, grid] whose position is at least
+    ``bound`` (BELOW: above ``bound``, i.e. past it), found by bisection on the positions
+    themselves (they increase with i for a positive bin, each rounding being monotone)."""
+    lo = tl.zeros_like(p).to(tl.int32)
+    hi = lo + grid_i
+    for _ in range(0, 31):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        pos = sample_pos(start, p, bin_size, mid, grid)
+        if BELOW:
+            past = pos > bound
+        else:
+            past = pos >= bound
+        hi = tl.where(active & past, mid, hi)
+        lo = tl.where(active & ~past, mid + 1, lo)
+    return lo
+
+
+@triton.jit
+def sample_span(start, p, bin_size, grid, size):
+    """The samples of bin p (a vector over lanes) along one axis that are worth visiting:
+    (first index, count per lane, most counts over the lanes: the loop bound).
+
+    torchvision visits all ``grid`` of them; a sample outside [-1, size] adds nothing but
+    still counts in the average. Where a bin has more samples than the map has room for
+    (a huge box with adaptive sampling asks ceil(box / bins) per bin: 3e8 for a box 2e9
+    wide), only those whose positions can land on the map are visited, found by
+    bisection on the same position expression, one more on each side: the same sum in the
+    same order, and work bounded by the map's size, not the box's."""
+    # 2**30 keeps the integers finite for any box (torchvision's int would overflow)
+    grid_i = tl.minimum(tl.where(grid == grid, grid, 0.0), 1073741824.0).to(tl.int32)
+    grid_i = tl.maximum(grid_i, 0)
+    first = tl.zeros_like(p).to(tl.int32)
+    count = first + grid_i
+    if (grid > 2.0 * size + 4.0) & (bin_size > 0.0):
+        first = tl.maximum(_first_sample(start, p, bin_size, grid, grid_i, -1.0, False) - 1,
+                           0)
+        last = tl.minimum(_first_sample(start, p, bin_size, grid, grid_i, size * 1.0, True),
+                          grid_i - 1)
+        count = tl.maximum(last - first + 1, 0)
+    return first, count, tl.max(count, axis=0)
+
+
+@triton.jit
 def sample_rows(start, p, bin_size, i, grid, size, stride):
-    """Sample i of bin p along one axis, at torchvision's position
-    ``start + p * bin + (i + 0.5) * bin / grid``, as its two bilinear neighbours' offsets
-    (index times ``stride``: pass an int64 stride for int64 offsets), their weights and
-    whether the sample counts."""
-    pos = start + p * bin_size + (i + 0.5) * bin_size / grid
+    """Sample i of bin p along one axis, at torchvision's position (:func:`sample_pos`), as
+    its two bilinear neighbours' offsets (index times ``stride``: pass an int64 stride for
+    int64 offsets), their weights and whether the sample counts."""
+    pos = sample_pos(start, p, bin_size, i, grid)
     lo, hi, w_lo, w_hi, valid = bilinear_axis(pos, size)
     return lo * stride, hi * stride, w_lo, w_hi, valid
 
 
 @triton.jit
 def roi_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-              r, k_min, k_max, canonical_scale, canonical_level, eps,
-              NUM_LEVELS: tl.constexpr):
+              r, K_MIN: tl.constexpr, K_MAX: tl.constexpr, CANONICAL_SCALE: tl.constexpr,
+              CANONICAL_LEVEL: tl.constexpr, EPS: tl.constexpr, NUM_LEVELS: tl.constexpr):
     """torchvision's LevelMapper for RoI r: (level index in [0, NUM_LEVELS), pooled?).
 
     floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps) clamped to
@@ -144,10 +206,10 @@ def roi_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
         lvl = 0
     else:
         s = tl.sqrt_rn((x2 - x1) * (y2 - y1))
-        t = tl.floor(canonical_level + tl.log2(tl.div_rn(s, canonical_scale)) + eps)
-        t = tl.minimum(tl.maximum(t, k_min), k_max)
+        t = tl.floor(CANONICAL_LEVEL + tl.log2(tl.div_rn(s, CANONICAL_SCALE)) + EPS)
+        t = tl.minimum(tl.maximum(t, K_MIN), K_MAX)
         ok = ok & (s == s)
-        lvl = (tl.where(ok, t, k_min) - k_min).to(tl.int32)
+        lvl = (tl.where(ok, t, K_MIN) - K_MIN).to(tl.int32)
         ok = ok & (lvl >= 0) & (lvl < NUM_LEVELS)
     return lvl, ok
 
@@ -155,7 +217,7 @@ def roi_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
 @triton.jit
 def pick_level(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
     """The per-level argument of level ``lvl`` (a select, so pointers and mixed int widths
-    work; only the first NUM_LEVELS arguments are read)."""
+    work; only the first NUM_LEVELS arguments are read: the others may be None)."""
     v = v0
     if NUM_LEVELS > 1:
         v = tl.where(lvl == 1, v1, v)
@@ -171,30 +233,39 @@ def pick_level(lvl, v0, v1, v2, v3, v4, NUM_LEVELS: tl.constexpr):
 @triton.jit
 def roi_on_level(rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
                  r,
-                 x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # per level: map, size,
-                 x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # strides, spatial scale
-                 x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,
-                 x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,
-                 x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-                 k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-                 NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr):
+                 x0_ptr, H0, W0, scale0,  # per level: map (N, C, H, W), size, spatial
+                 x1_ptr, H1, W1, scale1,  # scale; levels past NUM_LEVELS are None
+                 x2_ptr, H2, W2, scale2,
+                 x3_ptr, H3, W3, scale3,
+                 x4_ptr, H4, W4, scale4,
+                 N, C, sampling_ratio, PH, PW,
+                 K_MIN: tl.constexpr, K_MAX: tl.constexpr, CANONICAL_SCALE: tl.constexpr,
+                 CANONICAL_LEVEL: tl.constexpr, EPS: tl.constexpr,
+                 NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """RoI r's map and sampling grid: its level (torchvision's LevelMapper; level 0 when
-    NUM_LEVELS is 1), that level's pointer, size and strides, and the box decoded on that
-    level's scale. A RoI no level pools (NaN level, non-finite box) gets an empty grid."""
-    lvl, ok = roi_level(rois_ptr, r, k_min, k_max, canonical_scale, canonical_level, eps,
+    NUM_LEVELS is 1), that level's pointer, size and strides (every map dense, NCHW or
+    CHANNELS_LAST), and the box decoded on that level's scale. A RoI no level pools (NaN
+    level, non-finite box) or whose batch index is outside [0, N) gets an empty grid."""
+    lvl, ok = roi_level(rois_ptr, r, K_MIN, K_MAX, CANONICAL_SCALE, CANONICAL_LEVEL, EPS,
                         NUM_LEVELS)
     x_ptr = pick_level(lvl, x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, NUM_LEVELS)
     H = pick_level(lvl, H0, H1, H2, H3, H4, NUM_LEVELS)
     W = pick_level(lvl, W0, W1, W2, W3, W4, NUM_LEVELS)
-    stride_n = pick_level(lvl, sn0, sn1, sn2, sn3, sn4, NUM_LEVELS)
-    stride_c = pick_level(lvl, sc0, sc1, sc2, sc3, sc4, NUM_LEVELS)
-    stride_h = pick_level(lvl, sh0, sh1, sh2, sh3, sh4, NUM_LEVELS)
-    stride_w = pick_level(lvl, sw0, sw1, sw2, sw3, sw4, NUM_LEVELS)
     scale = pick_level(lvl, scale0, scale1, scale2, scale3, scale4, NUM_LEVELS)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w = roi_box(
-        rois_ptr, r, scale, PH, PW, sampling_ratio, ALIGNED)
-    grid_h = tl.where(ok, grid_h, 0)
-    grid_w = tl.where(ok, grid_w, 0)
+    if CHANNELS_LAST:
+        stride_c = 1
+        stride_w = C
+        stride_h = W * C
+    else:
+        stride_w = 1
+        stride_h = W
+        stride_c = H * W
+    stride_n = (H * W).to(tl.int64) * C
+    b, b_ok, start_h, start_w, bin_h, bin_w, grid_h, grid_w = roi_box(
+        rois_ptr, r, scale, PH, PW, sampling_ratio, N, ALIGNED)
+    ok = ok & b_ok
+    grid_h = tl.where(ok, grid_h, 0.0)
+    grid_w = tl.where(ok, grid_w, 0.0)
     return (x_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h,
             bin_w, grid_h, grid_w)
 
@@ -244,10 +315,11 @@ class Pyramid:
         return dataclasses.replace(self, shapes=tuple(tuple(m.shape) for m in maps),
                                    channels_last=tuple(is_channels_last(m) for m in maps))
 
-    def mapper_args(self) -> list[float]:
-        """The level-mapper kernel arguments."""
-        return [float(self.k_min), float(self.k_max), float(self.canonical_scale),
-                float(self.canonical_level), float(self.eps)]
+    def mapper_constexprs(self) -> dict:
+        """The level mapper's constants as the kernel's constexprs (fixed per pooler)."""
+        return dict(K_MIN=int(self.k_min), K_MAX=int(self.k_max),
+                    CANONICAL_SCALE=float(self.canonical_scale),
+                    CANONICAL_LEVEL=float(self.canonical_level), EPS=float(self.eps))
 
     def levels(self, rois: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """(K,) int64 level index of each RoI (torchvision's LevelMapper, computed in
@@ -270,11 +342,18 @@ class Pyramid:
     def grad_numel(self) -> int:
         return sum(n * c * h * w for n, c, h, w in self.shapes)
 
+    @property
+    def grad_channels_last(self) -> bool:
+        """The layout of every level's gradient in the flat buffer: channels_last when most
+        maps are (the kernel's lanes follow one layout for all levels in one launch)."""
+        return 2 * sum(self.channels_last) > len(self.channels_last)
+
     def level_views(self, flat: Tensor) -> list[Tensor]:
         """Per-level (N, C, H, W) views of one flat buffer of :meth:`grad_numel` elements,
-        each in its map's layout."""
+        each dense in the layout :attr:`grad_channels_last` says."""
         views, offset = [], 0
-        for (n, c, h, w), cl in zip(self.shapes, self.channels_last):
+        cl = self.grad_channels_last
+        for n, c, h, w in self.shapes:
             chunk = flat[offset:offset + n * c * h * w]
             views.append(chunk.view(n, h, w, c).permute(0, 3, 1, 2) if cl
                          else chunk.view(n, c, h, w))
@@ -283,20 +362,20 @@ class Pyramid:
 
     def flatten(self, grads: list[Tensor]) -> Tensor:
         """The inverse of :meth:`level_views`: per-level gradients into one flat buffer."""
-        return torch.cat([(g.permute(0, 2, 3, 1) if cl else g).reshape(-1)
-                          for g, cl in zip(grads, self.channels_last)])
-
+        cl = self.grad_channels_last
+        return torch.cat([(g.permute(0, 2, 3, 1) if cl else g).reshape(-1) for g in grads])
 
 
 def level_args(tensors: list[Tensor], scales: tuple[float, ...]) -> list:
-    """Per-level kernel arguments (pointer, H, W, 4 strides, scale), padded to MAX_LEVELS
-    with copies of level 0 that the kernel never reads."""
+    """Per-level kernel arguments (pointer, H, W, scale), levels past the maps None (the
+    kernel never reads them, and None is a constant to Triton, not a runtime argument)."""
     args = []
-    for i in range(MAX_LEVELS):
-        j = i if i < len(tensors) else 0
-        t = tensors[j]
-        args += [t, t.shape[2], t.shape[3], *t.stride(), float(scales[j])]
-    return args
+    for t, scale in zip(tensors, scales):
+        args += [t, t.shape[2], t.shape[3], float(scale)]
+    return args + _UNUSED_LEVELS[:4 * (MAX_LEVELS - len(tensors))]
+
+
+_UNUSED_LEVELS = [None] * (4 * MAX_LEVELS)
 
 
 def p_major(tensors: list[Tensor]) -> bool:
@@ -306,6 +385,14 @@ def p_major(tensors: list[Tensor]) -> bool:
     return 2 * sum(t.stride(1) == 1 for t in tensors) <= len(tensors)
 
 
+def dense(t: Tensor, channels_last: bool) -> Tensor:
+    """``t`` as the kernels read a map: dense NCHW, or dense channels_last (a copy only for
+    another layout or a strided view)."""
+    if channels_last:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
 def check_image_extent(shape, strides, name: str) -> None:
     """Offsets inside one image are int32 in the kernels (fewer registers than int64);
     the image offset itself is int64. Refuse an image too large for that."""
@@ -313,6 +400,28 @@ def check_image_extent(shape, strides, name: str) -> None:
     if extent >= 2**31:
         raise ValueError(f"{name}: one image spans {extent} elements; at most 2**31 - 1 "
                          "are supported per image")
+
+
+def sampled_rois(proposals: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
+    """(N, 5) float32 RoIs over the gt masks: matched gt index, then the proposal box (the
+    CPU and reference paths' form of the mask targets; the kernels read the lists)."""
+    return torch.cat([torch.cat([i.long() for i in mask_matched_idxs]).to(torch.float32)[:, None],
+                      torch.cat([p.to(torch.float32) for p in proposals])], 1)
+
+
+def sampled_labels(proposals: list[Tensor], gt_labels: list[Tensor],
+                   mask_matched_idxs: list[Tensor]) -> Tensor:
+    """(N,) int64 label of each row, ``gt_labels[i][matched]`` per image, and -1 (an
+    ignored row: no loss, no gradient) where the matched index is outside the image's gt
+    masks or the proposal is not finite: the kernels' rule for unchecked values."""
+    out = []
+    for boxes, labels, idxs in zip(proposals, gt_labels, mask_matched_idxs):
+        idxs = idxs.long()
+        ok = (idxs >= 0) & (idxs < labels.shape[0]) & torch.isfinite(boxes).all(1)
+        picked = (labels.long()[idxs.clamp(0, labels.shape[0] - 1)] if labels.shape[0]
+                  else torch.zeros_like(idxs))
+        out.append(torch.where(ok, picked, torch.full_like(picked, -1)))
+    return torch.cat(out)
 
 
 def image_rows(gt_masks: list[Tensor], rows: list[int]):
@@ -329,21 +438,59 @@ def image_rows(gt_masks: list[Tensor], rows: list[int]):
 _ENTRY_BUDGET = 1 << 22
 
 
+def _positions(start: Tensor, bin_size: Tensor, grid_f: Tensor, p: Tensor, i: Tensor) -> Tensor:
+    """torchvision's sample positions ``start + p * bin + (i + 0.5) * bin / grid``, in its
+    order, broadcast over (k, pooled, samples)."""
+    return (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
+            + (i + 0.5) * bin_size[:, None, None] / grid_f[:, None, None])
+
+
+def _first_sample_host(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, bound: float,
+                  past: bool) -> Tensor:
+    """(k, pooled) first sample index in [0, grid] whose position is at least ``bound``
+    (``past``: above it), by bisection on the positions (they increase with the index for
+    a positive bin): the host twin of the kernels' ``_first_sample``."""
+    dtype = start.dtype
+    grid_f = grid.to(dtype).clamp(min=1)
+    lo = torch.zeros(start.shape[0], p.shape[0], dtype=torch.int64, device=start.device)
+    hi = grid[:, None].expand_as(lo).clone()
+    for _ in range(63):
+        active = lo < hi
+        if not bool(active.any()):
+            break
+        mid = (lo + hi) // 2
+        pos = _positions(start, bin_size, grid_f, p, mid[:, :, None].to(dtype))[:, :, 0]
+        over = pos > bound if past else pos >= bound
+        hi = torch.where(active & over, mid, hi)
+        lo = torch.where(active & ~over, mid + 1, lo)
+    return lo
+
+
 def axis_samples(start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int,
                   g_max: int, dtype: torch.dtype):
-    """torchvision's per-axis bilinear rule for every sample of every bin.
+    """torchvision's per-axis bilinear rule for the samples of every bin.
 
-    start, bin_size: (k,) float; grid: (k,) int64 samples per bin along this axis.
-    Returns (index, weight), each (k, pooled, g_max, 2): the low and high neighbours and
-    their weights; samples past a RoI's own grid, or outside [-1, size], weigh 0.
+    start, bin_size: (k,) float; grid: (k,) int64 samples per bin along this axis, at most
+    ``g_max``. Returns (index, weight), each (k, pooled, S, 2): the low and high neighbours
+    and their weights; samples past a RoI's own grid, or outside [-1, size], weigh 0. S is
+    ``g_max``, except where bins have more samples than the map has room for (a huge box:
+    adaptive sampling asks ceil(box / bins) per bin): then each bin's window of samples
+    that can land on the map, one more on each side (as the kernels' ``sample_span``).
     """
-    i = torch.arange(g_max, dtype=dtype, device=start.device)
     p = torch.arange(pooled, dtype=dtype, device=start.device)
     grid_f = grid.to(dtype).clamp(min=1)
-    # coordinate of sample i of bin p: start + p*bin + (i + .5)*bin/grid (torchvision's order)
-    pos = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-           + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid_f[:, None, None])
-    valid = (i[None, None, :] < grid[:, None, None]) & (pos >= -1.0) & (pos <= size)
+    first = torch.zeros(start.shape[0], pooled, dtype=torch.int64, device=start.device)
+    span = g_max
+    if g_max > 2 * size + 4 and start.numel():
+        wide = (bin_size > 0)[:, None]
+        lo = _first_sample_host(start, bin_size, grid, p, -1.0, False) - 1
+        hi = _first_sample_host(start, bin_size, grid, p, float(size), True)
+        first = torch.where(wide, lo.clamp(min=0), first)
+        last = torch.where(wide, torch.minimum(hi, grid[:, None] - 1), grid[:, None] - 1)
+        span = max(1, int((last - first + 1).max()))
+    i = first[:, :, None] + torch.arange(span, device=start.device)
+    pos = _positions(start, bin_size, grid_f, p, i.to(dtype))
+    valid = (i < grid[:, None, None]) & (pos >= -1.0) & (pos <= size)
     pos = torch.where(valid, pos, torch.zeros_like(pos)).clamp(min=0)
     low = pos.floor().long()
     at_edge = low >= size - 1
@@ -397,13 +544,19 @@ def sampling_entries(rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w
         return empty, empty, torch.zeros(0, dtype=dtype, device=dev)
     start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _geometry(
         rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, dtype)
-    batch = rois[:, 0].long()
+    # a batch index outside [0, N) (as torchvision truncates it) or a non-finite box pools
+    # nothing: the kernels' rule for values nobody checked
+    pooled = (rois[:, 0] > -1) & (rois[:, 0] < n) & torch.isfinite(rois[:, 1:]).all(1)
+    batch = torch.where(pooled, rois[:, 0], 0).long()
+    grid_h, grid_w = grid_h * pooled, grid_w * pooled
     bins = torch.arange(pooled_h * pooled_w, device=dev).reshape(1, pooled_h, pooled_w)
     rows, cols, vals = [], [], []
     # RoIs grouped by sample count (powers of two), each group cut into pieces that fit
     # the entry budget once padded to the group's largest grid: loops over groups of RoIs,
     # never over single RoIs.
-    entries = pooled_h * pooled_w * 4 * grid_h.clamp(min=1) * grid_w.clamp(min=1)
+    # (samples per bin as axis_samples visits them: at most a window of about 2 size + 5)
+    entries = (pooled_h * pooled_w * 4 * grid_h.clamp(min=1, max=2 * h + 6)
+               * grid_w.clamp(min=1, max=2 * w + 6))
     bucket = torch.log2(entries.double()).ceil().long()
     for key in torch.unique(bucket).tolist():
         members = (bucket == key).nonzero().flatten()

@@ -1,23 +1,29 @@
-"""Helpers shared by every op: dispatch, input checks, launch recording.
+"""Helpers shared by every op: dispatch, the value-check policy, input checks, launches.
 
-Dispatch rule (DESIGN.md): CUDA tensors run the Triton kernels; CPU tensors run the
-PyTorch reference, except under ``TRITON_INTERPRET=1`` where they run the same Triton
-kernels on Triton's interpreter. ``reference_path()`` forces the reference (tests use it
-to check both paths in one process).
+Dispatch rule (DESIGN.md): CUDA tensors run the Triton kernels; CPU tensors run the CPU
+kernels (``kernels._cpu``) or the PyTorch reference, except under ``TRITON_INTERPRET=1``
+where they run the same Triton kernels on Triton's interpreter. ``reference_path()``
+forces the reference (tests use it to check both paths in one process).
+
+Value checks (batch indices, labels, finite coordinates: anything that reads tensor data)
+run on CPU tensors always, and on CUDA only inside :func:`check_values` or with
+``KERNELS_CHECK_VALUES=1`` in the environment: on CUDA each is a host sync, and
+torchvision's CUDA kernels check none of these values. Whatever the values, no kernel
+reads or writes out of bounds.
 
 Every kernel launch goes through :func:`launch`, which guards the tensors' CUDA device and,
 while recording (always under the interpreter), records the specialization it compiles to
 (argument types, constexpr values, num_warps). The GPU compile check (``kernels._aot``)
 compiles exactly those recorded specializations for sm_80/sm_90, each expanded over the
-kernel's tuning table, so it cannot drift from what the ops launch.
+kernel's tuning table, so it cannot drift from what the ops launch. :func:`dry_run` sends
+CPU tensors down the CUDA code path with launches observed instead of run: what
+``python -m benchmarks.host`` counts on a machine without a GPU.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import torch
@@ -33,6 +39,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 _force_reference = False
+_dry = False
 
 
 @contextlib.contextmanager
@@ -61,7 +68,13 @@ def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should go through the Triton kernels (see module docstring)."""
     if _force_reference or t.dtype not in KERNEL_DTYPES:
         return False
-    return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
+    return t.device.type == "cuda" or ((INTERPRET or _dry) and t.device.type == "cpu")
+
+
+def gpu_path(t: torch.Tensor) -> bool:
+    """True when ``t`` takes the CUDA code path: a CUDA tensor, or any tensor inside
+    :func:`dry_run` (the host instrument's stand-in for a GPU)."""
+    return _dry or t.device.type == "cuda"
 
 
 # The path each op's last call ran ("triton", "torchvision", "torch" or "reference"), by
@@ -82,29 +95,67 @@ def cpu_path(t: torch.Tensor) -> bool:
     """True when ``t`` takes an op's CPU path (``kernels._cpu``): a CPU tensor of a float
     dtype, outside the interpreter and ``reference_path()``."""
     return (not _force_reference and t.device.type == "cpu" and not use_triton(t)
-            and t.dtype in FLOAT_DTYPES)
+            and not _dry and t.dtype in FLOAT_DTYPES)
 
 
 def pick_path(t: torch.Tensor, kernel: Callable, ref: Callable,
               deterministic: Callable | None = None, cpu: Callable | None = None,
               cpu_name: str = "torchvision") -> Callable:
-    """The launcher a custom op's body runs for ``t``: ``kernel`` (Triton), ``deterministic``
-    (Triton without atomics, under ``torch.use_deterministic_algorithms``), ``cpu`` (a
-    ``kernels._cpu`` function: see ``cpu_path``; ``cpu_name`` the path it records,
-    ``"torchvision"`` where it runs torchvision's kernel, ``"torch"`` where PyTorch's
-    operations) or ``ref`` (the reference: CPU otherwise, float64 on CUDA, inside
-    ``reference_path()``)."""
+    """The device kernel an op runs for ``t``: ``kernel`` (Triton: CUDA, the interpreter),
+    ``deterministic`` (Triton without atomics, under ``torch.use_deterministic_algorithms``),
+    ``cpu`` (a ``kernels._cpu`` function: see ``cpu_path``; ``cpu_name`` the path it
+    records, ``"torchvision"`` where it runs torchvision's kernel, ``"torch"`` where
+    PyTorch's operations) or ``ref`` (the reference: CPU otherwise, float64 on CUDA, inside
+    ``reference_path()``). The custom op's body and the eager path both call it."""
     if use_triton(t):
         path = kernel
         if deterministic is not None and torch.are_deterministic_algorithms_enabled():
             path = deterministic
-        last_path[kernel.__name__] = "triton"
-        return path
-    if cpu is not None and cpu_path(t):
-        last_path[kernel.__name__] = cpu_name
-        return cpu
-    last_path[kernel.__name__] = "reference"
-    return ref
+        record_path(kernel.__name__, "triton")
+    elif cpu is not None and cpu_path(t):
+        record_path(kernel.__name__, cpu_name)
+        path = cpu
+    else:
+        record_path(kernel.__name__, "reference")
+        path = ref
+    return op_body(path) if _op_bodies else path
+
+
+# The host instrument counts the tensor operations a call makes around its device kernel,
+# as torchvision's C++ kernels keep theirs out of sight: inside ``count_op_bodies()`` the
+# kernels pick_path returns run marked (``in_op_body()``).
+_op_bodies = False
+_BODY = threading.local()
+
+
+@contextlib.contextmanager
+def count_op_bodies():
+    """Inside this block device kernels run marked: :func:`in_op_body` is True while one
+    runs (``python -m benchmarks.host`` leaves their operations out of a call's count)."""
+    global _op_bodies
+    previous, _op_bodies = _op_bodies, True
+    try:
+        yield
+    finally:
+        _op_bodies = previous
+
+
+def in_op_body() -> bool:
+    return getattr(_BODY, "depth", 0) > 0
+
+
+def op_body(fn: Callable) -> Callable:
+    """``fn`` marked as a device kernel body while :func:`count_op_bodies` is on."""
+    if not _op_bodies:
+        return fn
+
+    def body(*args, **kwargs):
+        _BODY.depth = getattr(_BODY, "depth", 0) + 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _BODY.depth -= 1
+    return body
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -235,18 +286,104 @@ def check_same_device(**tensors: torch.Tensor) -> None:
                 "all tensors must be on the same device")
 
 
+# ---------------------------------------------------------------------------------------
+# The value-check policy: which calls read tensor data to check it (module docstring).
+
+CHECK_VALUES_ENV = "KERNELS_CHECK_VALUES"
+_CHECKS = threading.local()   # .skip: inside skip_data_checks; .cuda: inside check_values
+# CUDA tensors' values are checked by default only with KERNELS_CHECK_VALUES=1 (read once,
+# at import, as PyTorch reads its own settings from the environment)
+CHECK_CUDA_VALUES = os.environ.get(CHECK_VALUES_ENV, "0").strip().lower() not in (
+    "", "0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def check_values(enabled: bool = True):
+    """Inside this block the public functions check the values of CUDA tensors too (batch
+    indices, labels, matched indices, finite coordinates, mask ranges): each check is one
+    host sync. CPU tensors are always checked. ``KERNELS_CHECK_VALUES=1`` in the
+    environment does the same for the whole process; ``check_values(False)`` turns the
+    CUDA checks off inside a block whatever the environment says."""
+    before = getattr(_CHECKS, "cuda", None)
+    _CHECKS.cuda = bool(enabled)
+    try:
+        yield
+    finally:
+        _CHECKS.cuda = before
+
+
+@contextlib.contextmanager
+def skip_data_checks():
+    """Within this block the public functions read no tensor values at all, on any device:
+    for callers whose inputs are valid by construction. Shapes, dtypes and devices are
+    still checked; invalid values then give the kernels' defined results (zeros, ignored
+    rows), never an out-of-bounds access."""
+    before = getattr(_CHECKS, "skip", False)
+    _CHECKS.skip = True
+    try:
+        yield
+    finally:
+        _CHECKS.skip = before
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream captures a graph (a sync there would break it)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether a public function reads ``t``'s values to check them: a CPU tensor always; a
+    CUDA tensor (or any tensor inside :func:`dry_run`) only inside :func:`check_values` or
+    with KERNELS_CHECK_VALUES=1. Never inside :func:`skip_data_checks`, while torch.compile
+    traces or while a CUDA graph is being captured."""
+    if getattr(_CHECKS, "skip", False) or torch.compiler.is_compiling():
+        return False
+    if not gpu_path(t):
+        return t.device.type == "cpu"      # (meta and other devices hold no values)
+    on = getattr(_CHECKS, "cuda", None)
+    if on is None:
+        on = CHECK_CUDA_VALUES
+    return on and not capturing()
+
+
+def is_tracing() -> bool:
+    """True where nothing may read tensor values: while torch.compile traces, inside
+    :func:`skip_data_checks`, while a CUDA graph is being captured."""
+    return (torch.compiler.is_compiling() or getattr(_CHECKS, "skip", False)
+            or capturing())
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_KERNEL_DEVICES = ("cpu", "cuda")   # the ops' device kernels; meta and others: the op
+
+
+def eager(*tensors) -> bool:
+    """True where a public function may call its device kernel directly (through a
+    ``torch.autograd.Function`` where there is a gradient) instead of the custom op: not
+    while torch.compile or torch.export traces, and only plain tensors (fake, functional
+    and proxy tensors are subclasses: tracing that is not dynamo's goes through the op),
+    on the devices the ops have kernels for (meta tensors get the op's fake). The
+    dispatcher costs tens of microseconds a call in eager code."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TENSORS
+                                            or t.device.type not in _KERNEL_DEVICES):
+            return False
+    return True
+
+
 # How far past [0, 1] a float target may stray (float32 rounding of bilinear weights).
 _UNIT_SLACK = 1e-6
 
 
-def check_values(indices=(), unit=(), finite=()) -> None:
-    """Value checks in one host sync (skipped while tracing).
+def check_ranges(indices=(), unit=(), finite=()) -> None:
+    """Value checks in one read of the data. Callers decide whether to check
+    (:func:`values_checked`); on CUDA this is one host sync.
 
     indices: (name, integer tensor, bound) — every value in [0, bound);
     unit: (name, mask tensor) — float values in [0, 1]; finite: (name, tensor).
     """
-    if is_tracing():
-        return
     stats, checks = [], []       # stats: two float64 values per check
     for name, t, bound in indices:
         if t.numel():
@@ -288,31 +425,6 @@ def pair(name: str, value: Any, errors: Errors = PLAIN, least: int = 1) -> tuple
     return int(value[0]), int(value[1])
 
 
-_CHECKS = threading.local()
-
-
-@contextlib.contextmanager
-def skip_data_checks():
-    """Within this block the public wrappers read no tensor values (no host sync): for
-    callers whose inputs are valid by construction, such as the model's static mode, which
-    must not sync from images in to detections out. Shapes, dtypes and devices are still
-    checked; invalid values then give unspecified results (never an out-of-bounds access)."""
-    before = getattr(_CHECKS, "skip", False)
-    _CHECKS.skip = True
-    try:
-        yield
-    finally:
-        _CHECKS.skip = before
-
-
-def is_tracing() -> bool:
-    """True where a data check must not read values: under torch.compile / fake tensors
-    and torch.fx, while a CUDA stream is capturing a graph (a sync would break it), and
-    inside :func:`skip_data_checks`."""
-    return (torch.compiler.is_compiling() or getattr(_CHECKS, "skip", False)
-            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
-
-
 def fx_leaf(fn: Callable) -> Callable:
     """Make ``fn`` a leaf of ``torch.fx`` tracing, as torchvision's ops are: called with a
     Proxy among its arguments (or inside a list argument) it records one call node instead
@@ -340,236 +452,21 @@ def fx_leaf(fn: Callable) -> Callable:
     return leaf
 
 
-# ---------------------------------------------------------------------------------------
-# Launch recording for the ahead-of-time GPU compile check.
-
-_TRITON_TYPES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-    torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
-    torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
-}
-
-
-@dataclass(frozen=True)
-class Specialization:
-    """One compiled variant of a kernel: what `triton.compile` needs, and nothing else."""
-    kernel: str                            # "module:function"
-    signature: tuple[tuple[str, str], ...]  # (arg name, triton type) of runtime args
-    constexprs: tuple[tuple[str, Any], ...]  # non-tunable constexpr values (and ints == 1)
-    tunables: tuple[tuple[str, Any], ...]    # the tuning-table row used (incl. num_warps)
-    divisible: tuple[str, ...] = ()          # args the JIT marks divisible by 16
-
-    def as_json(self) -> dict:
-        return {"kernel": self.kernel, "signature": [list(s) for s in self.signature],
-                "constexprs": [list(c) for c in self.constexprs],
-                "tunables": [list(t) for t in self.tunables],
-                "divisible": list(self.divisible)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Specialization":
-        return cls(d["kernel"], tuple(tuple(s) for s in d["signature"]),
-                   tuple(tuple(c) for c in d["constexprs"]),
-                   tuple(tuple(t) for t in d["tunables"]), tuple(d.get("divisible", ())))
-
-
-LAUNCHES: set[Specialization] = set()
-# kernel id -> the tuning table its launcher chooses from (list of dicts; "num_warps" in each)
-TUNING_TABLES: dict[str, list[dict]] = {}
-# kernel id -> the rows of its table that only the interpreter launches
-INTERPRETER_ROWS: dict[str, list[dict]] = {}
-# kernel id -> why its sm_90 occupancy below OCCUPANCY_TARGET is the right trade
-OCCUPANCY_NOTES: dict[str, str] = {}
-OCCUPANCY_TARGET = 0.5
-
-
-def kernel_id(kernel) -> str:
-    fn = getattr(kernel, "fn", kernel)
-    return f"{fn.__module__}:{fn.__name__}"
-
-
-try:   # Triton's own argument specialization (3.6-3.9): what its JIT compiles per launch
-    from triton._C.libtriton import native_specialize_impl as _native_specialize
-    from triton.backends.compiler import BaseBackend as _BaseBackend
-except ImportError:   # pragma: no cover - another Triton: the rule below, written out
-    _native_specialize = None
-
-
-def jit_specialization(value: Any, specialize: bool) -> tuple[str, Any]:
-    """(type, key) of a launch argument as Triton's JIT specializes it: an int equal to 1
-    becomes ("constexpr", 1), and key "D" marks a pointer or an int divisible by 16 (both
-    only where the kernel's ``do_not_specialize`` does not exempt the argument)."""
-    if _native_specialize is not None:
-        try:
-            return tuple(_native_specialize(_BaseBackend, value, False, specialize, True))
-        except TypeError:   # another signature: the rule below, written out
-            pass
-    kind = _triton_type(value)
-    if isinstance(value, torch.Tensor):
-        return kind, ("D" if value.data_ptr() % 16 == 0 else "") if specialize else None
-    if isinstance(value, int) and not isinstance(value, bool) and specialize:
-        return ("constexpr", 1) if value == 1 else (kind, "D" if value % 16 == 0 else "")
-    return kind, None
-
-
-def _triton_type(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _TRITON_TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "u1"   # as Triton's JIT types a Python bool
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unsupported kernel argument {value!r}")
-
-
-def register_tuning(kernel, table: list[dict], interpreter: Sequence[dict] = (),
-                    occupancy_note: str | None = None) -> list[dict]:
-    """Declare the rows a launcher may pick for ``kernel``; the compile check builds all.
-
-    ``interpreter``: rows only the interpreter launches (it pays per op, so bigger tiles
-    make the tests faster); they are compiled too, but no GPU runs them, so the sm_90
-    occupancy target does not apply to them. ``occupancy_note``: why occupancy below
-    ``OCCUPANCY_TARGET`` is the right trade for this kernel (the static report prints it;
-    a GPU row below the target without one fails the compile check).
-    """
-    rows = list(table) + list(interpreter)
-    for row in rows:
-        if "num_warps" not in row:
-            raise ValueError("every tuning row needs num_warps")
-    kid = kernel_id(kernel)
-    TUNING_TABLES[kid] = rows
-    INTERPRETER_ROWS[kid] = list(interpreter)
-    if occupancy_note:
-        OCCUPANCY_NOTES[kid] = occupancy_note
-    return rows
-
-
-# kernel id -> rule(constexprs and tuning) -> {input layout: {access: tile axis that must
-# carry the warp's lanes, or ("flat", inner) for a flat vector}}; kernel id -> {layout:
-# why that layout's lanes are knowingly elsewhere}
-LANE_RULES: dict[str, Callable[[dict], dict[str, dict[str, Any]]]] = {}
-LANE_NOTES: dict[str, dict[str, str]] = {}
-
-
-def register_lanes(kernel, rule: Callable[[dict], dict[str, dict[str, Any]]],
-                   notes: dict[str, str] | None = None) -> None:
-    """Declare, for the compile check's lane test, which axis of ``kernel``'s 2-D tiles is
-    the stride-1 dimension of the tensor each hot-loop access touches (``load``, ``store``,
-    ``atomic_rmw``), per input layout the launcher sends to that specialization: ``rule``
-    maps the specialization's constexprs and tuning row to ``{layout: {access: axis}}``,
-    the axis ``("flat", inner)`` for a flat vector whose fast index walks the stride-1
-    dimension ``inner`` elements at a time. ``notes``: a layout whose lanes are knowingly
-    elsewhere, and why (the report prints it)."""
-    kid = kernel_id(kernel)
-    LANE_RULES[kid] = rule
-    LANE_NOTES[kid] = dict(notes or {})
-
-
-_forced_row: int | None = None
-
-
-def gpu_rows(kid: str) -> list[dict]:
-    """The rows of a kernel's tuning table that a GPU launches (interpreter-only ones out)."""
-    return [r for r in TUNING_TABLES[kid] if r not in INTERPRETER_ROWS.get(kid, [])]
+# Inside dry_run: called as observer(kernel id, grid, runtime argument count) per launch.
+observer: Callable[[str, tuple, int], None] | None = None
 
 
 @contextlib.contextmanager
-def forced_tuning_row(index: int):
-    """Inside the block every launcher takes row ``index`` of its kernel's GPU rows (the
-    last row when the table is shorter) instead of its own pick. Any row computes the same
-    result; one pass per index launches every row (the GPU kit's memory check does this)."""
-    global _forced_row
-    previous, _forced_row = _forced_row, index
+def dry_run(observer_fn: Callable[[str, tuple, int], None] | None = None):
+    """Inside this block CPU tensors take the CUDA code path — the Triton launchers, the
+    CUDA value-check policy, no CPU kernels — and no kernel runs: each launch calls
+    ``observer_fn(kernel id, grid, runtime argument count)`` instead (outputs stay
+    unwritten). ``python -m benchmarks.host`` reads a call's host cost this way on a
+    machine without a GPU."""
+    global _dry, observer
+    previous = _dry, observer
+    _dry, observer = True, observer_fn
     try:
         yield
     finally:
-        _forced_row = previous
-
-
-def pick_tuning(kernel, row: dict) -> dict:
-    """The row a launcher launches: its own pick ``row``, unless ``forced_tuning_row`` is on."""
-    if _forced_row is None:
-        return row
-    rows = gpu_rows(kernel_id(kernel))
-    return rows[min(_forced_row, len(rows) - 1)]
-
-
-# Launch records cost host time, so they are kept only while recording is on: always under
-# the interpreter (a test session's launches feed the GPU compile check), elsewhere inside
-# record_launches() (the GPU kit's launch_all).
-_recording = INTERPRET
-_ARG_NAMES: dict[str, list[str]] = {}   # kernel id -> its parameter names, read once
-_UNSPECIALIZED: dict[str, set[str]] = {}  # kernel id -> its do_not_specialize names
-
-
-@contextlib.contextmanager
-def record_launches():
-    """Record every launch's specialization into LAUNCHES inside the block."""
-    global _recording
-    previous, _recording = _recording, True
-    try:
-        yield
-    finally:
-        _recording = previous
-
-
-def _record(kernel, args: tuple, tuning: dict, constexprs: dict) -> None:
-    kid = kernel_id(kernel)
-    if kid in TUNING_TABLES and tuning not in TUNING_TABLES[kid]:
-        raise RuntimeError(f"{kid}: tuning row {tuning} is not in its registered table")
-    names = _ARG_NAMES.get(kid)
-    if names is None:
-        names = _ARG_NAMES[kid] = list(
-            inspect.signature(getattr(kernel, "fn", kernel)).parameters)
-        # the compiled kernel's decorator keeps them; the interpreter's, its arguments
-        listed = getattr(kernel, "do_not_specialize", None)
-        if listed is None:
-            listed = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
-        _UNSPECIALIZED[kid] = {names[a] if isinstance(a, int) else a for a in listed}
-    # what the JIT compiles for these arguments: ints equal to 1 as constants, pointers
-    # and ints divisible by 16 marked so (the compile check builds exactly that)
-    signature, ones, divisible = [], {}, []
-    for n, a in zip(names, args):
-        kind, key = jit_specialization(a, n not in _UNSPECIALIZED[kid])
-        if kind == "constexpr":
-            ones[n] = key
-            continue
-        signature.append((n, kind))
-        if isinstance(key, str) and "D" in key:
-            divisible.append(n)
-    LAUNCHES.add(Specialization(
-        kid, tuple(signature), tuple(sorted({**constexprs, **ones}.items())),
-        tuple(sorted(tuning.items())), tuple(divisible)))
-
-
-def launch_device(args: Sequence[Any]) -> torch.device | None:
-    """The CUDA device of a launch: its first tensor argument's (None off CUDA)."""
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device if a.device.type == "cuda" else None
-    return None
-
-
-def launch(kernel, grid, *args, tuning: dict, **constexprs) -> None:
-    """Launch ``kernel[grid](*args, **tuning, **constexprs)`` on its tensors' device.
-
-    ``tuning`` is a row of the kernel's registered tuning table (block sizes, num_warps);
-    ``constexprs`` are the mode switches and shape constants the call fixes. Triton
-    launches on the current CUDA device, so the launch is guarded to the tensors' device
-    (tensors on cuda:1 with cuda:0 current would otherwise be read from the wrong GPU), as
-    torchvision's kernels guard theirs. While recording, the specialization is kept for the
-    GPU compile check.
-    """
-    if grid[0] >= 2**31 or any(g > MAX_GRID_YZ for g in grid[1:]):
-        raise ValueError(f"{kernel_id(kernel)}: the inputs need a grid of {tuple(grid)} "
-                         "programs, past CUDA's limits (2**31 - 1 on axis 0, 65,535 on "
-                         "axes 1 and 2)")
-    if _recording:
-        _record(kernel, args, tuning, constexprs)
-    device = launch_device(args)
-    if device is None:
-        kernel[grid](*args, **tuning, **constexprs)
-    else:
-        with torch.cuda.device(device):
-            kernel[grid](*args, **tuning, **constexprs)
+        _dry, observer = previous

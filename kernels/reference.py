@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ._boxes import Segments, expand_scale, expanded_int_boxes, iou_over, iou_rows, \
     threshold_in
-from ._sampling import Pyramid, axis_samples, image_rows, sampling_entries
+from ._sampling import (Pyramid, axis_samples, image_rows, sampled_labels, sampled_rois,
+                        sampling_entries)
 from ._utils import compute_dtype, memory_format
 
 
@@ -108,22 +109,36 @@ def _bce_reference(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return loss, torch.sigmoid(x) - t
 
 
+def _selected_planes(logits: Tensor, labels: Tensor,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each row's own class plane of (N, K, M, M) ``logits`` in ``dtype``, and whether its
+    label is in [0, K) (a row whose label is not is ignored: no loss, no gradient)."""
+    labels, ok = _class_rows(labels, logits.shape[1])
+    return logits[torch.arange(logits.shape[0], device=logits.device), labels].to(dtype), ok
+
+
 def mask_loss_forward(logits: Tensor, targets: Tensor, labels: Tensor,
                         compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss, d loss / d selected logits (N, M, M)), both in the compute dtype."""
     n, _, m, _ = logits.shape
     cdt = compute_dtype(logits.dtype)
-    x = logits[torch.arange(n, device=logits.device), labels].to(cdt)
+    x, ok = _selected_planes(logits, labels, cdt)
     loss, dx = _bce_reference(x, targets.to(cdt))
-    grad = dx / x.numel() if compute_grad else x.new_empty(0, m, m)
+    ok = ok[:, None, None]
+    loss = torch.where(ok, loss, torch.zeros_like(loss))
+    grad = (torch.where(ok, dx, torch.zeros_like(dx)) / x.numel() if compute_grad
+            else x.new_empty(0, m, m))
     return loss.mean(), grad
 
 
 def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor,
                                  classes: int, channels_last: bool,
                                  dtype: torch.dtype) -> Tensor:
+    """The dense (N, K, M, M) gradient: each row's class plane the saved gradient times
+    ``grad`` (an ignored row's label was given a zero gradient: it writes zeros)."""
     n, m, _ = grad_sel.shape
     out = torch.zeros(n, classes, m, m, dtype=dtype, device=grad.device)
+    labels = _class_rows(labels, classes)[0]
     out[torch.arange(n, device=labels.device), labels] = (grad_sel * grad).to(dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -164,59 +179,86 @@ def _image_targets(rois: Tensor, gt_masks: list[Tensor], rows: list[int], size: 
                    dtype: torch.dtype) -> Tensor:
     """torchvision's ``project_masks_on_boxes`` targets of every image, (N, M, M)
     (materialized here, sampled inside the kernels on the Triton path)."""
-    targets = [_project_masks(masks, rois[i], size, dtype)
+    targets = [_project_masks(masks, rois[i], size, dtype) if masks.shape[0]
+               else rois.new_zeros(i.stop - i.start, size, size, dtype=dtype)
                for i, masks in image_rows(gt_masks, rows)]
     return torch.cat(targets) if targets else rois.new_zeros(0, size, size, dtype=dtype)
 
 
-def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
-                          gt_masks: list[Tensor], rows: list[int],
-                          compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """:func:`mask_loss_forward` on the projected targets of every image."""
+def _per_image_targets(proposals: list[Tensor], gt_masks: list[Tensor],
+                       gt_labels: list[Tensor], matched: list[Tensor], size: int,
+                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(targets (N, M, M), labels (N,)) of torchvision's per-image loss arguments; an
+    ignored row (label -1: ``sampled_labels``) gets a zero target."""
+    labels = sampled_labels(proposals, gt_labels, matched)
+    rois = sampled_rois(proposals, matched)
+    rois = torch.where((labels >= 0)[:, None], rois, torch.zeros_like(rois))
+    rows = [p.shape[0] for p in proposals]
+    return _image_targets(rois, gt_masks, rows, size, dtype), labels
+
+
+def maskrcnn_loss_forward(logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+                          gt_labels: list[Tensor], matched: list[Tensor],
+                          compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`mask_loss_forward` on the projected targets of every image, and each row's
+    label (empty unless ``compute_grad``, as the kernel's)."""
     size, cdt = logits.shape[-1], compute_dtype(logits.dtype)
-    return mask_loss_forward(logits, _image_targets(rois, gt_masks, rows, size, cdt), labels,
-                             compute_grad)
+    targets, labels = _per_image_targets(proposals, gt_masks, gt_labels, matched, size, cdt)
+    loss, grad = mask_loss_forward(logits, targets, labels, compute_grad)
+    return loss, grad, labels if compute_grad else labels[:0]
 
 
 def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
                                   targets: Tensor, labels: Tensor, compute_grad: bool):
-    """(loss, d loss / d logit (N, M*M), its per-instance sums (N,)) of the fused predictor."""
+    """(loss, d loss / d logit (N, M*M), each row's label in [0, K): an ignored row's is 0,
+    with a zero gradient) of the fused predictor; no rows unless ``compute_grad``."""
     n, c, m, _ = features.shape
     cdt = compute_dtype(features.dtype)
+    labels, ok = _class_rows(labels, weight.shape[0])
+    weight = weight.reshape(weight.shape[0], -1)      # (K, C, 1, 1) or (K, C)
     f = features.to(cdt).reshape(n, c, m * m)
     x = torch.einsum("ncp,nc->np", f, weight[labels].to(cdt)) + bias[labels].to(cdt)[:, None]
-    return _selected_logits_loss(x, targets.to(cdt).reshape(n, m * m), compute_grad)
+    loss, grad = _selected_logits_loss(x, targets.to(cdt).reshape(n, m * m), compute_grad, ok)
+    return loss, grad, labels if compute_grad else labels[:0]
 
 
-def _selected_logits_loss(x: Tensor, targets: Tensor, compute_grad: bool):
+def _class_rows(labels: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    """Labels clamped into [0, K) (safe to index with), and which were in range: a row
+    whose label is not is ignored (no loss, no gradient), as in the kernels."""
+    labels = labels.long()
+    return labels.clamp(0, max(classes - 1, 0)), (labels >= 0) & (labels < classes)
+
+
+def _selected_logits_loss(x: Tensor, targets: Tensor, compute_grad: bool, ok: Tensor):
     """The fused predictor's loss from its selected logits ``x`` (N, P) and ``targets``
-    (N, P): (mean BCE, d loss / d x, its per-instance sums)."""
+    (N, P), rows ``ok`` only: (mean BCE, d loss / d x)."""
     loss, dx = _bce_reference(x, targets)
+    loss = torch.where(ok[:, None], loss, torch.zeros_like(loss))
     if not compute_grad:
-        return loss.mean(), x.new_empty(0, x.shape[1]), x.new_empty(0)
-    dx = dx / x.numel()
-    return loss.mean(), dx, dx.sum(1)
+        return loss.mean(), x.new_empty(0, x.shape[1])
+    return loss.mean(), torch.where(ok[:, None], dx, torch.zeros_like(dx)) / x.numel()
 
 
 def maskrcnn_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
-                                    rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
-                                    rows: list[int], compute_grad: bool):
+                                    proposals: list[Tensor], gt_masks: list[Tensor],
+                                    gt_labels: list[Tensor], matched: list[Tensor],
+                                    compute_grad: bool):
     """:func:`mask_predictor_loss_forward` on the projected targets of every image."""
     size, cdt = features.shape[-1], compute_dtype(features.dtype)
-    return mask_predictor_loss_forward(features, weight, bias,
-                                       _image_targets(rois, gt_masks, rows, size, cdt), labels,
-                                       compute_grad)
+    targets, labels = _per_image_targets(proposals, gt_masks, gt_labels, matched, size, cdt)
+    return mask_predictor_loss_forward(features, weight, bias, targets, labels, compute_grad)
 
 
-def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel, dsum):
+def mask_predictor_loss_backward(grad, features, weight, labels, grad_sel):
     n, c, m, _ = features.shape
     cdt = grad_sel.dtype
     g = grad.to(cdt)
-    w = weight[labels].to(cdt) * g                                     # (N, C)
+    labels = _class_rows(labels, weight.shape[0])[0]    # an ignored row's gradient is zero
+    w = weight.reshape(weight.shape[0], -1)[labels].to(cdt) * g        # (N, C)
     grad_features = (w[:, :, None] * grad_sel[:, None, :]).reshape(n, c, m, m)
     rows = torch.einsum("ncp,np->nc", features.to(cdt).reshape(n, c, m * m), grad_sel) * g
     return (grad_features.to(features.dtype).contiguous(memory_format=memory_format(features)),
-            *_predictor_param_grads(weight, labels, rows, dsum * g))
+            *_predictor_param_grads(weight, labels, rows, grad_sel.sum(1) * g))
 
 
 def _predictor_param_grads(weight: Tensor, labels: Tensor, rows: Tensor,
@@ -224,11 +266,11 @@ def _predictor_param_grads(weight: Tensor, labels: Tensor, rows: Tensor,
     """The predictor's weight and bias gradients from per-instance rows (N, C) and (N,):
     instances of one class add into its row (index_add in the rows' dtype), then the
     parameters' dtype."""
-    grad_weight = torch.zeros(weight.shape, dtype=rows.dtype,
+    grad_weight = torch.zeros(weight.shape[0], rows.shape[1], dtype=rows.dtype,
                               device=weight.device).index_add_(0, labels, rows)
     grad_bias = torch.zeros(weight.shape[0], dtype=rows.dtype,
                             device=weight.device).index_add_(0, labels, bias_rows)
-    return grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    return grad_weight.to(weight.dtype).view(weight.shape), grad_bias.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +290,11 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
     n = p.n
     boxes, iou_threshold = iou_rows(p.boxes, iou_threshold)
     area = boxes[4]
-    seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
+    if p.segmented:
+        seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
+    else:
+        seg_lo = torch.zeros(n, dtype=torch.int64, device=boxes.device)
+        seg_hi = torch.full((n,), n, dtype=torch.int64, device=boxes.device)
     removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
     keep = torch.zeros(n, dtype=torch.int8, device=boxes.device)
     upper = torch.ones(64, 64, dtype=torch.bool, device=boxes.device).triu_(1)

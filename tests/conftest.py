@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _utils
+from kernels import _launch
 from kernels._utils import INTERPRET, reference_path
 
 def _importable(name: str) -> bool:
@@ -96,10 +96,10 @@ LAUNCHES_DIR = os.environ.get("KERNEL_LAUNCHES_DIR")
 
 
 def pytest_sessionfinish(session):
-    if LAUNCHES_DIR and _utils.LAUNCHES:
+    if LAUNCHES_DIR and _launch.LAUNCHES:
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         Path(LAUNCHES_DIR, f"{worker}-{os.getpid()}.json").write_text(
-            json.dumps([s.as_json() for s in _utils.LAUNCHES]))
+            json.dumps([s.as_json() for s in _launch.LAUNCHES]))
 
 
 def launches_of_earlier_passes() -> list[dict]:

@@ -76,6 +76,19 @@ def test_inference_breaks_once_and_static_mode_never():
     assert graph_breaks(static, images) == 0
 
 
+def test_the_cpu_path_breaks_as_often_as_the_op_graph(monkeypatch):
+    """On CPU tensors, outside the interpreter and the reference (torchvision's kernels,
+    the thread pool): every CPU kernel runs inside its custom op, so tracing sees the same
+    ops as on any other path — one break in inference, none in the static mode."""
+    from kernels import _utils
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    monkeypatch.setattr(_utils, "_force_reference", False)
+    default, static = pair(**KW)
+    images, _ = batch()
+    assert graph_breaks(default, images) == 1
+    assert graph_breaks(static, images) == 0
+
+
 def test_training_breaks_at_most_five_times():
     model, _ = pair(**KW)
     images, targets = batch()

@@ -189,3 +189,27 @@ def test_data_checks_live_in_the_wrappers_and_sync_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("item() in a check"))
     kernels.roi_align(_x(), _rois(), 2)
     assert len(reads) == 1
+
+
+def test_torchscript_compiles_ours_as_it_compiles_torchvisions():
+    """torch.jit.script of our roi_align, nms and batched_nms — directly, and inside a
+    torchvision module scripted under patch_torchvision() — compiles their scripted twins
+    (torchvision's argument forms, then our custom op): torchvision's results and
+    gradients."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # torch.jit.script is deprecated in PyTorch
+        x = torch.rand(2, 3, 10, 10, dtype=torch.float64, requires_grad=True)
+        rois = torch.tensor([[0, 0, 0, 9, 9], [1, 0, 5, 4, 9.0]], dtype=torch.float64)
+        scripted = torch.jit.script(kernels.roi_align)
+        assert_close(scripted(x, rois, 5), torchvision.ops.roi_align(x, rois, 5))
+        assert torch.autograd.gradcheck(lambda z: scripted(z, rois, 2, 1.0, 1), (x,))
+        boxes, scores = _nms_in(60)
+        idxs = torch.randint(0, 3, (60,))
+        assert torch.equal(torch.jit.script(kernels.nms)(boxes, scores, 0.5),
+                           torchvision.ops.nms(boxes, scores, 0.5))
+        assert torch.equal(torch.jit.script(kernels.batched_nms)(boxes, scores, idxs, 0.5),
+                           torchvision.ops.batched_nms(boxes, scores, idxs, 0.5))
+        with kernels.patch_torchvision():
+            module = torch.jit.script(torchvision.ops.RoIAlign(3, 0.5, -1))
+        expected = torchvision.ops.RoIAlign(3, 0.5, -1)(x.float(), [rois[:, 1:].float()] * 2)
+        assert_close(module(x.float(), [rois[:, 1:].float()] * 2), expected)

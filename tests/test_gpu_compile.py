@@ -21,7 +21,7 @@ import torch
 from benchmarks import static
 from benchmarks.__main__ import markdown as report_markdown
 from conftest import launches_of_earlier_passes
-from kernels import _aot, _sampling, _utils
+from kernels import _aot, _launch, _sampling
 from kernels.ops import roi_align as roi_align_ops
 
 pytestmark = pytest.mark.compile_check
@@ -32,7 +32,7 @@ def compiled():
     reason = _aot.can_compile_without_gpu()
     if reason:
         pytest.skip(reason)
-    session = [s.as_json() for s in _utils.LAUNCHES] + launches_of_earlier_passes()
+    session = [s.as_json() for s in _launch.LAUNCHES] + launches_of_earlier_passes()
     specs = _aot.record_in_subprocess(session)
     return specs, _aot.compile_in_subprocess(specs)
 
@@ -86,7 +86,7 @@ def test_occupancy_target_on_sm90(compiled):
     low = [f"{r['spec']['kernel']} [{_aot.describe(r['spec'])}]: "
            f"{r['occupancy_sm90']:.0%} at {r['registers']} registers"
            for r in _aot.below_occupancy_target(results)]
-    assert not low, (f"below {_utils.OCCUPANCY_TARGET:.0%} occupancy on sm_90 with no "
+    assert not low, (f"below {_launch.OCCUPANCY_TARGET:.0%} occupancy on sm_90 with no "
                      "occupancy_note:\n" + "\n".join(low))
 
 
@@ -154,7 +154,7 @@ def _hot_load(shape: str, lanes: str, per_thread: str, order: str) -> list[dict]
 
 
 def _roi_align_row(ops: list[dict]) -> dict:
-    kernel = _utils.kernel_id(roi_align_ops._roi_align_kernel)
+    kernel = _launch.kernel_id(roi_align_ops._roi_align_kernel)
     # P_MAJOR=True, the NCHW specialization: bins are the flat vector's fast index
     spec = {"kernel": kernel, "signature": [], "constexprs": [["P_MAJOR", True]],
             "tunables": [["BLOCK_C", 32], ["BLOCK_P", 16], ["num_warps", 8]]}

@@ -21,6 +21,7 @@ import kernels
 from benchmarks import bench_paste_masks_in_image, targets
 from benchmarks.gpu import kit
 from kernels import _utils
+from kernels import _launch
 from kernels.ops import roi_align as roi_align_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,13 +218,13 @@ def test_every_tuning_row_gives_torchvisions_result(backend, row, monkeypatch):
     rois = torch.tensor([[0, 1.0, 1.5, 9.0, 7.0], [1, 0.0, 2.0, 12.5, 10.0]],
                         device=backend.device)
     fwd = roi_align_ops._roi_align_kernel
-    monkeypatch.setattr(_utils, "LAUNCHES", set())   # only this call's launches
-    with _utils.forced_tuning_row(row), _utils.record_launches():
+    monkeypatch.setattr(_launch, "LAUNCHES", set())   # only this call's launches
+    with _launch.forced_tuning_row(row), _launch.record_launches():
         out = kernels.roi_align(x, rois, 7, 1.0, 2)   # 49 bins: its own pick is row 0
     torch.testing.assert_close(out, torchvision.ops.roi_align(x, rois, 7, 1.0, 2))
     if backend.triton:
-        launched = [s for s in _utils.LAUNCHES if s.kernel == _utils.kernel_id(fwd)]
-        expected = _utils.gpu_rows(_utils.kernel_id(fwd))[row]
+        launched = [s for s in _launch.LAUNCHES if s.kernel == _launch.kernel_id(fwd)]
+        expected = _launch.gpu_rows(_launch.kernel_id(fwd))[row]
         assert launched and all(dict(s.tunables) == expected for s in launched)
 
 

@@ -34,7 +34,12 @@ def _pyramid(dtype=torch.float32, fmt=torch.contiguous_format):
 
 
 LABELS = torch.tensor([0, 2])
-MASK_ROIS = torch.tensor([[1.0, 0.5, 1.0, 8.0, 7.5], [0.0, 2.0, 0.0, 5.0, 9.0]])
+
+
+def _image(masks):
+    """One image's (proposals, gt masks, gt labels, matched indices) lists."""
+    return ([torch.tensor([[0.5, 1.0, 8.0, 7.5], [2.0, 0.0, 5.0, 9.0]])], [masks],
+            [torch.tensor([2, 0])], [torch.tensor([1, 0])])
 
 SAMPLES = {
     "roi_align": [
@@ -80,29 +85,29 @@ SAMPLES = {
         lambda: (torch.tensor(2.0), torch.rand(2, 4, 4), LABELS, 3, True, torch.bfloat16),
     ],
     "maskrcnn_loss": [
-        lambda: (_leaf(torch.randn(2, 3, 4, 4)), MASK_ROIS, LABELS,
-                 [torch.rand(2, 9, 11) > 0.5], [2], True),
-        lambda: (_leaf(torch.randn(2, 3, 4, 4), torch.bfloat16), MASK_ROIS, LABELS,
-                 [(torch.rand(2, 9, 11) > 0.5).to(torch.uint8)], [2], True),
+        lambda: (_leaf(torch.randn(2, 3, 4, 4)), *_image(torch.rand(2, 9, 11) > 0.5), True),
+        lambda: (_leaf(torch.randn(2, 3, 4, 4), torch.bfloat16),
+                 *_image((torch.rand(2, 9, 11) > 0.5).to(torch.uint8)), True),
     ],
     "mask_predictor_loss": [
-        lambda: (_leaf(torch.randn(2, 5, 4, 4)), _leaf(torch.randn(3, 5)),
+        lambda: (_leaf(torch.randn(2, 5, 4, 4)), _leaf(torch.randn(3, 5, 1, 1)),
                  _leaf(torch.randn(3)), torch.rand(2, 4, 4), LABELS, True),
         lambda: (_leaf(torch.randn(2, 5, 4, 4), torch.float16, CL),
-                 _leaf(torch.randn(3, 5), torch.float16), _leaf(torch.randn(3), torch.float16),
-                 torch.rand(2, 4, 4), LABELS, True),
+                 _leaf(torch.randn(3, 5, 1, 1), torch.float16),
+                 _leaf(torch.randn(3), torch.float16), torch.rand(2, 4, 4), LABELS, True),
     ],
     "maskrcnn_predictor_loss": [
-        lambda: (_leaf(torch.randn(2, 5, 4, 4)), _leaf(torch.randn(3, 5)),
-                 _leaf(torch.randn(3)), MASK_ROIS, LABELS,
-                 [(torch.rand(2, 9, 11) > 0.5).to(torch.uint8)], [2], True),
+        lambda: (_leaf(torch.randn(2, 5, 4, 4)), _leaf(torch.randn(3, 5, 1, 1)),
+                 _leaf(torch.randn(3)), *_image((torch.rand(2, 9, 11) > 0.5).to(torch.uint8)),
+                 True),
         lambda: (_leaf(torch.randn(2, 5, 4, 4), torch.bfloat16, CL),
-                 _leaf(torch.randn(3, 5), torch.bfloat16), _leaf(torch.randn(3), torch.bfloat16),
-                 MASK_ROIS, LABELS, [torch.rand(2, 9, 11) > 0.5], [2], True),
+                 _leaf(torch.randn(3, 5, 1, 1), torch.bfloat16),
+                 _leaf(torch.randn(3), torch.bfloat16), *_image(torch.rand(2, 9, 11) > 0.5),
+                 True),
     ],
     "mask_predictor_loss_backward": [
-        lambda: (torch.tensor(1.0), torch.randn(2, 5, 4, 4), torch.randn(3, 5), LABELS,
-                 torch.rand(2, 16), torch.rand(2)),
+        lambda: (torch.tensor(1.0), torch.randn(2, 5, 4, 4), torch.randn(3, 5, 1, 1), LABELS,
+                 torch.rand(2, 16)),
     ],
     "paste_masks_in_image": [
         lambda: (torch.rand(2, 1, 4, 4), _boxes(2), 12, 14, 1, None, torch.float32),

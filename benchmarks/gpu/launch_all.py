@@ -4,7 +4,7 @@
     python -m benchmarks.gpu.launch_all --json PATH --device cpu    # the dry run's stand-in
 
 Runs each op module's ``_compile_examples(device)`` — the launches the GPU compile check
-records — once per tuning-row index under ``kernels._utils.forced_tuning_row``, so every
+records — once per tuning-row index under ``kernels._launch.forced_tuning_row``, so every
 row of every kernel's GPU tuning table is launched on real data, not only the row each
 launcher would pick. Writes what was launched (the specializations, expanded over the tuning
 tables in the compile check's format, so the static step can compile them without
@@ -19,25 +19,25 @@ from pathlib import Path
 
 import torch
 
-from kernels import _aot, _utils
+from kernels import _aot, _launch
 
 
 def launch_all(device: str, modules: list[str] | None = None) -> dict:
-    _utils.LAUNCHES.clear()
+    _launch.LAUNCHES.clear()
     modules = modules or _aot.op_modules()
     expected = {k for k in _aot.launched_kernels() if k.split(":")[0] in modules}
-    depth = max(len(_utils.gpu_rows(k)) for k in _utils.TUNING_TABLES)
-    with _utils.record_launches():
+    depth = max(len(_launch.gpu_rows(k)) for k in _launch.TUNING_TABLES)
+    with _launch.record_launches():
         for index in range(depth):
-            with _utils.forced_tuning_row(index):
+            with _launch.forced_tuning_row(index):
                 _aot.run_examples(device, modules)
     if device == "cuda":
         torch.cuda.synchronize()
-    launched = [s.as_json() for s in _utils.LAUNCHES]
+    launched = [s.as_json() for s in _launch.LAUNCHES]
     rows_seen = {(d["kernel"], json.dumps(sorted(d["tunables"]))) for d in launched}
     missing = []
     for kernel in sorted(expected):
-        for row in _utils.gpu_rows(kernel) if kernel in _utils.TUNING_TABLES else [None]:
+        for row in _launch.gpu_rows(kernel) if kernel in _launch.TUNING_TABLES else [None]:
             key = json.dumps(sorted([list(kv) for kv in row.items()])) if row else None
             if row is None or (kernel, key) not in rows_seen:
                 missing.append(f"{kernel} {row or '(no tuning table)'}")

@@ -21,12 +21,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
-from .._sampling import image_rows, roi_box, sample_rows
-from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_same_device,
-                      check_tensor, check_values, compute_dtype, cpu_path, is_channels_last,
-                      launch, needs_grad, pick_path, pick_tuning, record_path, register_tuning)
+from .._sampling import decode_roi, sample_rows, sample_span
+from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_ranges,
+                      check_same_device, check_tensor, compute_dtype, eager, is_channels_last,
+                      needs_grad, pick_path, values_checked)
+from .._launch import launch, pick_tuning, register_tuning
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,97 +56,136 @@ def pixel_block(M, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _selected_loss(logits_ptr, labels_ptr, partial_ptr, grad_ptr, r, offs, mask, h, w, t,
-                   M, l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count,
+def _selected_loss(logits_ptr, partial_ptr, grad_ptr, r, label, offs, mask, h, w, t, K, M,
+                   l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count,
                    WRITE_GRAD: tl.constexpr):
-    """BCE of row r's own class plane against targets t: the program's loss sum, and
-    d loss / d logit when WRITE_GRAD (the gradient the backward only scales)."""
-    label = tl.load(labels_ptr + r)
+    """BCE of row r's own class plane against targets t: the program's loss sum (times
+    ``inv_count``: the host only adds the partial sums), and d loss / d logit when
+    WRITE_GRAD (the gradient the backward only scales). A label outside [0, K) reads
+    nothing: the row adds no loss and gets no gradient."""
+    ok = (label >= 0) & (label < K)
+    mask = mask & ok
+    label = tl.where(ok, label, 0).to(tl.int64)
     x = tl.load(logits_ptr + r * l_stride_n + label * l_stride_k + h * l_stride_h
                 + w * l_stride_w, mask=mask, other=0.0).to(tl.float32)
     loss, dx = bce_with_logits(x, t)
     tl.store(partial_ptr + r * tl.num_programs(1) + tl.program_id(1),
-             tl.sum(tl.where(mask, loss, 0.0), axis=0))
+             tl.sum(tl.where(mask, loss, 0.0), axis=0) * inv_count)
     if WRITE_GRAD:
-        tl.store(grad_ptr + r * M * M + offs, dx * inv_count, mask=mask)
+        tl.store(grad_ptr + r * M * M + offs, tl.where(mask, dx * inv_count, 0.0),
+                 mask=offs < M * M)
 
 
 @triton.jit
 def _mask_loss_fwd_kernel(
     logits_ptr,  # (N, K, M, M) float, any strides
     targets_ptr,  # (N, M, M) float or uint8, any strides
-    labels_ptr,  # (N,) int64 in [0, K)
-    partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program
-    grad_ptr,  # (N, M*M) float32: d loss / d selected logit (unwritten if not WRITE_GRAD)
-    M, l_stride_n, l_stride_k, l_stride_h, l_stride_w, t_stride_n, t_stride_h, t_stride_w,
+    labels_ptr,  # (N,) integer: the class of each row (outside [0, K): an ignored row)
+    partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program / (N M M)
+    grad_ptr,  # (N, M*M) float32: d loss / d selected logit (None unless WRITE_GRAD)
+    K, M, l_stride_n, l_stride_k, l_stride_h, l_stride_w, t_stride_n, t_stride_h,
+    t_stride_w,
     inv_count,  # 1 / (N * M * M)
     WRITE_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n, offs, mask, h, w = pixel_block(M, BLOCK_P)
     t = tl.load(targets_ptr + n * t_stride_n + h * t_stride_h + w * t_stride_w,
                 mask=mask, other=0).to(tl.float32)
-    _selected_loss(logits_ptr, labels_ptr, partial_ptr, grad_ptr, n, offs, mask, h, w, t, M,
-                   l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count, WRITE_GRAD)
+    _selected_loss(logits_ptr, partial_ptr, grad_ptr, n, tl.load(labels_ptr + n), offs, mask,
+                   h, w, t, K, M, l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count,
+                   WRITE_GRAD)
 
 
 @triton.jit
-def roi_target(rois_ptr, masks_ptr, r, h, w, mask, M, H, W, m_stride_g, m_stride_h,
+def sampled_row(proposals_ptr, matched_ptr, gt_labels_ptr, i, G):
+    """Row i of one image's mask targets: its matched gt mask (index, whether it is in
+    [0, G) with a finite box), its label (gt_labels[index]; -1, an ignored row, where the
+    index is not) and its proposal box (x1, y1, x2, y2) as float32."""
+    g = tl.load(matched_ptr + i)
+    x1 = tl.load(proposals_ptr + i * 4).to(tl.float32)
+    y1 = tl.load(proposals_ptr + i * 4 + 1).to(tl.float32)
+    x2 = tl.load(proposals_ptr + i * 4 + 2).to(tl.float32)
+    y2 = tl.load(proposals_ptr + i * 4 + 3).to(tl.float32)
+    big = float("inf")
+    ok = ((g >= 0) & (g < G) & (tl.abs(x1) < big) & (tl.abs(y1) < big) & (tl.abs(x2) < big)
+          & (tl.abs(y2) < big))
+    g = tl.where(ok, g, 0).to(tl.int64)
+    label = tl.where(ok, tl.load(gt_labels_ptr + g).to(tl.int64), -1)
+    return g, ok, label, x1, y1, x2, y2
+
+
+@triton.jit
+def roi_target(masks_ptr, g, ok, x1, y1, x2, y2, h, w, mask, M, H, W, m_stride_g, m_stride_h,
                m_stride_w):
-    """Row r's target at pixels (h, w): torchvision's ``roi_align(gt_masks[:, None], rois,
-    (M, M), 1.0)[:, 0]`` (spatial scale 1, adaptive sampling, aligned=False) read from the
-    uint8/float gt masks of one image, four gathers per sample."""
-    g, start_h, start_w, bin_h, bin_w, grid_h, grid_w = roi_box(
-        rois_ptr, r, 1.0, M, M, -1, False)
+    """A row's target at pixels (h, w): torchvision's ``roi_align(gt_masks[:, None], rois,
+    (M, M), 1.0)[:, 0]`` (spatial scale 1, adaptive sampling, aligned=False) of gt mask
+    ``g`` over the box, read from the uint8/float gt masks of one image, four gathers per
+    sample; zeros for a row that is not ``ok``. A huge box visits only the samples that can
+    land on the mask (``sample_span``)."""
+    _, _, start_h, start_w, bin_h, bin_w, grid_h, grid_w = decode_roi(
+        0.0, x1, y1, x2, y2, 1.0, M, M, -1, 1, False)
+    grid_h = tl.where(ok, grid_h, 0.0)
+    grid_w = tl.where(ok, grid_w, 0.0)
     ph = h.to(tl.float32)
     pw = w.to(tl.float32)
     base = masks_ptr + g * m_stride_g
     acc = tl.zeros_like(ph)
-    for iy in range(0, grid_h):
-        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
-                                                            m_stride_h.to(tl.int64))
-        for ix in range(0, grid_w):
-            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
-                                                                W, m_stride_w.to(tl.int64))
-            m = valid_y & valid_x & mask
+    first_y, count_y, span_y = sample_span(start_h, ph, bin_h, grid_h, H)
+    first_x, count_x, span_x = sample_span(start_w, pw, bin_w, grid_w, W)
+    for ty in range(0, span_y):
+        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(
+            start_h, ph, bin_h, first_y + ty, grid_h, H, m_stride_h.to(tl.int64))
+        valid_y = valid_y & (ty < count_y) & mask
+        for tx in range(0, span_x):
+            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(
+                start_w, pw, bin_w, first_x + tx, grid_w, W, m_stride_w.to(tl.int64))
+            m = valid_y & valid_x & (tx < count_x)
             v1 = tl.load(base + row_lo + col_lo, mask=m, other=0).to(tl.float32)
             v2 = tl.load(base + row_lo + col_hi, mask=m, other=0).to(tl.float32)
             v3 = tl.load(base + row_hi + col_lo, mask=m, other=0).to(tl.float32)
             v4 = tl.load(base + row_hi + col_hi, mask=m, other=0).to(tl.float32)
             acc += (wy_lo * wx_lo * v1 + wy_lo * wx_hi * v2 + wy_hi * wx_lo * v3
                     + wy_hi * wx_hi * v4)
-    return acc / tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    return acc / tl.maximum(grid_h * grid_w, 1.0)
 
 
 # Each image's gt mask size and strides would otherwise specialize the kernel (== 1,
 # divisible by 16): a new compile per size pattern in the first steps of a run.
-SAMPLED_ARGS = ["H", "W", "m_stride_g", "m_stride_h", "m_stride_w"]
+SAMPLED_ARGS = ["row0", "G", "H", "W", "m_stride_g", "m_stride_h", "m_stride_w"]
 
 
 @triton.jit(do_not_specialize=SAMPLED_ARGS)
 def _maskrcnn_loss_fwd_kernel(
-    logits_ptr,  # (R, K, M, M) float, any strides: one image's rows
-    rois_ptr,  # (R, 5) float32: gt mask index, x1, y1, x2, y2 (the proposal)
+    logits_ptr,  # (N, K, M, M) float, any strides: every image's rows
+    proposals_ptr,  # (R, 4) float, contiguous: one image's proposals
+    matched_ptr,  # (R,) integer: each proposal's gt mask (outside [0, G): an ignored row)
+    gt_labels_ptr,  # (G,) integer: the image's gt labels
     masks_ptr,  # (G, H, W) uint8 or float, any strides: the image's gt masks
-    labels_ptr,  # (R,) int64 in [0, K)
-    partial_ptr,  # (R, num_programs(1)) float32: loss sum of each program
-    grad_ptr,  # (R, M*M) float32: d loss / d selected logit (unwritten if not WRITE_GRAD)
-    M, H, W, l_stride_n, l_stride_k, l_stride_h, l_stride_w,
+    partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program / (N M M)
+    grad_ptr,  # (N, M*M) float32: d loss / d selected logit (None unless WRITE_GRAD)
+    labels_ptr,  # (N,) int64: each row's label, for the backward (None unless WRITE_GRAD)
+    row0, G, K, M, H, W, l_stride_n, l_stride_k, l_stride_h, l_stride_w,
     m_stride_g, m_stride_h, m_stride_w,
     inv_count,  # 1 / (N * M * M), N counted over all images
     WRITE_GRAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    r, offs, mask, h, w = pixel_block(M, BLOCK_P)
-    t = roi_target(rois_ptr, masks_ptr, r, h, w, mask, M, H, W, m_stride_g, m_stride_h,
-                   m_stride_w)
-    _selected_loss(logits_ptr, labels_ptr, partial_ptr, grad_ptr, r, offs, mask, h, w, t, M,
+    i, offs, mask, h, w = pixel_block(M, BLOCK_P)
+    r = row0 + i
+    g, ok, label, x1, y1, x2, y2 = sampled_row(proposals_ptr, matched_ptr, gt_labels_ptr, i, G)
+    t = roi_target(masks_ptr, g, ok, x1, y1, x2, y2, h, w, mask, M, H, W, m_stride_g,
+                   m_stride_h, m_stride_w)
+    _selected_loss(logits_ptr, partial_ptr, grad_ptr, r, label, offs, mask, h, w, t, K, M,
                    l_stride_n, l_stride_k, l_stride_h, l_stride_w, inv_count, WRITE_GRAD)
+    if WRITE_GRAD:
+        if tl.program_id(1) == 0:
+            tl.store(labels_ptr + r, label)
 
 
 @triton.jit
 def _mask_loss_bwd_kernel(
     grad_out_ptr,  # () float: gradient of the scalar loss
     grad_sel_ptr,  # (N, P) float32: the forward's d loss / d selected logit
-    labels_ptr,  # (N,) int64 in [0, K)
+    labels_ptr,  # (N,) integer: each row's class (outside [0, K): a zero row)
     grad_ptr,  # (N, K, M, M) logits dtype, dense per instance: NCHW or channels_last
     K, P,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
@@ -199,40 +240,44 @@ def kernel_targets(t: Tensor) -> Tensor:
 
 def mask_loss_forward(logits: Tensor, targets: Tensor, labels: Tensor,
                       compute_grad: bool) -> tuple[Tensor, Tensor]:
-    n, _, m, _ = logits.shape
+    n, k, m, _ = logits.shape
     targets = kernel_targets(targets)
     tuning = pick_tuning(_mask_loss_fwd_kernel, _TUNING_PIXELS[0 if m * m <= 256 else 1])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     partial = torch.empty(n, blocks, dtype=torch.float32, device=logits.device)
     grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
                        device=logits.device)
-    inv_count = 1.0 / (n * m * m)
-    launch(_mask_loss_fwd_kernel, (n, blocks), logits, targets, labels, partial, grad, m,
-           *logits.stride(), *targets.stride(), inv_count,
-           tuning=tuning, WRITE_GRAD=bool(compute_grad))
-    return partial.sum() * inv_count, grad
+    launch(_mask_loss_fwd_kernel, (n, blocks), logits, targets, labels, partial,
+           grad if compute_grad else None, k, m, *logits.stride(), *targets.stride(),
+           1.0 / (n * m * m), tuning=tuning, WRITE_GRAD=bool(compute_grad))
+    return partial.sum(), grad
 
 
-def maskrcnn_loss_forward(logits: Tensor, rois: Tensor, labels: Tensor,
-                          gt_masks: list[Tensor], rows: list[int],
-                          compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """One launch per image (each image has its own mask tensor and size)."""
-    n, _, m, _ = logits.shape
-    rois = rois.to(torch.float32).contiguous()
+def maskrcnn_loss_forward(logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+                          gt_labels: list[Tensor], matched: list[Tensor],
+                          compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One launch per image (each image has its own masks and size), each reading the
+    image's proposals, matched indices and gt labels as they are: (loss, d loss / d
+    selected logit, each row's label) — no RoI or label tensor is built on the host."""
+    n, k, m, _ = logits.shape
     tuning = pick_tuning(_maskrcnn_loss_fwd_kernel, _TUNING_SAMPLED[0])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
+    rows = n if compute_grad else 0
     partial = torch.empty(n, blocks, dtype=torch.float32, device=logits.device)
-    grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
-                       device=logits.device)
-    inv_count = 1.0 / (n * m * m)
-    for i, masks in image_rows(gt_masks, rows):
-        masks = kernel_targets(masks)
-        launch(_maskrcnn_loss_fwd_kernel, (i.stop - i.start, blocks),
-               logits[i], rois[i], masks, labels[i], partial[i],
-               grad[i] if compute_grad else grad, m, masks.shape[1], masks.shape[2],
-               *logits.stride(), *masks.stride(), inv_count,
-               tuning=tuning, WRITE_GRAD=bool(compute_grad))
-    return partial.sum() * inv_count, grad
+    grad = torch.empty(rows, m, m, dtype=torch.float32, device=logits.device)
+    labels = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    row0 = 0
+    for boxes, masks, image_labels, idxs in zip(proposals, gt_masks, gt_labels, matched):
+        if boxes.shape[0]:
+            masks = kernel_targets(masks)
+            launch(_maskrcnn_loss_fwd_kernel, (boxes.shape[0], blocks), logits,
+                   boxes.contiguous(), idxs.contiguous(), image_labels.contiguous(), masks,
+                   partial, grad if compute_grad else None,
+                   labels if compute_grad else None, row0, masks.shape[0], k, m,
+                   masks.shape[1], masks.shape[2], *logits.stride(), *masks.stride(),
+                   1.0 / (n * m * m), tuning=tuning, WRITE_GRAD=bool(compute_grad))
+        row0 += boxes.shape[0]
+    return partial.sum(), grad, labels
 
 
 def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: int,
@@ -250,13 +295,28 @@ def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: 
 
 
 # ---------------------------------------------------------------------------------------
-# torch.library registration and autograd
+# torch.library registration and autograd; the eager forms (autograd.Functions calling the
+# device kernels directly, without the dispatcher)
+
+def _mask_loss_kernel(logits: Tensor):
+    return pick_path(logits, mask_loss_forward, reference.mask_loss_forward,
+                     cpu=_cpu.mask_loss_forward, cpu_name="torch")
+
+
+def _maskrcnn_loss_kernel(logits: Tensor):
+    return pick_path(logits, maskrcnn_loss_forward, reference.maskrcnn_loss_forward,
+                     cpu=_cpu.maskrcnn_loss_forward, cpu_name="torch")
+
+
+def _backward_kernel(grad_sel: Tensor):
+    return pick_path(grad_sel, mask_loss_backward, reference.mask_loss_backward,
+                     cpu=reference.mask_loss_backward, cpu_name="torch")
+
 
 @torch.library.custom_op("maskrcnn_triton::mask_loss", mutates_args=())
 def _mask_loss_op(logits: Tensor, targets: Tensor, labels: Tensor,
                   compute_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = pick_path(logits, mask_loss_forward, reference.mask_loss_forward)
-    return impl(logits, targets, labels, compute_grad)
+    return _mask_loss_kernel(logits)(logits, targets, labels, compute_grad)
 
 
 @_mask_loss_op.register_fake
@@ -268,25 +328,26 @@ def _(logits, targets, labels, compute_grad):
 
 
 @torch.library.custom_op("maskrcnn_triton::maskrcnn_loss", mutates_args=())
-def _maskrcnn_loss_op(logits: Tensor, rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
-                      rows: list[int], compute_grad: bool) -> tuple[Tensor, Tensor]:
-    impl = pick_path(logits, maskrcnn_loss_forward, reference.maskrcnn_loss_forward)
-    return impl(logits, rois, labels, gt_masks, rows, compute_grad)
+def _maskrcnn_loss_op(logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
+                      gt_labels: list[Tensor], matched: list[Tensor],
+                      compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _maskrcnn_loss_kernel(logits)(logits, proposals, gt_masks, gt_labels, matched,
+                                         compute_grad)
 
 
 @_maskrcnn_loss_op.register_fake
-def _(logits, rois, labels, gt_masks, rows, compute_grad):
+def _(logits, proposals, gt_masks, gt_labels, matched, compute_grad):
     n, _, m, _ = logits.shape
+    rows = n if compute_grad else 0
     dtype = compute_dtype(logits.dtype)
-    return (logits.new_empty((), dtype=dtype),
-            logits.new_empty(n if compute_grad else 0, m, m, dtype=dtype))
+    return (logits.new_empty((), dtype=dtype), logits.new_empty(rows, m, m, dtype=dtype),
+            logits.new_empty(rows, dtype=torch.int64))
 
 
 @torch.library.custom_op("maskrcnn_triton::mask_loss_backward", mutates_args=())
 def _mask_loss_backward_op(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: int,
                            channels_last: bool, dtype: torch.dtype) -> Tensor:
-    impl = pick_path(grad_sel, mask_loss_backward, reference.mask_loss_backward)
-    return impl(grad, grad_sel, labels, classes, channels_last, dtype)
+    return _backward_kernel(grad_sel)(grad, grad_sel, labels, classes, channels_last, dtype)
 
 
 @_mask_loss_backward_op.register_fake
@@ -296,12 +357,20 @@ def _(grad, grad_sel, labels, classes, channels_last, dtype):
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
-def _mask_loss_setup(ctx, inputs, output):
-    logits, labels = inputs[0], inputs[2]
-    ctx.save_for_backward(output[1], labels)
+def _save(ctx, logits: Tensor, grad_sel: Tensor, labels: Tensor) -> None:
+    ctx.save_for_backward(grad_sel, labels)
     ctx.classes = logits.shape[1]
     ctx.dtype = logits.dtype
     ctx.channels_last = is_channels_last(logits)
+
+
+def _mask_loss_setup(ctx, inputs, output):
+    _save(ctx, inputs[0], output[1], inputs[2])
+    ctx.no_grads = no_grads(inputs[1:])
+
+
+def _maskrcnn_loss_setup(ctx, inputs, output):
+    _save(ctx, inputs[0], output[1], output[2])
     ctx.no_grads = no_grads(inputs[1:])
 
 
@@ -312,7 +381,7 @@ def no_grads(inputs) -> tuple:
                  and isinstance(x[0], Tensor) else None for x in inputs)
 
 
-def _mask_loss_grad(ctx, grad, _grad_sel_grad):
+def _mask_loss_grad(ctx, grad, *_):
     grad_sel, labels = ctx.saved_tensors
     grad_logits = _mask_loss_backward_op(grad, grad_sel, labels, ctx.classes,
                                          ctx.channels_last, ctx.dtype)
@@ -320,7 +389,28 @@ def _mask_loss_grad(ctx, grad, _grad_sel_grad):
 
 
 _mask_loss_op.register_autograd(_mask_loss_grad, setup_context=_mask_loss_setup)
-_maskrcnn_loss_op.register_autograd(_mask_loss_grad, setup_context=_mask_loss_setup)
+_maskrcnn_loss_op.register_autograd(_mask_loss_grad, setup_context=_maskrcnn_loss_setup)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """Either mask loss in eager code: ``kernel(logits, *rest, True)`` returns the loss,
+    d loss / d selected logit and (maskrcnn_loss) each row's label; the backward scatters
+    the saved gradient into the logits' (N, K, M, M) gradient."""
+
+    @staticmethod
+    def forward(ctx, kernel, logits, labels, *rest):
+        loss, grad_sel, *out_labels = kernel(logits, *rest, True)
+        _save(ctx, logits, grad_sel, out_labels[0] if out_labels else labels)
+        ctx.rest = len(rest)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_sel, labels = ctx.saved_tensors
+        grad_logits = _backward_kernel(grad_sel)(grad, grad_sel, labels, ctx.classes,
+                                                 ctx.channels_last, ctx.dtype)
+        return (None, grad_logits, None) + (None,) * ctx.rest
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,8 +456,10 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
     any strides. gt_masks: (N, M, M) float in [0, 1], or uint8/bool 0/1 masks.
     gt_labels: (N,) integer in [0, K). Returns a scalar accumulated in float32, of the dtype
     PyTorch's formula gives (mask_logits' dtype promoted with a float gt_masks' dtype); its
-    gradient flows to mask_logits only. Checks label and mask values on the
-    host (one sync). N == 0 returns ``mask_logits.sum() * 0``.
+    gradient flows to mask_logits only. Label and mask values are checked for CPU tensors,
+    and for CUDA tensors inside ``kernels.check_values()`` (one host sync); unchecked, a
+    row whose label is outside [0, K) adds no loss and gets no gradient. N == 0 returns
+    ``mask_logits.sum() * 0``.
     """
     n, k, m = _check_logits("mask_logits", mask_logits)
     check_targets("gt_masks", gt_masks, (n, m, m))
@@ -375,13 +467,15 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
     check_same_device(mask_logits=mask_logits, gt_masks=gt_masks, gt_labels=gt_labels)
     if n == 0:
         return mask_logits.sum() * 0
-    check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
-    if cpu_path(mask_logits):        # PyTorch's own formula and backward (kernels._cpu)
-        record_path("mask_loss_forward", "torch")
-        loss = _cpu.mask_loss(mask_logits, gt_masks, gt_labels.long())
+    if values_checked(mask_logits):
+        check_ranges(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
+    if not eager(mask_logits, gt_masks, gt_labels):
+        loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels, needs_grad(mask_logits))
+    elif needs_grad(mask_logits):
+        loss = _EagerLoss.apply(_mask_loss_kernel(mask_logits), mask_logits, gt_labels,
+                                gt_masks, gt_labels)
     else:
-        loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels.long(),
-                                needs_grad(mask_logits))
+        loss, _ = _mask_loss_kernel(mask_logits)(mask_logits, gt_masks, gt_labels, False)
     return loss.to(loss_dtype(mask_logits.dtype, gt_masks.dtype))
 
 
@@ -397,8 +491,9 @@ def _check_list(name: str, value, length: int | None) -> list:
 def check_images(lead: dict[str, Tensor], k: int, proposals, gt_masks, gt_labels,
                  mask_matched_idxs) -> tuple[list, list, list, list]:
     """Check torchvision's per-image loss arguments against the (N, ...) tensor ``lead``
-    (its name and value) of K classes; return them as lists and each image's row count
-    (an int, or a symbolic size while compiling: no specialization per count)."""
+    (its name and value) of K classes — shapes, dtypes and devices always; values (labels,
+    matched indices, mask ranges, finite proposals) where :func:`values_checked` says —
+    and return them as lists."""
     (name, t), = lead.items()
     proposals = _check_list("proposals", proposals, None)
     images = len(proposals)
@@ -417,26 +512,21 @@ def check_images(lead: dict[str, Tensor], k: int, proposals, gt_masks, gt_labels
         check_same_device(**{name: t}, **{
             f"proposals[{i}]": proposals[i], f"gt_masks[{i}]": gt_masks[i],
             f"gt_labels[{i}]": gt_labels[i], f"mask_matched_idxs[{i}]": idxs[i]})
-    rows = [p.shape[0] for p in proposals]
     n = t.shape[0]
     if torch.compiler.is_compiling():
-        torch._check(sum(rows) == n, lambda: f"{name} has one row per proposal")
-    elif sum(rows) != n:
-        raise ValueError(f"{name} has {n} rows but the proposals hold {sum(rows)} boxes")
-    if n:
-        check_values(
+        torch._check(sum(p.shape[0] for p in proposals) == n,
+                     lambda: f"{name} has one row per proposal")
+    elif sum(p.shape[0] for p in proposals) != n:
+        raise ValueError(f"{name} has {n} rows but the proposals hold "
+                         f"{sum(p.shape[0] for p in proposals)} boxes")
+    if n and values_checked(t):
+        check_ranges(
             indices=[(f"gt_labels[{i}]", gt_labels[i], k) for i in range(images)]
             + [(f"mask_matched_idxs[{i}]", idxs[i], gt_masks[i].shape[0])
                for i in range(images)],
             unit=[(f"gt_masks[{i}]", gt_masks[i]) for i in range(images)],
             finite=[(f"proposals[{i}]", p) for i, p in enumerate(proposals)])
-    return proposals, gt_masks, [lab.long()[i.long()] for lab, i in zip(gt_labels, idxs)], rows
-
-
-def sampled_rois(proposals: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
-    """(N, 5) float32 RoIs over the gt masks: matched gt index, then the proposal box."""
-    return torch.cat([torch.cat([i.long() for i in mask_matched_idxs]).to(torch.float32)[:, None],
-                      torch.cat([p.to(torch.float32) for p in proposals])], 1)
+    return proposals, gt_masks, gt_labels, idxs
 
 
 def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],
@@ -447,22 +537,24 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     (G_i, H_i, W_i) uint8/bool/float in [0, 1], gt_labels[i] (G_i,) integer in [0, K),
     mask_matched_idxs[i] (n_i,) integer in [0, G_i), with sum(n_i) = N. The targets are
     torchvision's ``roi_align(gt_masks[i][:, None], [idx, box], (M, M), 1.0)``, sampled
-    inside the loss kernel (never materialized). Values are checked in one host sync. The
-    loss has torchvision's dtype: mask_logits' promoted with the proposals'.
+    inside the loss kernel (never materialized). Values are checked for CPU tensors, and
+    for CUDA tensors inside ``kernels.check_values()`` (one host sync); unchecked, a row
+    whose matched index or label is out of range, or whose proposal is not finite, adds no
+    loss and gets no gradient. The loss has torchvision's dtype: mask_logits' promoted with
+    the proposals'.
     """
     n, k, m = _check_logits("mask_logits", mask_logits)
-    proposals, gt_masks, labels, rows = check_images(
+    proposals, gt_masks, gt_labels, idxs = check_images(
         {"mask_logits": mask_logits}, k, proposals, gt_masks, gt_labels, mask_matched_idxs)
     if n == 0:
         return mask_logits.sum() * 0
-    labels = torch.cat(labels)
-    rois = sampled_rois(proposals, mask_matched_idxs)
-    if cpu_path(mask_logits):        # torchvision's targets, PyTorch's loss (kernels._cpu)
-        record_path("maskrcnn_loss_forward", "torch")
-        loss = _cpu.maskrcnn_loss(mask_logits, rois, labels, gt_masks, rows)
+    args = (proposals, gt_masks, gt_labels, idxs)
+    if not eager(mask_logits, *proposals, *gt_masks, *gt_labels, *idxs):
+        loss = _maskrcnn_loss_op(mask_logits, *args, needs_grad(mask_logits))[0]
+    elif needs_grad(mask_logits):
+        loss = _EagerLoss.apply(_maskrcnn_loss_kernel(mask_logits), mask_logits, None, *args)
     else:
-        loss, _ = _maskrcnn_loss_op(mask_logits, rois, labels, gt_masks, rows,
-                                    needs_grad(mask_logits))
+        loss = _maskrcnn_loss_kernel(mask_logits)(mask_logits, *args, False)[0]
     # torchvision's targets take the proposals' dtype
     return loss.to(loss_dtype(mask_logits.dtype, *(p.dtype for p in proposals)))
 

@@ -19,15 +19,17 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
-from .._sampling import along_c, along_p, image_rows, p_major
-from .._utils import (cdiv, check_float_dtype, check_same_device, check_tensor, check_values,
-                      compute_dtype, launch, memory_format, needs_grad, pick_path, pick_tuning,
-                      register_lanes, register_tuning)
+from .._sampling import along_c, along_p, p_major
+from .._utils import (cdiv, check_float_dtype, check_ranges, check_same_device, check_tensor,
+                      compute_dtype, eager, memory_format, needs_grad, pick_path,
+                      values_checked)
+from .._launch import launch, pick_tuning, register_lanes, register_tuning
 from .mask_loss import (SAMPLED_ARGS, bce_with_logits, check_images, check_labels,
                         check_targets, kernel_targets, loss_dtype, loss_examples, no_grads,
-                        pixel_block, roi_target, sampled_rois)
+                        pixel_block, roi_target, sampled_row)
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,22 +53,31 @@ def plane_offsets(offs_p, h, w, stride_h, stride_w, FLAT_PIXELS: tl.constexpr):
 @triton.jit(do_not_specialize=SAMPLED_ARGS)
 def _mask_predictor_loss_fwd_kernel(
     features_ptr,  # (N, C, M, M) float, any strides
-    weight_ptr,  # (K, C) contiguous, features dtype: the 1x1 predictor conv
+    weight_ptr,  # (K, C, 1, 1) contiguous, features dtype: the 1x1 predictor conv
     bias_ptr,  # (K,) features dtype
     masks_ptr,  # (N, M, M) targets, or SAMPLED: one image's (G, H, W) gt masks; float or uint8
-    rois_ptr,  # SAMPLED: (N, 5) float32 gt mask index, x1, y1, x2, y2 (else unused)
-    labels_ptr,  # (N,) int64 in [0, K)
-    partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program
-    dsum_ptr,  # (N, num_programs(1)) float32: sum of d loss / d logit of each program
-    grad_ptr,  # (N, M*M) float32: d loss / d logit of the instance's class
-    C, M, H, W, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
+    labels_ptr,  # (N,) integer labels, or SAMPLED: the image's (G,) gt labels
+    proposals_ptr,  # SAMPLED: (R, 4) float, contiguous, the image's proposals (else None)
+    matched_ptr,  # SAMPLED: (R,) integer, each proposal's gt mask (else None)
+    partial_ptr,  # (N, num_programs(1)) float32: loss sum of each program / (N M M)
+    grad_ptr,  # (N, M*M) float32: d loss / d logit of the instance's class (WRITE_GRAD)
+    rows_label_ptr,  # (N,) int64: each row's label in [0, K), for the backward (WRITE_GRAD)
+    row0, G, K, C, M, H, W, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
     m_stride_g, m_stride_h, m_stride_w,  # of the targets (g: instance) or of the gt masks
     inv_count,  # 1 / (N * M * M), N counted over all images
     SAMPLED: tl.constexpr, WRITE_GRAD: tl.constexpr, P_MAJOR: tl.constexpr,
     FLAT_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    n, offs_p, mask_p, h, w = pixel_block(M, BLOCK_P)
-    label = tl.load(labels_ptr + n)
+    i, offs_p, mask_p, h, w = pixel_block(M, BLOCK_P)
+    n = row0 + i
+    if SAMPLED:
+        g, ok, label, x1, y1, x2, y2 = sampled_row(proposals_ptr, matched_ptr, labels_ptr, i, G)
+    else:
+        label = tl.load(labels_ptr + n).to(tl.int64)
+    # a label outside [0, K) reads nothing: the row adds no loss and gets no gradient
+    label_ok = (label >= 0) & (label < K)
+    label = tl.where(label_ok, label, 0)
+    in_row = mask_p & label_ok
     # logit = b[label] + sum_c W[label, c] * f[c]: only the instance's own class row.
     # Tiles are (C, P) with lanes along pixels for NCHW features (P_MAJOR), (P, C) with
     # lanes along channels for channels_last ones.
@@ -90,29 +101,30 @@ def _mask_predictor_loss_fwd_kernel(
     if SAMPLED:
         # maskrcnn_loss's target, sampled from the gt masks as that kernel does: no float
         # copy of the masks, no (N, M, M) target tensor
-        t = roi_target(rois_ptr, masks_ptr, n, h, w, mask_p, M, H, W, m_stride_g, m_stride_h,
-                       m_stride_w)
+        t = roi_target(masks_ptr, g, ok, x1, y1, x2, y2, h, w, mask_p, M, H, W, m_stride_g,
+                       m_stride_h, m_stride_w)
     else:
         t = tl.load(masks_ptr + n * m_stride_g + h * m_stride_h + w * m_stride_w,
                     mask=mask_p, other=0).to(tl.float32)
     loss, dx = bce_with_logits(x, t)
     slot = n * tl.num_programs(1) + tl.program_id(1)
-    tl.store(partial_ptr + slot, tl.sum(tl.where(mask_p, loss, 0.0), axis=0))
+    tl.store(partial_ptr + slot, tl.sum(tl.where(in_row, loss, 0.0), axis=0) * inv_count)
     if WRITE_GRAD:
-        dx = tl.where(mask_p, dx * inv_count, 0.0)
-        tl.store(dsum_ptr + slot, tl.sum(dx, axis=0))
-        tl.store(grad_ptr + n * M * M + offs_p, dx, mask=mask_p)
+        tl.store(grad_ptr + n * M * M + offs_p, tl.where(in_row, dx * inv_count, 0.0),
+                 mask=mask_p)
+        if tl.program_id(1) == 0:
+            tl.store(rows_label_ptr + n, label)
 
 
 @triton.jit
 def _mask_predictor_loss_bwd_kernel(
     grad_out_ptr,  # () float: gradient of the scalar loss
     features_ptr,  # (N, C, M, M) float, any strides
-    weight_ptr,  # (K, C) contiguous, features dtype
-    labels_ptr,  # (N,) int64 in [0, K)
+    weight_ptr,  # (K, C, 1, 1) contiguous, features dtype
+    labels_ptr,  # (N,) int64 in [0, K): the forward's row labels
     grad_sel_ptr,  # (N, M*M) float32: the forward's d loss / d logit
     grad_features_ptr,  # (N, C, M, M) features dtype, strides given below
-    grad_rows_ptr,  # (N, C) float32: d loss / d W[label_n] from instance n alone
+    grad_rows_ptr,  # (N, C + 1) float32: d loss / d (W[label_n], b[label_n]), instance n's
     C, M, f_stride_n, f_stride_c, f_stride_h, f_stride_w,
     g_stride_n, g_stride_c, g_stride_h, g_stride_w,
     P_MAJOR: tl.constexpr, FLAT_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -130,6 +142,7 @@ def _mask_predictor_loss_bwd_kernel(
     # (C, P) tiles, lanes along pixels, for NCHW (P_MAJOR); (P, C) for channels_last
     acc = (along_p(tl.zeros((BLOCK_P,), dtype=tl.float32), P_MAJOR)
            + along_c(tl.zeros((BLOCK_C,), dtype=tl.float32), P_MAJOR))
+    dsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for p0 in range(0, M * M, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < M * M
@@ -137,6 +150,7 @@ def _mask_predictor_loss_bwd_kernel(
         w = offs_p % M
         tile = along_c(mask_c, P_MAJOR) & along_p(mask_p, P_MAJOR)
         dx = tl.load(grad_sel_ptr + n * M * M + offs_p, mask=mask_p, other=0.0)
+        dsum += dx
         f = tl.load(f_base + along_p(plane_offsets(offs_p, h, w, f_stride_h, f_stride_w,
                                                    FLAT_PIXELS), P_MAJOR),
                     mask=tile, other=0.0).to(tl.float32)
@@ -149,7 +163,9 @@ def _mask_predictor_loss_bwd_kernel(
         rows = tl.sum(acc, axis=1)
     else:
         rows = tl.sum(acc, axis=0)
-    tl.store(grad_rows_ptr + n * C + offs_c, rows * g, mask=mask_c)
+    tl.store(grad_rows_ptr + n * (C + 1) + offs_c, rows * g, mask=mask_c)
+    if tl.program_id(1) == 0:
+        tl.store(grad_rows_ptr + n * (C + 1) + C, tl.sum(dsum, axis=0) * g)
 
 
 # One table per kernel: the launcher picks a row, the GPU compile check builds every row.
@@ -204,18 +220,23 @@ register_lanes(_mask_predictor_loss_bwd_kernel, _lanes, _LANE_NOTES)
 def mask_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
                                 targets: Tensor, labels: Tensor, compute_grad: bool):
     targets = kernel_targets(targets)
-    return _forward(features, weight, bias, labels, compute_grad,
-                    [(slice(None), targets, None)])
+    return _forward(features, weight, bias, compute_grad,
+                    [(0, features.shape[0], targets, labels, None, None)])
 
 
 def maskrcnn_predictor_loss_forward(features: Tensor, weight: Tensor, bias: Tensor,
-                                    rois: Tensor, labels: Tensor, gt_masks: list[Tensor],
-                                    rows: list[int], compute_grad: bool):
-    """One launch per image (each image has its own masks and size)."""
-    rois = rois.to(torch.float32).contiguous()
-    return _forward(features, weight, bias, labels, compute_grad,
-                    [(i, kernel_targets(masks), rois[i])
-                     for i, masks in image_rows(gt_masks, rows)])
+                                    proposals: list[Tensor], gt_masks: list[Tensor],
+                                    gt_labels: list[Tensor], matched: list[Tensor],
+                                    compute_grad: bool):
+    """One launch per image (each image has its own masks and size), reading the image's
+    proposals, matched indices and gt labels as they are."""
+    launches, row0 = [], 0
+    for boxes, masks, labels, idxs in zip(proposals, gt_masks, gt_labels, matched):
+        if boxes.shape[0]:
+            launches.append((row0, boxes.shape[0], kernel_targets(masks), labels.contiguous(),
+                             boxes.contiguous(), idxs.contiguous()))
+        row0 += boxes.shape[0]
+    return _forward(features, weight, bias, compute_grad, launches)
 
 
 def flat_pixels(t: Tensor) -> bool:
@@ -223,65 +244,76 @@ def flat_pixels(t: Tensor) -> bool:
     return t.shape[2] <= 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
-def _forward(features, weight, bias, labels, compute_grad: bool, launches):
-    """Launch the forward over ``launches``: (rows, their targets or gt masks, their RoIs
-    over those masks, None for given targets). Returns the loss, d loss / d logit and its
-    per-instance sums (no rows unless ``compute_grad``)."""
+def _forward(features, weight, bias, compute_grad: bool, launches):
+    """Launch the forward over ``launches``: (first row, rows, their targets or gt masks,
+    their labels or gt labels, and for sampled targets the proposals and matched indices,
+    else None). Returns the loss, d loss / d logit and each row's label (no rows unless
+    ``compute_grad``)."""
     n, c, m, _ = features.shape
-    weight, bias = weight.contiguous(), bias.contiguous()
     p_maj = p_major([features])
     tuning = pick_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR[0 if p_maj else 1])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
-    out = dict(dtype=torch.float32, device=features.device)
-    partial = torch.empty(n, blocks, **out)
-    dsum = torch.empty(n if compute_grad else 0, blocks, **out)
-    grad = torch.empty(n if compute_grad else 0, m * m, **out)
-    inv_count = 1.0 / (n * m * m)
-    for i, masks, rois in launches:
-        sampled = rois is not None
-        h, w = masks.shape[1:] if sampled else (m, m)
-        launch(_mask_predictor_loss_fwd_kernel, (rois.shape[0] if sampled else n, blocks),
-               features[i], weight, bias, masks, rois if sampled else labels, labels[i],
-               partial[i], dsum[i] if compute_grad else dsum,
-               grad[i] if compute_grad else grad, c, m, h, w, *features.stride(),
-               *masks.stride(), inv_count, tuning=tuning, SAMPLED=sampled,
-               WRITE_GRAD=bool(compute_grad), P_MAJOR=p_maj,
+    partial = torch.empty(n, blocks, dtype=torch.float32, device=features.device)
+    rows = n if compute_grad else 0
+    grad = torch.empty(rows, m * m, dtype=torch.float32, device=features.device)
+    labels_out = torch.empty(rows, dtype=torch.int64, device=features.device)
+    for row0, count, masks, labels, boxes, idxs in launches:
+        sampled = boxes is not None
+        g, h, w = masks.shape if sampled else (0, m, m)
+        launch(_mask_predictor_loss_fwd_kernel, (count, blocks), features, weight, bias, masks,
+               labels, boxes, idxs, partial, grad if compute_grad else None,
+               labels_out if compute_grad else None, row0, g, weight.shape[0], c, m, h, w,
+               *features.stride(), *masks.stride(), 1.0 / (n * m * m), tuning=tuning,
+               SAMPLED=sampled, WRITE_GRAD=bool(compute_grad), P_MAJOR=p_maj,
                FLAT_PIXELS=flat_pixels(features))
-    return partial.sum() * inv_count, grad, dsum.sum(1)
+    return partial.sum(), grad, labels_out
 
 
 def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
-                                 labels: Tensor, grad_sel: Tensor, dsum: Tensor):
+                                 labels: Tensor, grad_sel: Tensor):
     n, c, m, _ = features.shape
-    weight = weight.contiguous()
     grad_features = torch.empty(features.shape, dtype=features.dtype, device=features.device,
                                 memory_format=memory_format(features))
-    rows = torch.empty(n, c, dtype=torch.float32, device=features.device)
+    rows = torch.empty(n, c + 1, dtype=torch.float32, device=features.device)
     tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0])
     launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
            weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
            *grad_features.stride(), tuning=tuning, P_MAJOR=p_major([features]),
            FLAT_PIXELS=flat_pixels(features) and flat_pixels(grad_features))
-    # Instances of one class add into the same weight row: an index_add of the (N, C)
-    # per-instance rows (exact float32; atomic on CUDA unless deterministic algorithms are
-    # on), tiny next to the features.
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32,
-                              device=weight.device).index_add_(0, labels, rows)
-    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32,
-                            device=weight.device).index_add_(0, labels, dsum * grad)
-    return grad_features, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    # Instances of one class add into the same weight row: one index_add of the (N, C + 1)
+    # per-instance weight and bias rows (exact float32; atomic on CUDA unless deterministic
+    # algorithms are on), tiny next to the features. The two gradients are views of it.
+    grads = torch.zeros(weight.shape[0], c + 1, dtype=torch.float32,
+                        device=weight.device).index_add_(0, labels, rows).to(weight.dtype)
+    return grad_features, grads[:, :c].view(weight.shape), grads[:, c]
 
 
 # ---------------------------------------------------------------------------------------
-# torch.library registration and autograd
+# torch.library registration and autograd; the eager form (an autograd.Function calling
+# the device kernels directly, without the dispatcher)
+
+def _predictor_kernel(features: Tensor):
+    return pick_path(features, mask_predictor_loss_forward,
+                     reference.mask_predictor_loss_forward,
+                     cpu=_cpu.mask_predictor_loss_forward, cpu_name="torch")
+
+
+def _sampled_kernel(features: Tensor):
+    return pick_path(features, maskrcnn_predictor_loss_forward,
+                     reference.maskrcnn_predictor_loss_forward,
+                     cpu=_cpu.maskrcnn_predictor_loss_forward, cpu_name="torch")
+
+
+def _backward_kernel(features: Tensor):
+    return pick_path(features, mask_predictor_loss_backward,
+                     reference.mask_predictor_loss_backward,
+                     cpu=_cpu.mask_predictor_loss_backward, cpu_name="torch")
+
 
 @torch.library.custom_op("maskrcnn_triton::mask_predictor_loss", mutates_args=())
 def _mask_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
                             labels: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = pick_path(features, mask_predictor_loss_forward,
-                     reference.mask_predictor_loss_forward,
-                     cpu=_cpu.mask_predictor_loss_forward, cpu_name="torch")
-    return impl(features, weight, bias, targets, labels, compute_grad)
+    return _predictor_kernel(features)(features, weight, bias, targets, labels, compute_grad)
 
 
 @_mask_predictor_loss_op.register_fake
@@ -294,55 +326,85 @@ def _fake_forward(features: Tensor, compute_grad: bool):
     rows = n if compute_grad else 0
     dtype = compute_dtype(features.dtype)
     return (features.new_empty((), dtype=dtype), features.new_empty(rows, m * m, dtype=dtype),
-            features.new_empty(rows, dtype=dtype))
+            features.new_empty(rows, dtype=torch.int64))
 
 
 @torch.library.custom_op("maskrcnn_triton::maskrcnn_predictor_loss", mutates_args=())
-def _maskrcnn_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, rois: Tensor,
-                                labels: Tensor, gt_masks: list[Tensor], rows: list[int],
+def _maskrcnn_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor,
+                                proposals: list[Tensor], gt_masks: list[Tensor],
+                                gt_labels: list[Tensor], matched: list[Tensor],
                                 compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    impl = pick_path(features, maskrcnn_predictor_loss_forward,
-                     reference.maskrcnn_predictor_loss_forward,
-                     cpu=_cpu.maskrcnn_predictor_loss_forward, cpu_name="torch")
-    return impl(features, weight, bias, rois, labels, gt_masks, rows, compute_grad)
+    return _sampled_kernel(features)(features, weight, bias, proposals, gt_masks, gt_labels,
+                                     matched, compute_grad)
 
 
 @_maskrcnn_predictor_loss_op.register_fake
-def _(features, weight, bias, rois, labels, gt_masks, rows, compute_grad):
+def _(features, weight, bias, proposals, gt_masks, gt_labels, matched, compute_grad):
     return _fake_forward(features, compute_grad)
 
 
 @torch.library.custom_op("maskrcnn_triton::mask_predictor_loss_backward", mutates_args=())
 def _mask_predictor_loss_backward_op(grad: Tensor, features: Tensor, weight: Tensor,
-                                     labels: Tensor, grad_sel: Tensor,
-                                     dsum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    impl = pick_path(features, mask_predictor_loss_backward,
-                     reference.mask_predictor_loss_backward,
-                     cpu=_cpu.mask_predictor_loss_backward, cpu_name="torch")
-    return impl(grad, features, weight, labels, grad_sel, dsum)
+                                     labels: Tensor,
+                                     grad_sel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grad_features, grad_weight, grad_bias = _backward_kernel(features)(
+        grad, features, weight, labels, grad_sel)
+    # a custom op's outputs must not alias each other (the kernel's share one buffer)
+    return grad_features, grad_weight.clone(), grad_bias.clone()
 
 
 @_mask_predictor_loss_backward_op.register_fake
-def _(grad, features, weight, labels, grad_sel, dsum):
+def _(grad, features, weight, labels, grad_sel):
     grad_features = torch.empty_like(features, memory_format=memory_format(features))
     return grad_features, torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _predictor_setup(ctx, inputs, output):
-    features, weight, _, _, labels = inputs[:5]  # labels follow the targets or the RoIs
-    ctx.save_for_backward(features, weight, labels, output[1], output[2])
+    features, weight = inputs[:2]
+    ctx.save_for_backward(features, weight, output[2], output[1])
     ctx.no_grads = no_grads(inputs[3:])
 
 
-def _predictor_grad(ctx, grad, _grad_sel_grad, _dsum_grad):
-    features, weight, labels, grad_sel, dsum = ctx.saved_tensors
+def _predictor_grad(ctx, grad, *_):
     grad_features, grad_weight, grad_bias = _mask_predictor_loss_backward_op(
-        grad, features, weight, labels, grad_sel, dsum)
+        grad, *ctx.saved_tensors)
     return (grad_features, grad_weight, grad_bias) + ctx.no_grads
 
 
 _mask_predictor_loss_op.register_autograd(_predictor_grad, setup_context=_predictor_setup)
 _maskrcnn_predictor_loss_op.register_autograd(_predictor_grad, setup_context=_predictor_setup)
+
+
+class _EagerPredictorLoss(torch.autograd.Function):
+    """Either predictor loss in eager code: ``kernel(features, weight, bias, *rest, True)``
+    returns the loss, d loss / d logit and each row's label; the backward runs the device's
+    backward kernel directly."""
+
+    @staticmethod
+    def forward(ctx, kernel, features, weight, bias, *rest):
+        loss, grad_sel, labels = kernel(features, weight, bias, *rest, True)
+        ctx.save_for_backward(features, weight, labels, grad_sel)
+        ctx.rest = len(rest)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        features = ctx.saved_tensors[0]
+        grads = _backward_kernel(features)(grad, *ctx.saved_tensors)
+        return (None, *grads) + (None,) * ctx.rest
+
+
+def _loss(op, kernel, features: Tensor, weight: Tensor, bias: Tensor, rest: tuple,
+          tensors: tuple) -> Tensor:
+    """The loss through the custom op while tracing, else the device kernel (through
+    :class:`_EagerPredictorLoss` where a gradient is wanted)."""
+    grad = needs_grad(features, weight, bias)
+    if not eager(features, weight, bias, *tensors):
+        return op(features, weight, bias, *rest, grad)[0]
+    if grad:
+        return _EagerPredictorLoss.apply(kernel(features), features, weight, bias, *rest)
+    return kernel(features)(features, weight, bias, *rest, False)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,6 +433,13 @@ def _check_predictor(features, weight, bias) -> tuple[int, int, int, int]:
     return n, c, m, k
 
 
+def _parameters(features: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The predictor's weight as (K, C, 1, 1) and its bias, in the features' dtype (as
+    conv2d under autocast) and contiguous: the kernels read weight row ``label`` at
+    ``label * C``. No copy where they already are."""
+    return weight.to(features.dtype).contiguous(), bias.to(features.dtype).contiguous()
+
+
 def _zero_loss(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """N == 0: a zero connected to features, weight and bias."""
     return (features.sum() + weight.sum() + bias.sum()).to(features.dtype) * 0
@@ -394,11 +463,11 @@ def mask_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     check_same_device(features=features, gt_masks=gt_masks, gt_labels=gt_labels)
     if n == 0:
         return _zero_loss(features, weight, bias)
-    check_values(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
-    weight2d = weight.to(features.dtype).reshape(k, c)
-    bias = bias.to(features.dtype)
-    loss, _, _ = _mask_predictor_loss_op(features, weight2d, bias, gt_masks, gt_labels.long(),
-                                         needs_grad(features, weight2d, bias))
+    if values_checked(features):
+        check_ranges(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
+    weight, bias = _parameters(features, weight, bias)
+    loss = _loss(_mask_predictor_loss_op, _predictor_kernel, features, weight, bias,
+                 (gt_masks, gt_labels), (gt_masks, gt_labels))
     return loss.to(loss_dtype(features.dtype, gt_masks.dtype))
 
 
@@ -417,16 +486,14 @@ def maskrcnn_predictor_loss(features: Tensor, weight: Tensor, bias: Tensor,
     the proposals'). Values are checked in one host sync, not while compiling.
     """
     n, c, m, k = _check_predictor(features, weight, bias)
-    proposals, gt_masks, labels, rows = check_images(
-        {"features": features}, k, proposals, gt_masks, gt_labels, mask_matched_idxs)
+    args = check_images({"features": features}, k, proposals, gt_masks, gt_labels,
+                        mask_matched_idxs)
     if n == 0:
         return _zero_loss(features, weight, bias)
-    weight2d = weight.to(features.dtype).reshape(k, c)
-    bias = bias.to(features.dtype)
-    loss, _, _ = _maskrcnn_predictor_loss_op(
-        features, weight2d, bias, sampled_rois(proposals, mask_matched_idxs),
-        torch.cat(labels), gt_masks, rows, needs_grad(features, weight2d, bias))
-    return loss.to(loss_dtype(features.dtype, *(p.dtype for p in proposals)))
+    weight, bias = _parameters(features, weight, bias)
+    loss = _loss(_maskrcnn_predictor_loss_op, _sampled_kernel, features, weight, bias, args,
+                 tuple(t for part in args for t in part))
+    return loss.to(loss_dtype(features.dtype, *(p.dtype for p in args[0])))
 
 
 def _compile_examples(device: str = "cpu") -> None:

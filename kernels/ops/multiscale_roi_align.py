@@ -20,12 +20,14 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
 from .._sampling import MAX_LEVELS, Pyramid
-from .._utils import (check_float_dtype, check_same_device, check_tensor, cpu_path,
-                      deterministic_algorithms, pair, pick_path, record_path, TypeAttributeError)
-from .roi_align import (boxes_to_rois, pool_backward, pool_forward,
+from .._utils import (check_float_dtype, check_same_device, check_tensor,
+                      deterministic_algorithms, eager, needs_grad, pair, pick_path,
+                      TypeAttributeError)
+from .roi_align import (boxes_to_rois, gradient_buffers, pool_backward, pool_forward,
                         roi_align_backward_deterministic)
 
 
@@ -42,10 +44,9 @@ def multiscale_roi_align_backward(grad: Tensor, rois: Tensor, pyramid: Pyramid,
                                   pooled_h: int, pooled_w: int, sampling_ratio: int) -> Tensor:
     """Every level's input gradient in one flat buffer (``Pyramid.level_views``): one
     zero-fill, one kernel launch into float32, one cast to grad's dtype."""
-    acc = torch.zeros(pyramid.grad_numel(), dtype=torch.float32, device=grad.device)
-    pool_backward(grad, rois, pyramid.level_views(acc), pyramid, pooled_h, pooled_w,
-                  sampling_ratio, False)
-    return acc.to(grad.dtype)
+    flat, views = gradient_buffers(pyramid, grad.device)
+    pool_backward(grad, rois, views, pyramid, pooled_h, pooled_w, sampling_ratio, False)
+    return flat.to(grad.dtype)
 
 
 def multiscale_roi_align_backward_deterministic(grad: Tensor, rois: Tensor, pyramid: Pyramid,
@@ -63,26 +64,45 @@ def multiscale_roi_align_backward_deterministic(grad: Tensor, rois: Tensor, pyra
             g = roi_align_backward_deterministic(grad[idx], rois[idx], scale, pooled_h,
                                                  pooled_w, sampling_ratio, False, shape, cl)
         else:
-            n, c, h, w = shape
-            g = grad.new_zeros(n, h, w, c).permute(0, 3, 1, 2) if cl else \
-                grad.new_zeros(n, c, h, w)
+            g = grad.new_zeros(shape)
         grads.append(g)
     return pyramid.flatten(grads)
 
 
 # ---------------------------------------------------------------------------------------
 # torch.library registration and autograd. The ops take the pyramid as flat arguments
-# (torch.library's schema has no records); the bodies rebuild the Pyramid.
+# (torch.library's schema has no records); the bodies rebuild the Pyramid. The backward
+# op returns every level's gradient in one flat buffer (``Pyramid.level_views``); the
+# CPU kernel's per-level gradients are flattened into one only there (in eager code they
+# are returned as they are).
+
+def _forward_kernel(features: list[Tensor]):
+    return pick_path(features[0], multiscale_roi_align_forward,
+                     reference.multiscale_roi_align_forward,
+                     cpu=_cpu.multiscale_roi_align_forward)
+
+
+def _backward_kernel(grad: Tensor):
+    return pick_path(grad, multiscale_roi_align_backward,
+                     reference.multiscale_roi_align_backward,
+                     multiscale_roi_align_backward_deterministic,
+                     _cpu.multiscale_roi_align_backward)
+
+
+def _pyramid(scales, k_min, k_max, canonical_scale, canonical_level, eps,
+             maps=None) -> Pyramid:
+    p = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps)
+    return p if maps is None else p.of(maps)
+
 
 @torch.library.custom_op("maskrcnn_triton::multiscale_roi_align", mutates_args=())
 def _multiscale_roi_align_op(features: list[Tensor], rois: Tensor, scales: list[float],
                              k_min: int, k_max: int, canonical_scale: float,
                              canonical_level: float, eps: float, pooled_h: int,
                              pooled_w: int, sampling_ratio: int) -> Tensor:
-    pyramid = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps)
-    impl = pick_path(features[0], multiscale_roi_align_forward,
-                     reference.multiscale_roi_align_forward)
-    return impl(features, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
+    pyramid = _pyramid(scales, k_min, k_max, canonical_scale, canonical_level, eps)
+    return _forward_kernel(features)(features, rois, pyramid, pooled_h, pooled_w,
+                                     sampling_ratio)
 
 
 @_multiscale_roi_align_op.register_fake
@@ -100,10 +120,8 @@ def _multiscale_roi_align_backward_op(
     pyramid = Pyramid(tuple(scales), k_min, k_max, canonical_scale, canonical_level, eps,
                       tuple((batch, channels, h, w) for h, w in zip(heights, widths)),
                       tuple(channels_last))
-    impl = pick_path(grad, multiscale_roi_align_backward,
-                     reference.multiscale_roi_align_backward,
-                     multiscale_roi_align_backward_deterministic)
-    return impl(grad, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
+    grads = _backward_kernel(grad)(grad, rois, pyramid, pooled_h, pooled_w, sampling_ratio)
+    return pyramid.flatten(grads) if isinstance(grads, list) else grads
 
 
 @_multiscale_roi_align_backward_op.register_fake
@@ -116,7 +134,7 @@ def _setup_context(ctx, inputs, output):
     features, rois, *args = inputs
     ctx.save_for_backward(rois)
     ctx.args = args
-    ctx.pyramid = Pyramid(tuple(args[0])).of(features)
+    ctx.pyramid = _pyramid(*args[:6], maps=features)
 
 
 def _backward(ctx, grad):
@@ -129,6 +147,28 @@ def _backward(ctx, grad):
 
 
 _multiscale_roi_align_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MultiScaleRoIAlign(torch.autograd.Function):
+    """The op in eager code: the device kernels called directly, without the dispatcher;
+    the maps are separate inputs (an autograd.Function's list argument gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, rois, pyramid, pooled_h, pooled_w, sampling_ratio, *features):
+        ctx.save_for_backward(rois)
+        ctx.args = (pyramid.of(features), pooled_h, pooled_w, sampling_ratio)
+        return _forward_kernel(features)(list(features), rois, pyramid, pooled_h, pooled_w,
+                                         sampling_ratio)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        pyramid = ctx.args[0]
+        grads = _backward_kernel(grad)(grad, rois, *ctx.args)
+        if not isinstance(grads, list):
+            grads = pyramid.level_views(grads)
+        return (None,) * 5 + tuple(grads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,13 +279,16 @@ def _pool(features: list[Tensor], rois: Tensor, output_size, sampling_ratio, sca
     if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
         raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     p = LevelMapper.pyramid(mapper, scales)     # ours or torchvision's mapper: same fields
-    if cpu_path(features[0]):       # torchvision's per-level kernels and autograd (_cpu)
-        record_path("multiscale_roi_align_forward", "torchvision")
-        return _cpu.multiscale_roi_align(list(features), rois, p, pooled_h, pooled_w,
-                                         int(sampling_ratio))
-    return _multiscale_roi_align_op(list(features), rois, list(p.scales), p.k_min, p.k_max,
-                                    p.canonical_scale, p.canonical_level, p.eps, pooled_h,
-                                    pooled_w, int(sampling_ratio))
+    features = list(features)
+    sampling_ratio = int(sampling_ratio)
+    if not eager(*features, rois):
+        return _multiscale_roi_align_op(features, rois, list(p.scales), p.k_min, p.k_max,
+                                        p.canonical_scale, p.canonical_level, p.eps,
+                                        pooled_h, pooled_w, sampling_ratio)
+    if needs_grad(*features):
+        return _MultiScaleRoIAlign.apply(rois, p, pooled_h, pooled_w, sampling_ratio,
+                                         *features)
+    return _forward_kernel(features)(features, rois, p, pooled_h, pooled_w, sampling_ratio)
 
 
 def multiscale_roi_align(features: list[Tensor], boxes: list[Tensor], image_shapes,

@@ -47,14 +47,25 @@ from torch import Tensor
 from .. import _cpu, reference
 from .._boxes import Segments, coordinate_rows, float32_threshold
 from .._utils import (INTERPRET, NMS_ERRORS, cdiv, check_float, check_float_dtype,
-                      check_same_device, check_tensor, cpu_path, is_tracing, last_path, launch,
-                      pick_tuning, register_lanes, register_tuning, use_triton)
+                      check_same_device, check_tensor, cpu_path, eager, is_tracing, op_body,
+                      record_path, use_triton, values_checked)
+from .._launch import launch, pick_tuning, register_lanes, register_tuning
 
 # Memory budget for batched_nms_mask's band of mask words (it never syncs, so it cannot
 # size the band from the longest class): 16 MiB covers 20 words (1280 boxes) per row at
 # 100k boxes, 104 words at 20k; longer segments compute the rest on the fly. nms and
 # batched_nms read the longest segment in their first sync and store every word it needs.
 MASK_BUDGET_BYTES = 16 * 2**20
+# Up to this many boxes batched_nms reads nothing before its launches (its one sync is the
+# result size): every row gets every mask word its segment could need, the N x N/64 mask
+# torchvision's CUDA batched_nms itself allocates up to this size (one nms over the
+# class-offset boxes). Past it torchvision loops over the classes, one sync each; ours reads
+# the longest class and the class count first (a second sync) to size the band.
+SINGLE_PASS_BOXES = 25_000
+# At most this many segments the greedy pass takes the wide tiles (about one program per
+# SM); the kernel compares it with the segment count it reads when the host has not.
+_WIDE_SEGMENTS = 128
+WIDE_SEGMENTS = tl.constexpr(_WIDE_SEGMENTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,6 +127,7 @@ def _nms_mask_kernel(
     seg_hi_ptr,  # (N,) int32: one past the last sorted position of each box's segment
     mask_ptr,  # (N, wcap) int64: out, word t of row i covers boxes 64 * (i // 64 + t) + k
     n, wcap, iou_threshold,
+    SEGMENTED: tl.constexpr,  # else one segment, all N boxes (seg_hi_ptr is None)
     BLOCK_T: tl.constexpr,  # words per step
     BLOCK_K: tl.constexpr,  # columns of each word per inner step (divides 64)
 ):
@@ -123,7 +135,10 @@ def _nms_mask_kernel(
     block = tl.program_id(0)
     rows = block * 64 + tl.arange(0, 64)
     row_ok = rows < n
-    hi = tl.load(seg_hi_ptr + rows, mask=row_ok, other=0)
+    if SEGMENTED:
+        hi = tl.load(seg_hi_ptr + rows, mask=row_ok, other=0)
+    else:
+        hi = tl.where(row_ok, n, 0)
     row_words = tl.minimum(tl.where(row_ok, (hi - 1) // 64 - block + 1, 0), wcap)
     t_end = tl.max(row_words, axis=0)
     ax1, ay1, ax2, ay2, area_a = _load_boxes(boxes_ptr, n, rows, row_ok)
@@ -145,15 +160,30 @@ def _nms_greedy_kernel(
     removed_ptr,  # (2N + 2,) int64, zeroed: segment g's removed words live at bounds[g] + g
     keep_ptr,  # (N,) int8: out, 1 where the sorted box is kept
     n, wcap, iou_threshold,
+    SEGMENTED: tl.constexpr,  # else one segment, all N boxes (bounds and nseg None)
+    SEGMENTS: tl.constexpr,  # 0: run; 1: only at most WIDE_SEGMENTS segments; 2: only more
     BLOCK_T: tl.constexpr,  # band words per step
     BLOCK_K: tl.constexpr,  # columns per inner step of the words computed on the fly
 ):
     j = tl.arange(0, 64)
     bit = tl.full([64], 1, tl.int64) << j.to(tl.int64)
-    nseg = tl.load(nseg_ptr)
+    if SEGMENTED:
+        nseg = tl.load(nseg_ptr)
+        # the segment count unread on the host (no sync): one launch per tile width, each
+        # runs only where the count is its own
+        if SEGMENTS == 1:
+            nseg = tl.where(nseg <= WIDE_SEGMENTS, nseg, 0)
+        if SEGMENTS == 2:
+            nseg = tl.where(nseg > WIDE_SEGMENTS, nseg, 0)
+    else:
+        nseg = 1
     for g in range(tl.program_id(0), nseg, tl.num_programs(0)):
-        lo = tl.load(bounds_ptr + g)
-        hi = tl.load(bounds_ptr + g + 1)
+        if SEGMENTED:
+            lo = tl.load(bounds_ptr + g)
+            hi = tl.load(bounds_ptr + g + 1)
+        else:
+            lo = 0
+            hi = n
         first = lo // 64
         nb = (hi - 1) // 64 - first + 1  # 64-box blocks the segment touches
         removed_seg = removed_ptr + lo + g  # nb <= hi - lo + 1 words: regions never overlap
@@ -214,7 +244,6 @@ register_tuning(_nms_mask_kernel, [_MASK_GPU], interpreter=[_MASK_INTERPRETER])
 _GREEDY_GPU = {"BLOCK_T": 16, "BLOCK_K": 4, "num_warps": 8}
 _GREEDY_WIDE = {"BLOCK_T": 128, "BLOCK_K": 4, "num_warps": 16}
 _GREEDY_INTERPRETER = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8}
-_WIDE_SEGMENTS = 128   # at most this many segments: the wide row (about one per SM)
 register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
                 interpreter=[_GREEDY_INTERPRETER],
                 occupancy_note="the 128-word row runs only for at most 128 segments, one "
@@ -250,28 +279,37 @@ _GREEDY_PROGRAMS = 1024
 # Host side: the launcher, its step model, the sorting and result around both paths.
 
 def _band_words(n: int, longest: int | None) -> int:
-    """Mask words per row. ``longest`` (the longest segment, read in the op's first sync):
+    """Mask words per row. ``longest`` (the longest segment, where the host read it):
     enough words for every segment, so no word is computed on the fly; one segment is then
-    torchvision's own N x N/64 mask, 80 classes of 100k boxes 17 MB. None (batched_nms_mask,
-    which never syncs): capped by MASK_BUDGET_BYTES."""
+    torchvision's own N x N/64 mask, 80 classes of 100k boxes 17 MB. None (not read): the
+    whole N x N/64 mask up to SINGLE_PASS_BOXES boxes (what torchvision's batched_nms
+    allocates there), past that MASK_BUDGET_BYTES (longer segments compute the rest on the
+    fly)."""
     words = cdiv(n, 64)
     if longest is not None:
         return min(words, cdiv(longest, 64) + 1)
+    if n <= SINGLE_PASS_BOXES:
+        return words
     return max(1, min(words, MASK_BUDGET_BYTES // (8 * n)))
 
 
 def _greedy_plan(n: int, segments: int | None,
-                 interpreter: bool = INTERPRET) -> tuple[dict, int]:
-    """The greedy pass's tuning row and program count for ``segments`` (None: unknown)."""
+                 interpreter: bool = INTERPRET) -> list[tuple[dict, int, int]]:
+    """The greedy pass's launches for ``segments`` (None: not read on the host): (tuning
+    row, program count, SEGMENTS constexpr) each. Unread, one launch per row, each of
+    which runs only where the count it reads on the device is its own."""
     if interpreter:
-        return _GREEDY_INTERPRETER, min(n, 4)
-    if segments is not None and segments <= _WIDE_SEGMENTS:
-        return _GREEDY_WIDE, segments
-    return _GREEDY_GPU, min(n, _GREEDY_PROGRAMS)
+        return [(_GREEDY_INTERPRETER, min(n, 4), 0)]
+    if segments is None:
+        return [(_GREEDY_WIDE, min(n, _WIDE_SEGMENTS), 1),
+                (_GREEDY_GPU, min(n, _GREEDY_PROGRAMS), 2)]
+    if segments <= _WIDE_SEGMENTS:
+        return [(_GREEDY_WIDE, segments, 0)]
+    return [(_GREEDY_GPU, min(n, _GREEDY_PROGRAMS), 0)]
 
 
 def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None,
-                    segments: int | None = None) -> Tensor:
+                segments: int | None = None) -> Tensor:
     """Triton path: int8 keep flags of the sorted boxes (1 = kept). ``longest`` and
     ``segments``, when the caller read them, size the band and pick the greedy row."""
     n = p.n
@@ -281,17 +319,17 @@ def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None,
     removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
     keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
     tm = pick_tuning(_nms_mask_kernel, _MASK_INTERPRETER if INTERPRET else _MASK_GPU)
-    row, programs = _greedy_plan(n, segments if p.segmented else 1)
-    tg = pick_tuning(_nms_greedy_kernel, row)
     # Programs per row block stride over its words: enough to fill the GPU without
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
     t_programs = 1 if INTERPRET else min(cdiv(wcap, tm["BLOCK_T"]), 32)
     threshold = float32_threshold(iou_threshold, boxes.device)
     launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
-           threshold, tuning=tm)
-    launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
-           n, wcap, threshold, tuning=tg)
+           threshold, tuning=tm, SEGMENTED=p.segmented)
+    for row, programs, which in _greedy_plan(n, segments if p.segmented else 1):
+        launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
+               n, wcap, threshold, tuning=pick_tuning(_nms_greedy_kernel, row),
+               SEGMENTED=p.segmented, SEGMENTS=which)
     return keep
 
 
@@ -306,9 +344,10 @@ def work_model(segment_sizes: list[int], segmented: bool = True,
     n = sum(segment_sizes)
     longest = max(segment_sizes) if longest_known else None
     wcap = _band_words(n, longest if segmented else n)
-    # the segment count is read in the same sync as the longest segment
-    segments = (len(segment_sizes) if longest_known else None) if segmented else 1
-    row, programs = _greedy_plan(n, segments, interpreter=False)   # the GPU launch
+    # unread on the host, the segment count is read by the greedy launches on the device:
+    # the one that runs is the one the count picks
+    segments = len(segment_sizes) if segmented else 1
+    (row, programs, _), = _greedy_plan(n, segments, interpreter=False)   # the GPU launch
     band = fly = 0
     per_program = [0] * programs
     lo = 0
@@ -330,62 +369,51 @@ def work_model(segment_sizes: list[int], segmented: bool = True,
             "greedy_row": f"BLOCK_T={row['BLOCK_T']}"}
 
 
-def _pre_launch_sync(boxes: Tensor, scores: Tensor, idxs: Tensor | None) -> tuple[int, int]:
-    """The public wrappers' one host sync before any launch: the NaN/inf check of boxes and
-    scores, read with the longest class and the class count (they size the mask band and
-    pick the greedy pass's tiles, or the CPU path). Skipped while tracing or capturing:
-    (-1, -1), the band then follows MASK_BUDGET_BYTES. The CPU path needs no count (the
-    box count bounds the longest class), and none is made."""
-    if is_tracing():
-        return -1, -1
-    if cpu_path(boxes):             # no sync to save: plain reads, no count
-        if not bool(torch.isfinite(boxes).all()) or bool(torch.isnan(scores).any()):
-            raise ValueError(_NOT_FINITE)
-        return boxes.shape[0], (1 if idxs is None else -1)
-    stats = [~(torch.isfinite(boxes).all() & ~torch.isnan(scores).any())]
-    if idxs is not None:
-        counts = torch.unique(idxs, return_counts=True)[1]
-        stats += [counts.max(), torch.tensor(counts.numel(), device=boxes.device)]
-    bad, *read = torch.stack([v.long() for v in stats]).tolist()
-    if bad:
-        raise ValueError(_NOT_FINITE)
-    return tuple(read) if idxs is not None else (boxes.shape[0], 1)
-
-
 _NOT_FINITE = "boxes must have finite coordinates and scores must not be NaN"
 
 
-def _nms_call(op, boxes: Tensor, scores: Tensor, idxs: Tensor | None,
-              threshold: float) -> Tensor:
-    """The op after the wrappers' one sync; in eager CPU code its body, without the
-    custom-op dispatcher's cost (about 70 us a call here, 5% of nms at 1,000 boxes)."""
-    longest, segments = _pre_launch_sync(boxes, scores, idxs)
-    if cpu_path(boxes) and not is_tracing():
-        return _kept(boxes, scores, idxs, threshold, longest, segments)
-    return op(boxes, scores, threshold, longest, segments) if idxs is None else op(
-        boxes, scores, idxs, threshold, longest, segments)
+def _check_finite(boxes: Tensor, scores: Tensor) -> None:
+    """The value check of :func:`nms` and :func:`batched_nms` (one read of the data), where
+    :func:`values_checked` says so. Unchecked, a NaN coordinate suppresses nothing and is
+    suppressed by nothing (its IoU compares false), as in torchvision's CUDA kernel."""
+    if boxes.numel() and not bool(torch.isfinite(boxes).all() & ~torch.isnan(scores).any()):
+        raise ValueError(_NOT_FINITE)
+
+
+def _plan(boxes: Tensor, idxs: Tensor | None) -> tuple[int, int]:
+    """(longest segment, segment count) the launches are sized by, -1 where not read: nms
+    has one segment of N; batched_nms on the CUDA path reads nothing up to
+    SINGLE_PASS_BOXES boxes (the kernels read the count on the device) and past that the
+    longest class and the class count, in one sync, to size the mask band (torchvision's
+    batched_nms loops over the classes there, a sync each). The CPU path needs neither."""
+    n = boxes.shape[0]
+    if idxs is None:
+        return n, 1
+    if cpu_path(boxes) or n <= SINGLE_PASS_BOXES or is_tracing():
+        return -1, -1
+    counts = torch.unique(idxs, return_counts=True)[1]
+    longest, segments = torch.stack([counts.max(), counts.new_tensor(counts.numel())]).tolist()
+    return longest, segments
 
 
 def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
-    """Kept input indices by decreasing score (ties: lower index): the op's second host
-    sync reads the result size."""
-    keep_in = torch.empty(p.n, dtype=torch.bool, device=boxes.device)
-    keep_in[p.perm] = keep_sorted.bool()
-    flags = keep_in[p.score_order]
-    count = int(flags.sum())
-    slot = torch.where(flags, torch.cumsum(flags, 0) - 1, count)
-    out = torch.empty(count + 1, dtype=torch.int64, device=boxes.device)
-    out.scatter_(0, slot, p.score_order)  # non-kept all land in the spare slot `count`
-    return out[:count]
+    """Kept input indices by decreasing score (ties: lower index): the op's one host sync
+    reads the result size (``nonzero``)."""
+    if not p.segmented:           # the sorted order is the score order
+        return p.perm[keep_sorted.nonzero().view(-1)]
+    keep_in = torch.empty(p.n, dtype=torch.int8, device=boxes.device)
+    keep_in[p.perm] = keep_sorted
+    return p.score_order[keep_in[p.score_order].nonzero().view(-1)]
 
 
 def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float,
           longest: int, segments: int) -> Tensor:
-    """The nms/batched_nms op body: kept input indices (``idxs`` None: one class)."""
+    """The nms/batched_nms device kernel: kept input indices (``idxs`` None: one class).
+    ``longest``, ``segments``: what the host read (-1: nothing)."""
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if cpu_path(boxes) and _cpu.nms_wins(boxes, scores):
-        last_path["nms_forward"] = "torchvision"
+        record_path("nms_forward", "torchvision")
         return _cpu.nms(boxes, scores, idxs, iou_threshold)
     p = Segments(boxes, scores, idxs)
     return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
@@ -394,11 +422,24 @@ def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: flo
 def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float, longest: int = -1,
                  segments: int = -1) -> Tensor:
     if use_triton(boxes):
-        last_path["nms_forward"] = "triton"
+        record_path("nms_forward", "triton")
         return nms_forward(p, iou_threshold, None if longest < 0 else longest,
                            None if segments < 0 else segments)
-    last_path["nms_forward"] = "reference"
+    record_path("nms_forward", "reference")
     return reference.nms_forward(p, iou_threshold)
+
+
+def _nms_call(op, boxes: Tensor, scores: Tensor, idxs: Tensor | None,
+              threshold: float) -> Tensor:
+    """The value check where it applies, then the op: in eager code its device kernel
+    directly (no dispatcher), while tracing the custom op."""
+    if values_checked(boxes):
+        _check_finite(boxes, scores)
+    longest, segments = _plan(boxes, idxs)
+    args = (boxes, scores) if idxs is None else (boxes, scores, idxs)
+    if not eager(*args):
+        return op(*args, threshold, longest, segments)
+    return op_body(_kept)(boxes, scores, idxs, threshold, longest, segments)
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,9 +468,8 @@ def _(boxes, scores, idxs, iou_threshold, longest, segments):
     return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
-@torch.library.custom_op("maskrcnn_triton::batched_nms_mask", mutates_args=())
-def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
-                         iou_threshold: float) -> Tensor:
+def _keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """The batched_nms_mask device kernel: the keep mask in input order."""
     keep_in = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     if boxes.shape[0] and cpu_path(boxes):
         # batched_nms's body (the box count bounds the longest class)
@@ -439,6 +479,12 @@ def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
         p = Segments(boxes, scores, idxs)
         keep_in[p.perm] = _keep_sorted(p, boxes, iou_threshold).bool()
     return keep_in
+
+
+@torch.library.custom_op("maskrcnn_triton::batched_nms_mask", mutates_args=())
+def _batched_nms_mask_op(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                         iou_threshold: float) -> Tensor:
+    return _keep_mask(boxes, scores, idxs, iou_threshold)
 
 
 @_batched_nms_mask_op.register_fake
@@ -482,17 +528,27 @@ def _quantized(*tensors) -> bool:
     return any(isinstance(t, Tensor) and t.is_quantized for t in tensors)
 
 
+# torchvision's own nms and batched_nms, as imported (patch_torchvision replaces the
+# attributes, not these functions): quantized tensors go to them, never back through an
+# attribute that may be ours (patch_torchvision, or a user's own assignment). nms calls
+# torchvision's C++ operators; batched_nms offsets the classes and calls the
+# torchvision.ops.boxes.nms attribute, ours or its, which ends in that nms.
+_TORCHVISION_NMS = torchvision.ops.boxes.nms
+_TORCHVISION_BATCHED_NMS = torchvision.ops.boxes.batched_nms
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Drop-in for ``torchvision.ops.nms``.
 
     boxes: Tensor[N, 4] (x1, y1, x2, y2), float32/float16/bfloat16 (IoU in float32) or
     float64; scores: Tensor[N] float; quantized tensors go to torchvision's quantized
     kernel. Returns the kept indices (int64) by decreasing score, equal scores by lower
-    index. Two host syncs: here, the NaN/inf check before any kernel runs (skipped while
-    tracing or capturing); in the op, the size of the result.
+    index. One host sync, as torchvision's: the size of the result. The NaN/inf check of
+    boxes and scores runs for CPU tensors, and for CUDA tensors inside
+    ``kernels.check_values()`` (a second sync).
     """
     if _quantized(boxes, scores):
-        return torchvision.ops.nms(boxes, scores, iou_threshold)
+        return _TORCHVISION_NMS(boxes, scores, iou_threshold)
     threshold = _check(boxes, scores, None, iou_threshold, batched=False)
     return _nms_call(_nms_op, boxes, scores, None, threshold)
 
@@ -502,28 +558,55 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     Work and memory follow the per-class counts (no N x N mask, no loop over classes).
     Empty boxes (any shape) return an empty int64 tensor before anything else is looked
-    at, as torchvision's. Two host syncs: here, before any kernel runs, the NaN/inf check
-    with the longest class and the class count (they size the mask; skipped while tracing
-    or capturing); in the op, the size of the result.
+    at, as torchvision's. One host sync up to 25,000 boxes: the size of the result; past
+    that a second one first reads the longest class and the class count (torchvision loops
+    over the classes there, a sync each). The NaN/inf check as :func:`nms`'s.
     """
     if isinstance(boxes, Tensor) and boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if _quantized(boxes, scores):
-        return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+        return _TORCHVISION_BATCHED_NMS(boxes, scores, idxs, iou_threshold)
     threshold = _check(boxes, scores, idxs, iou_threshold, batched=True)
     return _nms_call(_batched_nms_op, boxes, scores, idxs, threshold)
+
+
+def _scripted_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """:func:`nms` as TorchScript compiles it (``torch.jit.script``, or scripted code that
+    calls ``torchvision.ops.nms`` under ``patch_torchvision``): the custom op, no value
+    check (as torchvision's own scripted calls)."""
+    if boxes.is_quantized:
+        return _TORCHVISION_NMS(boxes, scores, iou_threshold)
+    return torch.ops.maskrcnn_triton.nms(boxes, scores, iou_threshold, -1, -1)
+
+
+def _scripted_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor,
+                          iou_threshold: float) -> Tensor:
+    """:func:`batched_nms` as TorchScript compiles it (see :func:`_scripted_nms`)."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.is_quantized:
+        return _TORCHVISION_BATCHED_NMS(boxes, scores, idxs, iou_threshold)
+    return torch.ops.maskrcnn_triton.batched_nms(boxes, scores, idxs, iou_threshold, -1, -1)
+
+
+nms.__prepare_scriptable__ = lambda: _scripted_nms
+batched_nms.__prepare_scriptable__ = lambda: _scripted_batched_nms
 
 
 def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
                      iou_threshold: float) -> Tensor:
     """``batched_nms`` as a keep mask: BoolTensor[N] in input order, no host sync at all.
 
-    ``torch.nonzero(mask)`` ordered by score equals :func:`batched_nms`. Without a sync
-    the inputs cannot be checked for NaN or infinite values: the mask is unspecified then.
-    Fits CUDA graphs and ``torch.compile`` without a graph break.
+    ``torch.nonzero(mask)`` ordered by score equals :func:`batched_nms`. Never a sync, so
+    the inputs are checked for NaN or infinite values only on the CPU; a NaN box keeps no
+    other from being kept. Fits CUDA graphs and ``torch.compile`` without a graph break.
     """
     threshold = _check(boxes, scores, idxs, iou_threshold, batched=True)
-    return _batched_nms_mask_op(boxes, scores, idxs, threshold)
+    if boxes.device.type == "cpu" and values_checked(boxes):
+        _check_finite(boxes, scores)
+    if not eager(boxes, scores, idxs):
+        return _batched_nms_mask_op(boxes, scores, idxs, threshold)
+    return op_body(_keep_mask)(boxes, scores, idxs, threshold)
 
 
 def _compile_examples(device: str = "cpu") -> None:

@@ -20,10 +20,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._boxes import COORD_LIMIT, expand_scale, expanded_int_boxes, threshold_in
+from .._boxes import COORD_LIMIT, expand_scale, expanded_int_boxes, float32, threshold_in
 from .._utils import (FLOAT_DTYPES, cdiv, check_float, check_float_dtype, check_same_device,
-                      check_tensor, is_tracing, launch, pair, pick_path, pick_tuning,
-                      register_tuning)
+                      check_tensor, eager, needs_grad, pair, pick_path, values_checked)
+from .._launch import launch, pick_tuning, register_tuning
 
 _COORD_LIMIT_K = tl.constexpr(COORD_LIMIT)
 
@@ -183,7 +183,7 @@ def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w
         tuning = pick_tuning(_paste_masks_in_image_kernel,
                              _TUNING[1] if thresholding else _TUNING[0])
         grid = (n, cdiv(img_h, tuning["BLOCK_H"]), cdiv(img_w, tuning["BLOCK_W"]))
-        scale32 = float(torch.tensor(scale, dtype=torch.float32))  # as torch's scalar mul
+        scale32 = float32(scale)   # as torch's scalar multiply rounds it
         launch(_paste_masks_in_image_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,
                masks.stride(0), masks.stride(2), masks.stride(3), padding, scale32, thr,
                tuning=tuning, EXPAND=expand, THRESHOLD=thresholding)
@@ -194,9 +194,10 @@ def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w
 # torch.library registration (no autograd: an inference op)
 
 def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
-    """Finite, not absurdly large coordinates, in the public wrapper: one host sync,
-    skipped while tracing or capturing."""
-    if is_tracing() or boxes.numel() == 0:
+    """Finite, not absurdly large coordinates (one read of the data), where
+    :func:`values_checked` says so. Unchecked, coordinates are clamped to +-2**31 before
+    the integer cast (NaN to 0): any value pastes inside the image or nowhere."""
+    if boxes.numel() == 0:
         return
     biggest = float(boxes.detach().abs().max())  # NaN propagates through max
     if not biggest < COORD_LIMIT:
@@ -204,12 +205,15 @@ def check_boxes_data(boxes: Tensor, name: str = "boxes") -> None:
                          f"got max |coordinate| {biggest:g}")
 
 
+def _kernel(masks: Tensor):
+    return pick_path(masks, paste_masks_in_image_forward,
+                     reference.paste_masks_in_image_forward)
+
+
 @torch.library.custom_op("maskrcnn_triton::paste_masks_in_image", mutates_args=())
 def _paste_masks_in_image_op(masks: Tensor, boxes: Tensor, img_h: int, img_w: int, padding: int,
                     threshold: float | None, out_dtype: torch.dtype) -> Tensor:
-    impl = pick_path(masks, paste_masks_in_image_forward,
-                     reference.paste_masks_in_image_forward)
-    return impl(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
+    return _kernel(masks)(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
 
 
 @_paste_masks_in_image_op.register_fake
@@ -268,8 +272,12 @@ def paste_masks_in_image(masks: Tensor, boxes: Tensor, img_shape, padding: int =
             raise TypeError(f"out_dtype must be torch.bool or torch.uint8 with a threshold, "
                             f"got {out_dtype}")
         threshold = float(threshold)
-    check_boxes_data(boxes)
-    return _paste_masks_in_image_op(masks, boxes, img_h, img_w, padding, threshold, out_dtype)
+    if values_checked(boxes):
+        check_boxes_data(boxes)
+    args = (masks, boxes, img_h, img_w, padding, threshold, out_dtype)
+    if not eager(masks, boxes) or needs_grad(masks):   # the op says it has no gradient
+        return _paste_masks_in_image_op(*args)
+    return _kernel(masks)(*args)
 
 
 def _compile_examples(device: str = "cpu") -> None:

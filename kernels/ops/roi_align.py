@@ -6,48 +6,56 @@ vector (``roi_tile``) whose fast index is the input's stride-1 dimension (``P_MA
 bins for NCHW, where neighbouring bins sample neighbouring pixels of one plane, channels
 for channels_last, where a pixel's channels are one contiguous vector. A warp's lanes run
 along that index on every Triton: a 2-D tile left the choice to the compiler, and the
-H200's Triton 3.6 put a warp over 32 channel planes of NCHW maps. Any input strides work
-(NCHW, channels_last, or a strided view).
+H200's Triton 3.6 put a warp over 32 channel planes of NCHW maps. The launcher hands the
+kernel dense maps (NCHW or channels_last: a strided view is copied once).
 
 One kernel, forward and backward (``BACKWARD``, a constexpr: the forward gathers the
 bilinear corners, the backward scatters onto them with relaxed atomics), pools from up to
 ``MAX_LEVELS`` maps (``NUM_LEVELS``, a constexpr): each
 program computes its RoI's level with torchvision's LevelMapper arithmetic and picks that
-level's pointer, shape, strides and scale. RoIAlign is the one-level case (the level pick
-compiles out); :mod:`kernels.ops.multiscale_roi_align` launches the pyramid. Keeping a separate
-single-level kernel would buy nothing: the static kernel report shows the same registers
-and occupancy. The sampling itself (box decode, bilinear rule, level) is
-:mod:`kernels._sampling`, shared with the mask losses' target sampling.
+level's pointer, shape and scale. RoIAlign is the one-level case (the level pick compiles
+out); :mod:`kernels.ops.multiscale_roi_align` launches the pyramid. A separate single-level
+kernel would buy nothing: the static kernel report shows the same registers and occupancy
+(sm_90 forward 40, backward 40-42). The sampling itself (box decode, bilinear rule, level)
+is :mod:`kernels._sampling`, shared with the mask losses' target sampling.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+from typing import List, Union
+
 import torch
-import torchvision
 import triton
 import triton.language as tl
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.jit.annotations import BroadcastingList2
+from torch.nn.modules.utils import _pair
+from torchvision.ops._utils import check_roi_boxes_shape, convert_boxes_to_roi_format
 
 from .. import _cpu, reference
-from .._sampling import (MAX_LEVELS, bins_by_channels, check_image_extent, level_args, p_major,
-                         Pyramid, roi_on_level, roi_tile, sample_rows, sampling_entries)
+from .._sampling import (MAX_LEVELS, bins_by_channels, check_image_extent, dense, level_args,
+                         p_major, Pyramid, roi_on_level, roi_tile, sample_rows, sample_span,
+                         sampling_entries)
 from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, check_float_dtype,
-                      check_same_device, check_tensor, deterministic_algorithms, fx_leaf,
-                      is_channels_last, is_tracing, launch, pair, pick_path, pick_tuning,
-                      register_lanes, register_tuning, row_chunks, ValueIndexError)
+                      check_same_device, check_tensor, deterministic_algorithms, eager,
+                      fx_leaf, is_channels_last, needs_grad, pair, pick_path, row_chunks,
+                      values_checked, ValueIndexError)
+from .._launch import launch, pick_tuning, register_lanes, register_tuning
 
 
 # ---------------------------------------------------------------------------------------
-# Kernels. One serves RoIAlign (NUM_LEVELS = 1) and MultiScaleRoIAlign (up to MAX_LEVELS
-# maps), forward and backward: with one level the level pick is compiled out, and each
-# direction compiles only its own branch (BACKWARD is a constexpr). The static kernel
-# report shows the pyramid kernel needs no more registers than the separate single-level
-# kernels did (sm_90 forward 40-48 then, 40 now; backward 48 then, 40-42 now), so there is
-# one sampling loop, not four.
+# Kernels
 
-# Image sizes and strides change from call to call (image sizes, padded batches);
-# specializing on them (== 1, divisible by 16) would compile anew for each pattern, and
-# with two elements per thread nothing in these tiles is vectorized by it.
-_SHAPE_ARGS = [f"{a}{i}" for i in range(MAX_LEVELS) for a in ("H", "W", "sn", "sc", "sh", "sw")]
+# Image sizes change from call to call (image sizes, padded batches); specializing on them
+# (== 1, divisible by 16) would compile anew for each pattern, and with two elements per
+# thread nothing in these tiles is vectorized by it. The maps are dense (NCHW or
+# channels_last, the launcher's choice), so their strides follow from (C, H, W) and are not
+# passed: with levels past NUM_LEVELS passed as None (constants) a one-level launch has 11
+# runtime arguments (55 when every level's shape, strides and the output strides were
+# passed), and Triton's launch costs about 0.4 us per runtime argument.
+_SHAPE_ARGS = [f"{a}{i}" for i in range(MAX_LEVELS) for a in ("H", "W")] + ["N"]
 _POOLED_STRIDES = ["p_stride_k", "p_stride_c", "p_stride_h", "p_stride_w"]
 
 
@@ -56,12 +64,16 @@ def _pooled_tile(pooled_ptr, r, C, PH, PW, stride_k, stride_c, stride_h, stride_
                  offs_c, ph_i, pw_i, in_tile, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                  P_MAJOR: tl.constexpr, STRIDED: tl.constexpr):
     """Pointers and mask of this program's (bin, channel) pairs in the pooled (K, C, PH, PW)
-    tensor: any strides when STRIDED (int64 offsets: a strided view can pass 2**31),
-    otherwise contiguous (the forward's output: 8 fewer registers on sm_90 than the strided
-    form for channels_last). Its bins are the fast index in both layouts, so channels-fast
-    programs (not P_MAJOR) get a [BLOCK_P, BLOCK_C] tile read and written along bins
-    (``bins_by_channels``), which ``tl.reshape`` maps onto the flat vector."""
-    base = pooled_ptr + r * stride_k
+    tensor: any strides when STRIDED (int64 offsets: a strided view can pass 2**31; the
+    backward's output gradient, which autograd often hands over expanded), otherwise
+    contiguous (the forward's output; its strides are then None). Its bins are the fast
+    index in both layouts, so channels-fast programs (not P_MAJOR) get a [BLOCK_P, BLOCK_C]
+    tile read and written along bins (``bins_by_channels``), which ``tl.reshape`` maps
+    onto the flat vector."""
+    if STRIDED:
+        base = pooled_ptr + r * stride_k
+    else:
+        base = pooled_ptr + r * (C * PH * PW)
     if P_MAJOR:
         if STRIDED:
             ptrs = (base + offs_c.to(tl.int64) * stride_c + ph_i.to(tl.int64) * stride_h
@@ -82,21 +94,25 @@ def _pooled_tile(pooled_ptr, r, C, PH, PW, stride_k, stride_c, stride_h, stride_
 
 @triton.jit(do_not_specialize=_SHAPE_ARGS + _POOLED_STRIDES)
 def _roi_align_kernel(
-    pooled_ptr,  # (K, C, PH, PW), any strides: forward output / gradient of the output
+    pooled_ptr,  # (K, C, PH, PW): forward output (contiguous) / gradient of the output
     rois_ptr,  # (K, 5) float32: batch index, x1, y1, x2, y2
-    x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,  # level 0: (N, C, H0, W0), any strides;
-    x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1,  # the forward reads the map, the backward
-    x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,  # adds into its float32 gradient. Levels
-    x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3,  # 1..4 the same, used only when NUM_LEVELS
-    x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,  # covers them
-    C, p_stride_k, p_stride_c, p_stride_h, p_stride_w,
-    k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
+    x0_ptr, H0, W0, scale0,  # level 0: (N, C, H0, W0), dense NCHW (P_MAJOR) or channels
+    x1_ptr, H1, W1, scale1,  # last; the forward reads the map, the backward adds into its
+    x2_ptr, H2, W2, scale2,  # float32 gradient. Levels 1..4 the same, None past
+    x3_ptr, H3, W3, scale3,  # NUM_LEVELS
+    x4_ptr, H4, W4, scale4,
+    N, C, sampling_ratio, PH, PW,
+    p_stride_k, p_stride_c, p_stride_h, p_stride_w,  # the backward's gradient; else None
+    K_MIN: tl.constexpr, K_MAX: tl.constexpr, CANONICAL_SCALE: tl.constexpr,
+    CANONICAL_LEVEL: tl.constexpr, EPS: tl.constexpr,
     NUM_LEVELS: tl.constexpr, ALIGNED: tl.constexpr, P_MAJOR: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One sampling loop for both directions: the forward gathers each sample's four
     bilinear corners into its bins; the backward (BACKWARD) scatters each bin's gradient
-    back onto the same corners with the same weights."""
+    back onto the same corners with the same weights. Every value is safe: a RoI with a
+    batch index outside [0, N) or non-finite coordinates samples nothing (zeros), and a
+    huge box visits only the samples that can land on the map (``sample_span``)."""
     r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C,
                                                              P_MAJOR)
     ph = ph_i.to(tl.float32)
@@ -105,12 +121,10 @@ def _roi_align_kernel(
     # an unpooled RoI gets an empty grid: it runs no samples (the forward stores zeros)
     (x_ptr, H, W, stride_n, stride_c, stride_h, stride_w, b, start_h, start_w, bin_h, bin_w,
      grid_h, grid_w) = roi_on_level(
-        rois_ptr, r, x0_ptr, H0, W0, sn0, sc0, sh0, sw0, scale0,
-        x1_ptr, H1, W1, sn1, sc1, sh1, sw1, scale1, x2_ptr, H2, W2, sn2, sc2, sh2, sw2, scale2,
-        x3_ptr, H3, W3, sn3, sc3, sh3, sw3, scale3, x4_ptr, H4, W4, sn4, sc4, sh4, sw4, scale4,
-        k_min, k_max, canonical_scale, canonical_level, eps, sampling_ratio, PH, PW,
-        NUM_LEVELS, ALIGNED)
-    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+        rois_ptr, r, x0_ptr, H0, W0, scale0, x1_ptr, H1, W1, scale1, x2_ptr, H2, W2, scale2,
+        x3_ptr, H3, W3, scale3, x4_ptr, H4, W4, scale4, N, C, sampling_ratio, PH, PW,
+        K_MIN, K_MAX, CANONICAL_SCALE, CANONICAL_LEVEL, EPS, NUM_LEVELS, ALIGNED, not P_MAJOR)
+    count = tl.maximum(grid_h * grid_w, 1.0)
     if BACKWARD:
         g_ptrs, g_mask = _pooled_tile(pooled_ptr, r, C, PH, PW, p_stride_k, p_stride_c,
                                       p_stride_h, p_stride_w, offs_p, offs_c, ph_i, pw_i,
@@ -119,15 +133,19 @@ def _roi_align_kernel(
         g = tl.reshape(g, (BLOCK_P * BLOCK_C,)).to(tl.float32) / count
     else:
         acc = tl.zeros((BLOCK_P * BLOCK_C,), dtype=tl.float32)
+    first_y, count_y, span_y = sample_span(start_h, ph, bin_h, grid_h, H)
+    first_x, count_x, span_x = sample_span(start_w, pw, bin_w, grid_w, W)
     # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
     base = (x_ptr + b * stride_n) + offs_c * stride_c
-    for iy in range(0, grid_h):
-        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
-                                                            stride_h)
-        for ix in range(0, grid_w):
-            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
-                                                                W, stride_w)
-            m = valid_y & valid_x & in_tile
+    for ty in range(0, span_y):
+        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, first_y + ty,
+                                                            grid_h, H, stride_h)
+        valid_y = valid_y & (ty < count_y) & in_tile
+        for tx in range(0, span_x):
+            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w,
+                                                                first_x + tx, grid_w, W,
+                                                                stride_w)
+            m = valid_y & valid_x & (tx < count_x)
             if BACKWARD:
                 # Atomics: RoIs overlap, so several programs add into the same pixels.
                 # Relaxed: nothing here reads what another program adds (the kernel's end
@@ -244,49 +262,79 @@ def pool_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid, pooled_
     """Pool every RoI from its level of ``features`` (one launch per 65,535 RoIs)."""
     n, c = features[0].shape[:2]
     k = rois.shape[0]
-    rois = rois.to(torch.float32).contiguous()
     out = torch.empty(k, c, pooled_h, pooled_w, dtype=features[0].dtype,
                       device=features[0].device)
     if out.numel() == 0:
         return out
-    for f, name in zip(features, _map_names(len(features))):
-        check_image_extent(f.shape, f.stride(), name)
-    _launch(out, rois, features, pyramid, sampling_ratio, aligned, backward=False)
+    channels_last = not p_major(features)
+    maps = [dense(f, channels_last) for f in features]
+    _check_extents(maps)
+    _launch(out, rois.to(torch.float32).contiguous(), maps, pyramid, sampling_ratio, aligned,
+            backward=False)
     return out
+
+
+def _check_extents(maps: list[Tensor]) -> None:
+    """Offsets inside one image are int32 in the kernel (``check_image_extent``): for dense
+    maps, an image's C * H * W elements."""
+    for i, f in enumerate(maps):
+        if f.shape[1] * f.shape[2] * f.shape[3] >= 2**31:
+            check_image_extent(f.shape, f.stride(), _map_names(len(maps))[i])
 
 
 def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], pyramid: Pyramid,
                   pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool) -> None:
-    """Add each RoI's output gradient into its level's float32 buffer in ``grads``."""
+    """Add each RoI's output gradient into its level's float32 buffer in ``grads`` (dense,
+    every level in one layout: see :func:`gradient_buffers`)."""
     k = rois.shape[0]
     c = grads[0].shape[1]
     if k == 0 or c == 0 or grads[0].shape[0] == 0 or pooled_h * pooled_w == 0:
         return
-    rois = rois.to(torch.float32).contiguous()
-    for g, name in zip(grads, _map_names(len(grads))):
-        check_image_extent(g.shape, g.stride(), name)
-    _launch(grad, rois, grads, pyramid, sampling_ratio, aligned, backward=True)
+    _check_extents(grads)
+    _launch(grad, rois.to(torch.float32).contiguous(), grads, pyramid, sampling_ratio,
+            aligned, backward=True)
+
+
+def gradient_buffers(pyramid: Pyramid, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """One zeroed float32 buffer for every level's input gradient, and its per-level views:
+    all dense in the layout the kernel's lanes follow (channels_last when most maps are),
+    so one launch scatters into every level."""
+    flat = torch.zeros(pyramid.grad_numel(), dtype=torch.float32, device=device)
+    return flat, pyramid.level_views(flat)
+
+
+_NO_MAPPER = dict(K_MIN=0, K_MAX=0, CANONICAL_SCALE=224.0, CANONICAL_LEVEL=4.0, EPS=1e-6)
 
 
 def _launch(pooled: Tensor, rois: Tensor, maps: list[Tensor], pyramid: Pyramid,
             sampling_ratio: int, aligned: bool, backward: bool) -> None:
     """Launch the kernel over ``pooled`` (K, C, PH, PW), one launch per 65,535 RoIs."""
-    c, pooled_h, pooled_w = pooled.shape[1:]
+    k, c, pooled_h, pooled_w = pooled.shape
     tuning = pick_tuning(_roi_align_kernel, _tuning_row(c, pooled_h * pooled_w))
     blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
-    for start, end in row_chunks(rois.shape[0]):
-        launch(_roi_align_kernel, (*blocks, end - start), pooled[start:end], rois[start:end],
-               *level_args(maps, pyramid.scales), c, *pooled.stride(),
-               *pyramid.mapper_args(), int(sampling_ratio), pooled_h, pooled_w, tuning=tuning,
-               NUM_LEVELS=len(maps), ALIGNED=bool(aligned), P_MAJOR=p_major(maps),
+    strides = pooled.stride() if backward else (None,) * 4
+    mapper = pyramid.mapper_constexprs() if len(maps) > 1 else _NO_MAPPER
+    levels = level_args(maps, pyramid.scales)
+    p_maj = p_major(maps)
+    for start, end in row_chunks(k):
+        whole = end - start == k          # (no slice views for the usual single launch)
+        launch(_roi_align_kernel, (*blocks, end - start),
+               pooled if whole else pooled[start:end], rois if whole else rois[start:end],
+               *levels, maps[0].shape[0], c, sampling_ratio, pooled_h, pooled_w, *strides,
+               tuning=tuning, **mapper, NUM_LEVELS=len(maps), ALIGNED=aligned, P_MAJOR=p_maj,
                BACKWARD=backward)
 
 
 def roi_align_forward(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                       pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
     """Launch the forward kernel; inputs already validated (see :func:`roi_align`)."""
-    return pool_forward([input], rois, Pyramid((spatial_scale,)), pooled_h, pooled_w,
+    return pool_forward([input], rois, _one_level(spatial_scale), pooled_h, pooled_w,
                         sampling_ratio, aligned)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_level(spatial_scale: float) -> Pyramid:
+    return Pyramid((spatial_scale,))
 
 
 def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
@@ -294,9 +342,9 @@ def roi_align_backward(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_
                        input_shape: tuple[int, int, int, int], channels_last: bool) -> Tensor:
     """Launch the backward kernel into a float32 buffer, then cast once to grad's dtype."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    acc = torch.zeros(input_shape, dtype=torch.float32, device=grad.device).to(
-        memory_format=fmt)
-    pool_backward(grad, rois, [acc], Pyramid((spatial_scale,)), pooled_h, pooled_w,
+    acc = torch.empty(input_shape, dtype=torch.float32, device=grad.device,
+                      memory_format=fmt).zero_()
+    pool_backward(grad, rois, [acc], _one_level(spatial_scale), pooled_h, pooled_w,
                   sampling_ratio, aligned)
     return acc.to(grad.dtype)
 
@@ -341,9 +389,9 @@ def roi_align_backward_deterministic(grad: Tensor, rois: Tensor, spatial_scale: 
 # torch.library registration and autograd
 
 def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
-    """Data checks that need the values, in the public wrappers: one host sync, skipped
-    while tracing or capturing."""
-    if is_tracing() or rois.numel() == 0:
+    """The checks that read the RoIs' values (finite, batch indices integers in [0, N)), in
+    one read; the public functions call it where :func:`values_checked` says so."""
+    if rois.numel() == 0:
         return
     batch = rois[:, 0].detach()
     lo, hi, finite, whole = torch.stack([
@@ -356,12 +404,23 @@ def check_rois_data(rois: Tensor, batch_size: int, name: str = "boxes") -> None:
                          f"got values in [{lo:g}, {hi:g}]")
 
 
+def _forward_kernel(input: Tensor):
+    """The forward a device runs for ``input`` (``pick_path``): Triton on CUDA (and under
+    the interpreter), torchvision's CPU kernel on CPU, the reference for float64."""
+    return pick_path(input, roi_align_forward, reference.roi_align_forward,
+                     cpu=_cpu.roi_align_forward)
+
+
+def _backward_kernel(grad: Tensor):
+    return pick_path(grad, roi_align_backward, reference.roi_align_backward,
+                     roi_align_backward_deterministic, _cpu.roi_align_backward)
+
+
 @torch.library.custom_op("maskrcnn_triton::roi_align", mutates_args=())
 def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int,
                   pooled_w: int, sampling_ratio: int, aligned: bool) -> Tensor:
-    impl = pick_path(input, roi_align_forward, reference.roi_align_forward,
-                     cpu=_cpu.roi_align_forward)
-    return impl(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+    return _forward_kernel(input)(input, rois, spatial_scale, pooled_h, pooled_w,
+                                  sampling_ratio, aligned)
 
 
 @_roi_align_op.register_fake
@@ -374,10 +433,9 @@ def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, poo
                            pooled_w: int, sampling_ratio: int, aligned: bool, batch: int,
                            channels: int, height: int, width: int,
                            channels_last: bool) -> Tensor:
-    impl = pick_path(grad, roi_align_backward, reference.roi_align_backward,
-                     roi_align_backward_deterministic, _cpu.roi_align_backward)
-    return impl(grad, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned,
-                (batch, channels, height, width), channels_last)
+    return _backward_kernel(grad)(grad, rois, spatial_scale, pooled_h, pooled_w,
+                                  sampling_ratio, aligned, (batch, channels, height, width),
+                                  channels_last)
 
 
 @_roi_align_backward_op.register_fake
@@ -402,6 +460,37 @@ def _backward(ctx, grad):
 
 
 _roi_align_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RoIAlign(torch.autograd.Function):
+    """The op in eager code: the device kernels called directly, without the dispatcher
+    (tens of microseconds a call); tracing sees :func:`_roi_align_op` instead."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _forward_kernel(inputs[0])(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        grad_input = _backward_kernel(grad)(grad, rois, *ctx.args, ctx.shape,
+                                            ctx.channels_last)
+        return grad_input, None, None, None, None, None, None
+
+
+def pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+         sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoI Align of validated arguments: in eager code the device kernel (through
+    :class:`_RoIAlign` where a gradient is wanted), while tracing the custom op."""
+    args = (input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+    if not eager(input, rois):
+        return _roi_align_op(*args)
+    if needs_grad(input):
+        return _RoIAlign.apply(*args)
+    return _forward_kernel(input)(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,24 +537,52 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
     channels_last; quantized tensors go to torchvision's quantized kernel. boxes:
     Tensor[K, 5] (batch index, x1, y1, x2, y2) or list[Tensor[L, 4]]. Returns
     (K, C, PH, PW) in input's dtype (an output_size of 0 gives an empty result, as
-    torchvision's). With Tensor[K, 5] boxes the batch indices and coordinates are checked
-    on the host (one sync; none while tracing or capturing); list boxes are checked for
-    finite coordinates in the same way. A torch.fx leaf, as torchvision's.
+    torchvision's). The boxes' values (finite, batch indices in [0, N)) are checked for CPU
+    tensors, and for CUDA tensors inside ``kernels.check_values()`` (a host sync, which
+    torchvision's CUDA kernel never makes); unchecked, a RoI with an invalid batch index or
+    a non-finite coordinate pools zeros. A torch.fx leaf, as torchvision's.
     """
     e = ROI_INPUT_ERRORS
     check_tensor("input", input, ndim=4, what="a 4-D (N, C, H, W) tensor", errors=e)
     if input.is_quantized:
-        return torchvision.ops.roi_align(input, boxes, output_size, spatial_scale,
-                                         sampling_ratio, aligned)
+        return _TORCHVISION_ROI_ALIGN(input, boxes, output_size, spatial_scale,
+                                      sampling_ratio, aligned)
     check_float_dtype("input", input, e)
     pooled_h, pooled_w = pair("output_size", output_size, e, least=0)
     rois = boxes_to_rois(boxes, input.shape[0])
     check_same_device(input=input, boxes=rois)
     if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
         raise e.dtype(f"sampling_ratio must be an int, got {sampling_ratio!r}")
-    check_rois_data(rois, input.shape[0])
-    return _roi_align_op(input, rois, float(spatial_scale), pooled_h, pooled_w,
-                         int(sampling_ratio), bool(aligned))
+    if values_checked(rois):
+        check_rois_data(rois, input.shape[0])
+    return pool(input, rois, float(spatial_scale), pooled_h, pooled_w, int(sampling_ratio),
+                bool(aligned))
+
+
+# torchvision's own roi_align, as imported: quantized tensors go to it, never back through
+# the ``torchvision.ops.roi_align`` attribute, which may be ours (patch_torchvision, or a
+# user's own assignment) and would hand the call back here.
+_TORCHVISION_ROI_ALIGN = importlib.import_module("torchvision.ops.roi_align").roi_align
+
+
+def _scripted_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]],
+                        output_size: BroadcastingList2[int], spatial_scale: float = 1.0,
+                        sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """:func:`roi_align` as TorchScript compiles it (``torch.jit.script``, or a scripted
+    module that calls ``torchvision.ops.roi_align`` under ``patch_torchvision``): the boxes
+    in torchvision's forms, then the custom op; no value checks, as in torchvision's own
+    scripted calls."""
+    if input.is_quantized:
+        return _TORCHVISION_ROI_ALIGN(input, boxes, output_size, spatial_scale, sampling_ratio,
+                                      aligned)
+    check_roi_boxes_shape(boxes)
+    rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(boxes)
+    size = _pair(output_size)
+    return torch.ops.maskrcnn_triton.roi_align(input, rois, spatial_scale, size[0], size[1],
+                                               sampling_ratio, aligned)
+
+
+roi_align.__prepare_scriptable__ = lambda: _scripted_roi_align
 
 
 class RoIAlign(nn.Module):
