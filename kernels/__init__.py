@@ -6,6 +6,7 @@ from .ops.mask_loss import mask_loss, maskrcnn_loss
 from .ops.mask_predictor_loss import mask_predictor_loss, maskrcnn_predictor_loss
 from .ops.paste_masks_in_image import paste_masks_in_image
 from .patch import patch_torchvision
+from . import _script  # noqa: F401  (TorchScript twins of roi_align, nms, batched_nms)
 from ._utils import check_values, skip_data_checks
 
 __all__ = [

@@ -107,12 +107,16 @@ def test_no_fenced_atomics(compiled):
 def test_sass_is_read_wherever_the_ptx_allows_an_atomic_or_a_fence(compiled):
     """The check disassembles only what its PTX could lower to an atomic or a fence (the
     disassembly is most of a compile's time). Reading every kernel's SASS — one sm_90
-    variant of each kernel — finds the counts the check reported."""
+    variant of each kernel, one whose SASS the check read where it read any — finds the
+    counts the check reported. (A variant may rightly have none to read: nms of one box,
+    whose sizes all specialize to constants, compiles its greedy pass without an atomic.)"""
     _, results = compiled
     picked = {}
     for r in results:
         if r["ok"] and r["arch"] == 90:
-            picked.setdefault(r["spec"]["kernel"], r)
+            kernel = r["spec"]["kernel"]
+            if kernel not in picked or (r["sass_read"] and not picked[kernel]["sass_read"]):
+                picked[kernel] = r
     assert any(r["sass_read"] for r in picked.values())
     assert any(not r["sass_read"] for r in picked.values())
     code = ("import json, sys; from kernels._aot import compile_one; "

@@ -570,29 +570,6 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     return _nms_call(_batched_nms_op, boxes, scores, idxs, threshold)
 
 
-def _scripted_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """:func:`nms` as TorchScript compiles it (``torch.jit.script``, or scripted code that
-    calls ``torchvision.ops.nms`` under ``patch_torchvision``): the custom op, no value
-    check (as torchvision's own scripted calls)."""
-    if boxes.is_quantized:
-        return _TORCHVISION_NMS(boxes, scores, iou_threshold)
-    return torch.ops.maskrcnn_triton.nms(boxes, scores, iou_threshold, -1, -1)
-
-
-def _scripted_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor,
-                          iou_threshold: float) -> Tensor:
-    """:func:`batched_nms` as TorchScript compiles it (see :func:`_scripted_nms`)."""
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    if boxes.is_quantized:
-        return _TORCHVISION_BATCHED_NMS(boxes, scores, idxs, iou_threshold)
-    return torch.ops.maskrcnn_triton.batched_nms(boxes, scores, idxs, iou_threshold, -1, -1)
-
-
-nms.__prepare_scriptable__ = lambda: _scripted_nms
-batched_nms.__prepare_scriptable__ = lambda: _scripted_batched_nms
-
-
 def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
                      iou_threshold: float) -> Tensor:
     """``batched_nms`` as a keep mask: BoolTensor[N] in input order, no host sync at all.

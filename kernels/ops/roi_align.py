@@ -23,16 +23,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import List, Union
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.jit.annotations import BroadcastingList2
-from torch.nn.modules.utils import _pair
-from torchvision.ops._utils import check_roi_boxes_shape, convert_boxes_to_roi_format
 
 from .. import _cpu, reference
 from .._sampling import (MAX_LEVELS, bins_by_channels, check_image_extent, dense, level_args,
@@ -563,26 +559,6 @@ def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
 # the ``torchvision.ops.roi_align`` attribute, which may be ours (patch_torchvision, or a
 # user's own assignment) and would hand the call back here.
 _TORCHVISION_ROI_ALIGN = importlib.import_module("torchvision.ops.roi_align").roi_align
-
-
-def _scripted_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]],
-                        output_size: BroadcastingList2[int], spatial_scale: float = 1.0,
-                        sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """:func:`roi_align` as TorchScript compiles it (``torch.jit.script``, or a scripted
-    module that calls ``torchvision.ops.roi_align`` under ``patch_torchvision``): the boxes
-    in torchvision's forms, then the custom op; no value checks, as in torchvision's own
-    scripted calls."""
-    if input.is_quantized:
-        return _TORCHVISION_ROI_ALIGN(input, boxes, output_size, spatial_scale, sampling_ratio,
-                                      aligned)
-    check_roi_boxes_shape(boxes)
-    rois = boxes if isinstance(boxes, Tensor) else convert_boxes_to_roi_format(boxes)
-    size = _pair(output_size)
-    return torch.ops.maskrcnn_triton.roi_align(input, rois, spatial_scale, size[0], size[1],
-                                               sampling_ratio, aligned)
-
-
-roi_align.__prepare_scriptable__ = lambda: _scripted_roi_align
 
 
 class RoIAlign(nn.Module):
