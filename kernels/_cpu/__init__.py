@@ -15,13 +15,14 @@ The one-pass paste has no faster CPU form with the same result: it stays on the 
 Nothing here reaches outside PyTorch: the pool's threads set their own intra-op thread
 count with ``torch.set_num_threads`` (:func:`.pool._one_thread`).
 """
-from .losses import (mask_loss_forward, mask_predictor_loss_backward, mask_predictor_loss_forward,
-                     mask_targets, maskrcnn_loss_forward, maskrcnn_predictor_loss_forward)
+from .losses import (mask_loss, mask_loss_forward, mask_predictor_loss_backward,
+                     mask_predictor_loss_forward, mask_targets, maskrcnn_loss,
+                     maskrcnn_loss_forward, maskrcnn_predictor_loss_forward)
 from .suppression import nms, nms_wins
 from .roi_align import (multiscale_roi_align_backward, multiscale_roi_align_forward,
                         roi_align_backward, roi_align_forward)
 
-__all__ = ["mask_loss_forward", "mask_predictor_loss_backward", "mask_predictor_loss_forward",
+__all__ = ["mask_loss", "maskrcnn_loss", "mask_loss_forward", "mask_predictor_loss_backward", "mask_predictor_loss_forward",
            "mask_targets", "maskrcnn_loss_forward", "maskrcnn_predictor_loss_forward", "nms",
            "nms_wins", "multiscale_roi_align_backward", "multiscale_roi_align_forward",
            "roi_align_backward", "roi_align_forward"]

@@ -26,8 +26,8 @@ from torch.autograd.function import once_differentiable
 from .. import _cpu, reference
 from .._sampling import decode_roi, sample_rows, sample_span
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_ranges,
-                      check_same_device, check_tensor, compute_dtype, eager, is_channels_last,
-                      needs_grad, pick_path, values_checked)
+                      check_same_device, check_tensor, compute_dtype, cpu_path, eager,
+                      is_channels_last, needs_grad, pick_path, record_path, values_checked)
 from .._launch import launch, pick_tuning, register_tuning
 
 
@@ -471,6 +471,9 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
         check_ranges(indices=[("gt_labels", gt_labels, k)], unit=[("gt_masks", gt_masks)])
     if not eager(mask_logits, gt_masks, gt_labels):
         loss, _ = _mask_loss_op(mask_logits, gt_masks, gt_labels, needs_grad(mask_logits))
+    elif needs_grad(mask_logits) and cpu_path(mask_logits):
+        record_path("mask_loss_forward", "torch")      # the gradient after the forward
+        loss = _cpu.mask_loss(mask_logits, gt_masks, gt_labels)
     elif needs_grad(mask_logits):
         loss = _EagerLoss.apply(_mask_loss_kernel(mask_logits), mask_logits, gt_labels,
                                 gt_masks, gt_labels)
@@ -551,6 +554,9 @@ def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[T
     args = (proposals, gt_masks, gt_labels, idxs)
     if not eager(mask_logits, *proposals, *gt_masks, *gt_labels, *idxs):
         loss = _maskrcnn_loss_op(mask_logits, *args, needs_grad(mask_logits))[0]
+    elif needs_grad(mask_logits) and cpu_path(mask_logits):
+        record_path("maskrcnn_loss_forward", "torch")  # the gradient after the forward
+        loss = _cpu.maskrcnn_loss(mask_logits, *args)
     elif needs_grad(mask_logits):
         loss = _EagerLoss.apply(_maskrcnn_loss_kernel(mask_logits), mask_logits, None, *args)
     else:
