@@ -129,18 +129,24 @@ def sample_pos(start, p, bin_size, i, grid):
     return start + p * bin_size + (i + 0.5) * bin_size / grid
 
 
-@triton.jit
-def _first_sample(start, p, bin_size, grid, grid_i, bound, BELOW: tl.constexpr):
-    """Per lane, the first sample index i in [0, grid] whose position is at least
-    ``bound`` (BELOW: above ``bound``, i.e. past it), found by bisection on the positions
-    themselves (they increase with i for a positive bin, each rounding being monotone)."""
-    lo = tl.zeros_like(p).to(tl.int32)
-    hi = lo + grid_i
-    for _ in range(0, 31):
+@triton.jit(noinline=True)
+def _bisect(start, bin_size, grid, lo, hi, p, i, BINS: tl.constexpr, bound,
+            PAST: tl.constexpr):
+    """The first n in [lo, hi] for which the sample position reaches ``bound`` (PAST: passes
+    it): n a bin (sample ``i`` of bin n) with BINS, else a sample (sample n of bin ``p``).
+    Bisection on the positions themselves, which increase with the sample within a bin and
+    with the bin for a given sample (each rounding is monotone). Scalars, int32."""
+    hi = hi + lo * 0     # a tensor even where a size specializes to a constant (1 bin)
+    # a trip count the compiler cannot see: a constant one was unrolled, four bisections of
+    # 31 steps, and tripled the compile check's time
+    for _ in range(0, lo * 0 + 31):
         active = lo < hi
         mid = (lo + hi) // 2
-        pos = sample_pos(start, p, bin_size, mid, grid)
-        if BELOW:
+        if BINS:
+            pos = sample_pos(start, mid.to(tl.float32), bin_size, i, grid)
+        else:
+            pos = sample_pos(start, p, bin_size, mid, grid)
+        if PAST:
             past = pos > bound
         else:
             past = pos >= bound
@@ -150,28 +156,55 @@ def _first_sample(start, p, bin_size, grid, grid_i, bound, BELOW: tl.constexpr):
 
 
 @triton.jit
-def sample_span(start, p, bin_size, grid, size):
-    """The samples of bin p (a vector over lanes) along one axis that are worth visiting:
-    (first index, count per lane, most counts over the lanes: the loop bound).
+def sample_plan(start, bin_size, grid, size, bins):
+    """How one axis's samples are visited: (first sample, count of window a, count of
+    window b), window a running from its first sample, window b from sample 0.
 
-    torchvision visits all ``grid`` of them; a sample outside [-1, size] adds nothing but
-    still counts in the average. Where a bin has more samples than the map has room for
-    (a huge box with adaptive sampling asks ceil(box / bins) per bin: 3e8 for a box 2e9
-    wide), only those whose positions can land on the map are visited, found by
-    bisection on the same position expression, one more on each side: the same sum in the
-    same order, and work bounded by the map's size, not the box's."""
+    torchvision visits all ``grid`` samples of every bin; a sample outside [-1, size] adds
+    nothing but counts in the average. Where bins are much longer than the map and have
+    far more samples than it has room for (a huge box with adaptive sampling asks
+    ceil(box / bins) per bin: 1e9 for a box 2e9 wide over 2 bins; a bin longer than the map
+    by 4 and more than 4 size + 16 samples) the axis is wide: at most two neighbouring bins
+    reach the map, the end of one (window a) and the start of the
+    next (window b), found by bisection on the same position expression, two more samples
+    on each side. Every lane visits both windows' sample indices: in a lane of another bin
+    the same index lands a bin's length (more than the map) away, outside [-1, size], and
+    adds nothing, so there is no per-lane bookkeeping. The same sum in the same order as
+    torchvision's, work bounded by the map's size, not the box's. Otherwise (up to
+    4 size + 16 samples a bin) window a is the whole grid, as torchvision's loop. All
+    scalars, int32 (no 64-bit division: its routine alone cost the kernel 10-20 registers)."""
     # 2**30 keeps the integers finite for any box (torchvision's int would overflow)
-    grid_i = tl.minimum(tl.where(grid == grid, grid, 0.0), 1073741824.0).to(tl.int32)
-    grid_i = tl.maximum(grid_i, 0)
-    first = tl.zeros_like(p).to(tl.int32)
-    count = first + grid_i
-    if (grid > 2.0 * size + 4.0) & (bin_size > 0.0):
-        first = tl.maximum(_first_sample(start, p, bin_size, grid, grid_i, -1.0, False) - 1,
-                           0)
-        last = tl.minimum(_first_sample(start, p, bin_size, grid, grid_i, size * 1.0, True),
-                          grid_i - 1)
-        count = tl.maximum(last - first + 1, 0)
-    return first, count, tl.max(count, axis=0)
+    grid_i = tl.maximum(
+        tl.minimum(tl.where(grid == grid, grid, 0.0), 1073741824.0).to(tl.int32), 0)
+    first = grid_i * 0
+    count_a = grid_i
+    count_b = grid_i * 0
+    if (grid > 4.0 * size + 16.0) & (bin_size > size + 4.0):
+        last_i = grid_i - 1
+        # the first bin whose last sample reaches -1, its first sample to do so; the last
+        # bin whose first sample stays within size, its last sample to do so
+        p_lo = _bisect(start, bin_size, grid, first, bins - 1, 0.0, last_i, True, -1.0, False)
+        i_lo = _bisect(start, bin_size, grid, first, last_i, p_lo.to(tl.float32), 0, False,
+                       -1.0, False)
+        p_hi = _bisect(start, bin_size, grid, first, bins, 0.0, first, True, size * 1.0,
+                       True) - 1
+        i_hi = _bisect(start, bin_size, grid, first, grid_i, p_hi.to(tl.float32), 0, False,
+                       size * 1.0, True) - 1
+        first = tl.maximum(i_lo - 2, 0)
+        two = p_hi > p_lo                   # the windows reach into the next bin
+        last = tl.minimum(i_hi + 2, last_i)
+        empty = (p_hi < p_lo) | (p_hi < 0)
+        count_a = tl.where(empty, 0, tl.where(two, grid_i - first, last - first + 1))
+        # (the windows never overlap: a bin's valid samples are fewer than its grid by far;
+        # the minimum keeps any index from being visited twice whatever the rounding)
+        count_b = tl.where(empty | ~two, 0, tl.minimum(last + 1, first))
+    return first, count_a, count_b
+
+
+@triton.jit
+def sample_index(t, first, count_a):
+    """Sample index of iteration t of an axis's loop (:func:`sample_plan`)."""
+    return tl.where(t < count_a, first + t, t - count_a)
 
 
 @triton.jit

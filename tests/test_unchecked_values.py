@@ -255,3 +255,21 @@ def test_a_box_of_a_billion_pixels_finishes(path):
         for pw in range(2)] for ph in range(2)])
     assert expected.min() > 0
     assert_close(out[0, 0].cpu(), expected, rtol=1e-5, atol=0)
+
+
+def test_a_huge_proposal_samples_its_mask_target_as_torchvision_does(path):
+    """A proposal 6,000 pixels wide over a 24-pixel mask: its target is torchvision's (the
+    windows of samples that can land on the mask, both bins of the boundary)."""
+    masks, proposals, gt_labels = _image(path)
+    proposals = proposals.clone()
+    proposals[2] = torch.tensor([-3000.0, 3.0, 3000.0, 11.0], device=path)
+    matched = torch.tensor([0, 1, 2, 1, 1], device=path)
+    logits = torch.randn(5, 4, 7, 7, device=path, requires_grad=True)
+    loss = kernels.maskrcnn_loss(logits, [proposals], [masks], [gt_labels], [matched])
+    loss.backward()
+    y = logits.detach().cpu().requires_grad_()
+    expected = tv_maskrcnn_loss(y, [proposals.cpu()], [masks.cpu()], [gt_labels.cpu()],
+                                [matched.cpu()])
+    expected.backward()
+    assert_close(loss.cpu(), expected, **tol(torch.float32))
+    assert_close(logits.grad.cpu(), y.grad, **tol(torch.float32))

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
-from .._sampling import decode_roi, sample_rows, sample_span
+from .._sampling import decode_roi, sample_index, sample_plan, sample_rows
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_ranges,
                       check_same_device, check_tensor, compute_dtype, cpu_path, eager,
                       is_channels_last, needs_grad, pick_path, record_path, values_checked)
@@ -121,7 +121,7 @@ def roi_target(masks_ptr, g, ok, x1, y1, x2, y2, h, w, mask, M, H, W, m_stride_g
     (M, M), 1.0)[:, 0]`` (spatial scale 1, adaptive sampling, aligned=False) of gt mask
     ``g`` over the box, read from the uint8/float gt masks of one image, four gathers per
     sample; zeros for a row that is not ``ok``. A huge box visits only the samples that can
-    land on the mask (``sample_span``)."""
+    land on the mask (``sample_plan``)."""
     _, _, start_h, start_w, bin_h, bin_w, grid_h, grid_w = decode_roi(
         0.0, x1, y1, x2, y2, 1.0, M, M, -1, 1, False)
     grid_h = tl.where(ok, grid_h, 0.0)
@@ -130,16 +130,18 @@ def roi_target(masks_ptr, g, ok, x1, y1, x2, y2, h, w, mask, M, H, W, m_stride_g
     pw = w.to(tl.float32)
     base = masks_ptr + g * m_stride_g
     acc = tl.zeros_like(ph)
-    first_y, count_y, span_y = sample_span(start_h, ph, bin_h, grid_h, H)
-    first_x, count_x, span_x = sample_span(start_w, pw, bin_w, grid_w, W)
-    for ty in range(0, span_y):
+    iy_a, ny_a, ny_b = sample_plan(start_h, bin_h, grid_h, H, M)
+    ix_a, nx_a, nx_b = sample_plan(start_w, bin_w, grid_w, W, M)
+    for ty in range(0, ny_a + ny_b):
+        iy = sample_index(ty, iy_a, ny_a)
         row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(
-            start_h, ph, bin_h, first_y + ty, grid_h, H, m_stride_h.to(tl.int64))
-        valid_y = valid_y & (ty < count_y) & mask
-        for tx in range(0, span_x):
+            start_h, ph, bin_h, iy, grid_h, H, m_stride_h.to(tl.int64))
+        valid_y = valid_y & mask
+        for tx in range(0, nx_a + nx_b):
+            ix = sample_index(tx, ix_a, nx_a)
             col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(
-                start_w, pw, bin_w, first_x + tx, grid_w, W, m_stride_w.to(tl.int64))
-            m = valid_y & valid_x & (tx < count_x)
+                start_w, pw, bin_w, ix, grid_w, W, m_stride_w.to(tl.int64))
+            m = valid_y & valid_x
             v1 = tl.load(base + row_lo + col_lo, mask=m, other=0).to(tl.float32)
             v2 = tl.load(base + row_lo + col_hi, mask=m, other=0).to(tl.float32)
             v3 = tl.load(base + row_hi + col_lo, mask=m, other=0).to(tl.float32)

@@ -32,7 +32,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
 from .._sampling import (MAX_LEVELS, bins_by_channels, check_image_extent, dense, level_args,
-                         p_major, Pyramid, roi_on_level, roi_tile, sample_rows, sample_span,
+                         p_major, Pyramid, roi_on_level, roi_tile, sample_index, sample_plan,
+                         sample_rows,
                          sampling_entries)
 from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, check_float_dtype,
                       check_same_device, check_tensor, deterministic_algorithms, eager,
@@ -108,7 +109,7 @@ def _roi_align_kernel(
     bilinear corners into its bins; the backward (BACKWARD) scatters each bin's gradient
     back onto the same corners with the same weights. Every value is safe: a RoI with a
     batch index outside [0, N) or non-finite coordinates samples nothing (zeros), and a
-    huge box visits only the samples that can land on the map (``sample_span``)."""
+    huge box visits only the samples that can land on the map (``sample_plan``)."""
     r, offs_p, offs_c, mask_p, mask_c, ph_i, pw_i = roi_tile(C, PH, PW, BLOCK_P, BLOCK_C,
                                                              P_MAJOR)
     ph = ph_i.to(tl.float32)
@@ -129,19 +130,20 @@ def _roi_align_kernel(
         g = tl.reshape(g, (BLOCK_P * BLOCK_C,)).to(tl.float32) / count
     else:
         acc = tl.zeros((BLOCK_P * BLOCK_C,), dtype=tl.float32)
-    first_y, count_y, span_y = sample_span(start_h, ph, bin_h, grid_h, H)
-    first_x, count_x, span_x = sample_span(start_w, pw, bin_w, grid_w, W)
+    iy_a, ny_a, ny_b = sample_plan(start_h, bin_h, grid_h, H, PH)
+    ix_a, nx_a, nx_b = sample_plan(start_w, bin_w, grid_w, W, PW)
     # the image's base is a 64-bit scalar; offsets inside one image are int32 (checked)
     base = (x_ptr + b * stride_n) + offs_c * stride_c
-    for ty in range(0, span_y):
-        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, first_y + ty,
-                                                            grid_h, H, stride_h)
-        valid_y = valid_y & (ty < count_y) & in_tile
-        for tx in range(0, span_x):
-            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w,
-                                                                first_x + tx, grid_w, W,
-                                                                stride_w)
-            m = valid_y & valid_x & (tx < count_x)
+    for ty in range(0, ny_a + ny_b):
+        iy = sample_index(ty, iy_a, ny_a)
+        row_lo, row_hi, wy_lo, wy_hi, valid_y = sample_rows(start_h, ph, bin_h, iy, grid_h, H,
+                                                            stride_h)
+        valid_y = valid_y & in_tile
+        for tx in range(0, nx_a + nx_b):
+            ix = sample_index(tx, ix_a, nx_a)
+            col_lo, col_hi, wx_lo, wx_hi, valid_x = sample_rows(start_w, pw, bin_w, ix, grid_w,
+                                                                W, stride_w)
+            m = valid_y & valid_x
             if BACKWARD:
                 # Atomics: RoIs overlap, so several programs add into the same pixels.
                 # Relaxed: nothing here reads what another program adds (the kernel's end
