@@ -126,12 +126,16 @@ def maskrcnn_resnet50_fpn(*, weights: Union[None, str, os.PathLike,
                           progress: bool = True, num_classes: Optional[int] = None,
                           weights_backbone: Optional[ResNet50_Weights] = None,
                           trainable_backbone_layers: Optional[int] = None,
-                          ops: Union[str, Ops] = "kernels", **kwargs) -> MaskRCNN:
+                          ops: Union[str, Ops] = "kernels", frozen_batchnorm: bool = False,
+                          **kwargs) -> MaskRCNN:
     """torchvision's ``maskrcnn_resnet50_fpn`` on our ops; same arguments, same state dict.
 
     ``weights``: a ``MaskRCNN_ResNet50_FPN_Weights`` (or its name, e.g. "COCO_V1" / "DEFAULT";
     downloads through torchvision) or the path of a local ``.pth`` state dict saved from
     torchvision's model (``torch.save(tv_model.state_dict(), path)``).
+    ``frozen_batchnorm`` (ours): build as for given weights (FrozenBatchNorm2d,
+    ``trainable_backbone_layers`` honoured) though none are given here: for weights loaded
+    afterwards, as a fine-tuned checkpoint is.
     """
     path = None
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and (
@@ -149,7 +153,8 @@ def maskrcnn_resnet50_fpn(*, weights: Union[None, str, os.PathLike,
     elif num_classes is None:
         num_classes = 91
 
-    is_trained = weights is not None or path is not None or weights_backbone is not None
+    is_trained = (weights is not None or path is not None or weights_backbone is not None
+                  or frozen_batchnorm)
     trainable_backbone_layers = _validate_trainable_layers(is_trained, trainable_backbone_layers,
                                                            5, 3)
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
@@ -171,13 +176,14 @@ def maskrcnn_resnet18_fpn(*, num_classes: int = 91,
                           weights_backbone: Optional[ResNet18_Weights] = None,
                           progress: bool = True, trainable_backbone_layers: Optional[int] = None,
                           fpn_channels: int = 256, ops: Union[str, Ops] = "kernels",
-                          **kwargs) -> MaskRCNN:
+                          frozen_batchnorm: bool = False, **kwargs) -> MaskRCNN:
     """A small Mask R-CNN: ResNet-18 + FPN (``fpn_channels`` wide), for CPU training.
 
-    Without ``weights_backbone`` the backbone trains from scratch with ordinary BatchNorm.
+    Without ``weights_backbone`` (or ``frozen_batchnorm``, as ``maskrcnn_resnet50_fpn``'s) the
+    backbone trains from scratch with ordinary BatchNorm.
     """
     weights_backbone = ResNet18_Weights.verify(weights_backbone)
-    is_trained = weights_backbone is not None
+    is_trained = weights_backbone is not None or frozen_batchnorm
     trainable_backbone_layers = _validate_trainable_layers(is_trained, trainable_backbone_layers,
                                                            5, 3)
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d

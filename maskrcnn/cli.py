@@ -76,14 +76,27 @@ def cmd_train(args) -> int:
     rank, world, device = engine.distributed_setup(args.device)
     _set_threads(args.threads, world)
     train_set = _dataset(args)
-    if args.resume:
-        config = engine.load_checkpoint(args.resume)["config"]
-    else:
-        image_size = args.image_size or (64 if not args.images else 800)
-        config = engine.model_config(args.arch, train_set.num_classes + 1, image_size,
-                                     train_set.categories)
+    if args.weights and args.resume:
+        raise data.DataError("--weights starts a run from weights, --resume continues one: "
+                             "give one of them")
+    if args.trainable_layers is not None and not args.weights:
+        raise data.DataError("--trainable-layers needs --weights (from scratch, every layer "
+                             "trains, as in torchvision)")
     torch.manual_seed(args.seed)
-    model = engine.build_model(config, ops=args.ops)
+    if args.weights:
+        model, config = engine.finetune_model(
+            args.weights, train_set.num_classes + 1, train_set.categories, args.image_size,
+            3 if args.trainable_layers is None else args.trainable_layers, ops=args.ops)
+        if args.arch and args.arch != config["arch"]:
+            raise data.DataError(f"--arch {args.arch}: the weights are {config['arch']}")
+    else:
+        if args.resume:
+            config = engine.load_checkpoint(args.resume)["config"]
+        else:
+            image_size = args.image_size or (64 if not args.images else 800)
+            config = engine.model_config(args.arch or "resnet18_fpn", train_set.num_classes + 1,
+                                         image_size, train_set.categories)
+        model = engine.build_model(config, ops=args.ops)
     if rank == 0:
         # the thread count changes float sums: runs compare bit for bit only at the same one
         threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
@@ -196,11 +209,23 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (default: synthetic shapes, ResNet-18-FPN)")
     _add_data_args(t, split_seed=0, num=4000)
-    t.add_argument("--arch", default="resnet18_fpn", choices=["resnet18_fpn", "resnet50_fpn"])
+    t.add_argument("--arch", default=None, choices=["resnet18_fpn", "resnet50_fpn"],
+                   help="resnet18_fpn (default: small, trains on a CPU in minutes) or "
+                        "resnet50_fpn (torchvision's maskrcnn_resnet50_fpn); with --weights, "
+                        "the weights' own")
+    t.add_argument("--weights", metavar="PATH",
+                   help="fine-tune: a state dict of torchvision's maskrcnn_resnet50_fpn, or a "
+                        "checkpoint of ours, given new box and mask predictors sized from the "
+                        "data's classes (its categories plus background)")
+    t.add_argument("--trainable-layers", type=int, default=None, metavar="N",
+                   help="with --weights: ResNet stages that train, counted from the top, 0-5 "
+                        "(torchvision's trainable_backbone_layers; default 3)")
     t.add_argument("--ops", default="kernels", choices=["kernels", "torchvision"],
                    help="op set the model is built with (see maskrcnn.ops)")
     t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=4, help="per process")
+    t.add_argument("--batch-size", type=int, default=4,
+                   help="images per step and process (under torchrun the step takes "
+                        "processes x this many)")
     t.add_argument("--lr", type=float, default=0.02)
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     t.add_argument("--time-budget", type=float, default=None,

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from torchvision.models.detection._utils import overwrite_eps
+
 from . import builders, data
 
 # The CPU-trainable default: what `python -m maskrcnn train` builds (see README).
@@ -45,8 +47,72 @@ def build_model(config: dict, ops="kernels"):
     if config["arch"] == "resnet18_fpn":
         if "rpn_anchor_generator" not in kwargs:
             kwargs["rpn_anchor_generator"] = builders.small_anchor_generator()
-        return builders.maskrcnn_resnet18_fpn(num_classes=config["num_classes"], ops=ops, **kwargs)
-    return builders.maskrcnn_resnet50_fpn(num_classes=config["num_classes"], ops=ops, **kwargs)
+        model = builders.maskrcnn_resnet18_fpn(num_classes=config["num_classes"], ops=ops,
+                                               **kwargs)
+    else:
+        model = builders.maskrcnn_resnet50_fpn(num_classes=config["num_classes"], ops=ops,
+                                               **kwargs)
+    if config.get("bn_eps") is not None:   # not in the state dict: the weights' convention
+        overwrite_eps(model, config["bn_eps"])
+    return model
+
+
+def _read_weights(path: str) -> tuple[Optional[dict], dict]:
+    """(config, state dict) of a checkpoint of ours, or (None, state dict) of a plain state
+    dict (torchvision's Mask R-CNN layout); read with ``weights_only=True``."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"--weights: file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types on a truncated/foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise data.DataError(f"--weights: cannot read {path}: {first}") from None
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        return obj["config"], obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None, obj
+    raise data.DataError(f"--weights: {path} is neither a state dict nor a checkpoint of ours")
+
+
+def finetune_model(path: str, num_classes: int, categories: list[dict], image_size: Optional[int],
+                   trainable_layers: int = 3, ops="kernels"):
+    """(model, config): the weights at ``path`` with new box and mask predictors for
+    ``num_classes`` classes (background included): torchvision's fine-tuning recipe.
+
+    ``path`` holds a state dict of torchvision's ``maskrcnn_resnet50_fpn`` (or of ours, the
+    same layout) or a checkpoint of ours (any arch; its config rebuilds the model). The
+    backbone gets FrozenBatchNorm2d and trains its last ``trainable_layers`` ResNet stages,
+    as torchvision's ``trainable_backbone_layers``. A state dict saved with FrozenBatchNorm2d
+    (no ``num_batches_tracked``, as torchvision's COCO weights) is taken to use eps 0, as
+    torchvision sets for those weights."""
+    if not 0 <= trainable_layers <= 5:
+        raise data.DataError(f"--trainable-layers must be in [0, 5], got {trainable_layers}")
+    source, state = _read_weights(path)
+    if source is None:
+        key = "roi_heads.box_predictor.cls_score.weight"
+        if key not in state or "backbone.body.layer1.0.conv3.weight" not in state:
+            raise data.DataError(f"--weights: {path} is not a Mask R-CNN ResNet-50-FPN state "
+                                 f"dict (torchvision's layout): no {key} or ResNet-50 body")
+        arch, kwargs, source_classes = "resnet50_fpn", {}, int(state[key].shape[0])
+        bn_eps = None if any(k.endswith("num_batches_tracked") for k in state) else 0.0
+        image_size = image_size or 800
+    else:
+        arch, source_classes, bn_eps = source["arch"], source["num_classes"], source.get("bn_eps")
+        kwargs = {k: v for k, v in source["kwargs"].items() if k not in ("min_size", "max_size")}
+        image_size = image_size or source["image_size"]
+    kwargs.update(frozen_batchnorm=True, trainable_backbone_layers=trainable_layers)
+    config = model_config(arch, source_classes, image_size, categories, **kwargs)
+    config["bn_eps"] = bn_eps
+    model = build_model(config, ops=ops)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise data.DataError(f"--weights: {path} does not fit a {arch} model: {why[:300]}") \
+            from None
+    builders.replace_predictors(model, num_classes)
+    config["num_classes"] = num_classes
+    return model, config
 
 
 def save_checkpoint(path: str, state: dict) -> None:
