@@ -2,7 +2,7 @@
 
     python -m benchmarks [--quick | --full | --tiny] [--ops roi_align,nms]
                          [--dtype float32,bfloat16] [--out benchmarks/results] [--no-static]
-                         [--no-host] [--copy-bandwidth GBPS]
+                         [--no-host] [--copy-bandwidth GBPS] [--profile]
 
 On a CUDA device the default is the full report; on the CPU it is --quick. ``--tiny`` is
 the GPU kit's dry run (``python -m benchmarks.gpu --dry-run``): the smallest shapes, one
@@ -26,6 +26,13 @@ benchmarks.host``: host µs, syncs, tensor operations, Triton launches; ``--no-h
 it out). The report ends with the static kernel report (``python -m benchmarks.static``:
 registers, spills, shared memory and sm_90 occupancy of every kernel compiled for
 sm_80/sm_90); ``--no-static`` leaves it out.
+
+``--profile`` also profiles every timed call, ours and the baseline, after its timing
+(``benchmarks._common.read_profile``): the device time of the kernels one call runs
+(``*_kernel_ms``, torch.profiler's CUDA events; None on the CPU), its host time
+(``*_host_us``) and host syncs (``*_syncs``), and ``kernel_speedup``, the speed-up of the
+kernels alone. A wall speed-up below the kernel speed-up is host cost: launches, syncs,
+Python. The tables and plots show them beside the wall speed-up.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from tqdm import tqdm
 
 from benchmarks import host, static, targets
 from benchmarks._common import (RESULTS_DIR, copy_bandwidth_gbps, default_device, environment,
-                                format_table, on_gpu, slug)
+                                format_table, on_gpu, profiling, slug)
 
 # op name -> module with run(quick=, device=, write=, tiny=[, dtypes=]) -> rows; the model
 # runs in float32 and takes no dtypes. The ops issue 18's targets read come first: a run
@@ -60,6 +67,19 @@ OPS = {
 
 # Columns never shown in the Markdown tables (kept in the JSON).
 _HIDDEN = ("_p20", "_p80")
+# The profile's columns (--profile), shown after the wall speed-up where some row has a
+# value (on the CPU the kernel times are None: left out); the provider-named copies of the
+# baseline's (torchvision_host_us, ...) stay in the JSON.
+PROFILE_COLUMNS = ("kernel_speedup", "ours_kernel_ms", "baseline_kernel_ms", "ours_host_us",
+                   "baseline_host_us", "ours_syncs", "baseline_syncs", "profile_error")
+_PROFILE_SUFFIXES = ("_kernel_ms", "_host_us", "_syncs")
+PROFILE_NOTE = (
+    "Profile (`--profile`): `kernel_speedup` = baseline / ours device time of the CUDA "
+    "kernels one call runs (torch.profiler: kernels, memsets and device-to-device copies, "
+    "summed over a few calls and divided); `*_host_us`: host time until a call returns "
+    "(CUDA: median of single calls with no sync inside the loop; CPU: the wall time); "
+    "`*_syncs`: host syncs of one call (CPU: the host's reads of tensor data). A wall "
+    "speed-up below the kernel speed-up is host cost: launches, syncs, Python.")
 
 
 def available_ops() -> dict[str, object]:
@@ -77,35 +97,61 @@ def _label(row: dict) -> str:
     skip = {"mode", "dtype", "parity"}
     parts = [str(v) for k, v in row.items()
              if not any(k.startswith(p) for p in ("ours", "torchvision", "torch_", "speedup",
-                                                  "baseline", "size"))
+                                                  "baseline", "size", "kernel_speedup",
+                                                  "profile_error"))
              and k not in skip and not isinstance(v, float)]
     return " ".join(parts)[:40]
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def plot(op: str, rows: list[dict], path: Path, device: str) -> Path | None:
-    """Speed-up per shape as a PNG; ``device`` is the device's name for the title."""
-    rows = [r for r in rows if isinstance(r.get("speedup"), (int, float))]
+    """Speed-up per shape as a PNG, and beside it, dashed, the kernels' own speed-up where
+    the rows have it (--profile on a GPU); ``device`` is the device's name for the title."""
+    rows = [r for r in rows if _number(r.get("speedup"))]
     if not rows:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    series: dict[str, list[tuple[str, float]]] = {}
+    series: dict[str, list[tuple[str, float, float | None]]] = {}
     for r in rows:
         key = " ".join(str(r[k]) for k in ("mode", "dtype") if k in r) or "speed-up"
-        series.setdefault(key, []).append((_label(r), r["speedup"]))
+        series.setdefault(key, []).append((_label(r), r["speedup"], r.get("kernel_speedup")))
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 3), 4))
+    kernels = False
     for key, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        timed = [(p[0], p[2]) for p in pts if _number(p[2])]
+        if timed:
+            kernels = True
+            ax.plot([p[0] for p in timed], [p[1] for p in timed], marker="x", ls="--",
+                    color=line.get_color(), label=f"{key}, kernels only")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("speed-up over baseline (x)")
-    ax.set_title(f"{op} on {device}")
+    ax.set_title(f"{op} on {device}" + (" (dashed: kernels only)" if kernels else ""))
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """An op table's columns: every field in the rows' order, but the hidden ones and the
+    profile's, which follow the wall speed-up where some row has a value."""
+    columns = []
+    for r in rows:
+        for k in r:
+            if k not in columns and not k.endswith(_HIDDEN + _PROFILE_SUFFIXES) \
+                    and k not in PROFILE_COLUMNS:
+                columns.append(k)
+    at = columns.index("speedup") + 1 if "speedup" in columns else len(columns)
+    columns[at:at] = [c for c in PROFILE_COLUMNS if any(r.get(c) is not None for r in rows)]
+    return columns
 
 
 def markdown(results: dict) -> str:
@@ -116,6 +162,8 @@ def markdown(results: dict) -> str:
            f"git {env['git_sha']}. Measured copy bandwidth: {bandwidth or 0:.1f} GB/s.", ""]
     if results.get("runs"):   # a report put together from several runs says which
         out += [results["runs"], ""]
+    if results.get("profile"):
+        out += [PROFILE_NOTE, ""]
     if on_gpu(env):
         out += ["## Speed targets (issue 18)", "",
                 "Each target's rows must all reach its minimum speed-up and match their "
@@ -132,12 +180,7 @@ def markdown(results: dict) -> str:
         for r in rows:
             if isinstance(r.get("ours_GBps"), (int, float)) and bandwidth:
                 r["ours_%copy_bw"] = f"{100 * r['ours_GBps'] / bandwidth:.0f}%"
-        columns = []
-        for r in rows:
-            for k in r:
-                if k not in columns and not k.endswith(_HIDDEN):
-                    columns.append(k)
-        out += [format_table(rows, columns), ""]
+        out += [format_table(rows, _columns(rows)), ""]
         if section.get("plot"):
             out += [f"![{op}]({Path(section['plot']).name})", ""]
     host_section = results.get("host")
@@ -178,13 +221,14 @@ def write_report(results: dict, out: Path, plots: bool = True) -> tuple[Path, Pa
 
 
 def _op_section(module, op: str, quick: bool, device: str, tiny: bool,
-                dtypes: list[str]) -> dict:
+                dtypes: list[str], profile: bool = False) -> dict:
     """One op's report section: its rows, or the error its benchmark raised (one op's
-    failure must not cost the others' numbers)."""
+    failure must not cost the others' numbers). ``profile``: every timed call profiled."""
     try:
         kwargs = {} if op == "model" else {"dtypes": dtypes}
-        return {"rows": module.run(quick=quick, device=device, write=False, tiny=tiny,
-                                   **kwargs)}
+        with profiling(profile):
+            return {"rows": module.run(quick=quick, device=device, write=False, tiny=tiny,
+                                       **kwargs)}
     except Exception as e:
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"[:2000]}
@@ -229,6 +273,9 @@ def main(argv=None) -> int:
                    help="leave out the host cost per call (syncs, tensor ops, launches)")
     p.add_argument("--copy-bandwidth", type=float, default=None, metavar="GBPS",
                    help="the device's copy bandwidth, already measured (default: measure it)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile every timed call: kernel device time, host time and "
+                        "host syncs, ours and the baseline's")
     p.add_argument("--rows-out", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = a.device or default_device()
@@ -249,16 +296,16 @@ def main(argv=None) -> int:
     if a.rows_out:      # one op, for the report's own process (below)
         (op,) = wanted
         a.rows_out.write_text(json.dumps(_op_section(mods[op], op, quick, device, a.tiny,
-                                                     dtypes), default=str))
+                                                     dtypes, a.profile), default=str))
         return 0
     results = {"environment": environment(device), "quick": quick, "tiny": a.tiny,
-               "benchmarks": {}}
+               "profile": a.profile, "benchmarks": {}}
     results["copy_bandwidth_GBps"] = a.copy_bandwidth or copy_bandwidth_gbps(device)
     failed = []
     for op in tqdm(wanted, desc="benchmarks", unit="op"):
         section = (_in_own_process(op, argv if argv is not None else sys.argv[1:])
                    if device == "cpu" and not a.tiny
-                   else _op_section(mods[op], op, quick, device, a.tiny, dtypes))
+                   else _op_section(mods[op], op, quick, device, a.tiny, dtypes, a.profile))
         if "error" in section:
             failed.append(op)
         results["benchmarks"][op] = section

@@ -3,6 +3,9 @@
 Timing: on CUDA, ``triton.testing.do_bench`` (CUDA events, warm-up, median and 20/80
 quantiles); on the CPU, wall-clock medians over repeats. Peak memory: the CUDA allocator's
 high-water mark above what was allocated before the call (CPU: not measured, None).
+Inside :func:`profiling` (``python -m benchmarks --profile``) every measured call is also
+profiled: the device time of its kernels, its host time and its host syncs, apart
+(:func:`read_profile`).
 Results go to ``benchmarks/results/<device>.json``, one section per benchmark, with the
 environment (device, torch/triton/torchvision versions, git sha).
 """
@@ -18,7 +21,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -162,7 +165,8 @@ def measure(row: dict, provider: str, fn: Callable[[], object], device: str,
     """Time ``fn`` and record, under ``<provider>_``: ms, 20/80 quantiles, peak bytes, GB/s;
     and the row's ``min_MB``: the bytes the op must move at least (outputs written, inputs
     read once), from which GB/s and the share of the copy bandwidth are taken (``nbytes``
-    None: a whole model, no byte count)."""
+    None: a whole model, no byte count). Inside :func:`profiling`, also the profile fields
+    (:func:`record_profile`)."""
     last_path.clear()
     t = time_ms(fn, device, reps=reps, warmup=warmup)
     if provider == "ours":
@@ -174,12 +178,146 @@ def measure(row: dict, provider: str, fn: Callable[[], object], device: str,
     if nbytes is not None:
         row["min_MB"] = nbytes / 1e6
         row[f"{provider}_GBps"] = gbps(nbytes, t["ms"])
+    if _profiling:
+        record_profile(row, provider, fn, device, t["ms"])
 
 
 def ran_path() -> str:
     """The paths our ops ran since ``last_path`` was cleared: triton, torchvision (its C++
     CPU kernel) or reference (our PyTorch path), joined when a call ran several."""
     return "+".join(sorted(set(last_path.values()))) or "-"
+
+
+# ---------------------------------------------------------------------------------------
+# The profile step (python -m benchmarks --profile)
+
+_profiling = False
+
+# What a profile reads of one call, recorded as ``<provider>_<field>`` and, for the
+# row's baseline, ``baseline_<field>`` too.
+PROFILE_FIELDS = ("kernel_ms", "host_us", "syncs")
+# Calls per reading: at most PROFILE_CALLS, fewer where they would pass PROFILE_BUDGET_MS
+# (torchvision's deterministic RoI Align backward takes 75-350 ms a call on an H200), so
+# a GPU report's profile costs a handful of calls per provider and row.
+PROFILE_CALLS = 5
+PROFILE_BUDGET_MS = 50.0
+# torch.cuda._sleep's kernel: the pad that opens each profiler session (kernel_ms).
+_PAD_KERNEL = "spin_kernel"
+_sessions = 0
+
+
+@contextlib.contextmanager
+def profiling(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, :func:`measure` profiles every call it times: a switch, so a
+    report without ``--profile`` pays nothing for it."""
+    global _profiling
+    outer, _profiling = _profiling, enabled
+    try:
+        yield
+    finally:
+        _profiling = outer
+
+
+def record_profile(row: dict, provider: str, fn: Callable[[], object], device: str,
+                   wall_ms: float) -> None:
+    """Profile ``fn`` into ``row`` (:func:`read_profile`): ``<provider>_kernel_ms``,
+    ``_host_us``, ``_syncs``. Every provider but ours is the row's baseline (each benchmark
+    times ours against one), whose fields are also recorded as ``baseline_*``; a row whose
+    baseline does not run keeps those None. ``kernel_speedup``: baseline kernel ms / ours,
+    where both were read (None on the CPU).
+
+    A profile that raises leaves the fields it did not read None and its error in
+    ``profile_error``: a diagnostic must not cost the row its timings."""
+    got = dict.fromkeys(PROFILE_FIELDS)
+    try:
+        read_profile(fn, device, wall_ms, got)
+    except Exception as e:
+        error = f"{provider}: {type(e).__name__}: {e}"[:500]
+        row["profile_error"] = "; ".join(filter(None, [row.get("profile_error"), error]))
+    for side in (provider,) if provider == "ours" else (provider, "baseline"):
+        for name, value in got.items():
+            row[f"{side}_{name}"] = value
+    for name in PROFILE_FIELDS:
+        row.setdefault(f"baseline_{name}", None)
+    ours, base = row.get("ours_kernel_ms"), row["baseline_kernel_ms"]
+    row["kernel_speedup"] = base / ours if ours and base else None
+
+
+def read_profile(fn: Callable[[], object], device: str, wall_ms: float, into: dict) -> None:
+    """Read one warm call of ``fn`` (timed already, ``wall_ms`` a call) into ``into``, in
+    this order (a reading that raises leaves the earlier ones):
+
+    * ``syncs``: its host syncs, one call counted by ``benchmarks.host.count_host_work``
+      (on CUDA, what ``torch.cuda.set_sync_debug_mode("warn")`` reports; on the CPU, reads
+      of tensor data by the host: the CPU path's own reads, such as its value checks,
+      which its CUDA path does not make);
+    * ``host_us``: the host time until the call returns. On CUDA, the median of single
+      calls timed with no sync inside the loop (``benchmarks.host``'s reading: synchronized
+      before and after the loop only), so a call that syncs includes its wait for the GPU;
+      on the CPU, where everything is host time, the wall median just measured;
+    * ``kernel_ms``: on CUDA, the device time of the work one call runs (:func:`kernel_ms`);
+      on the CPU, None.
+
+    At most PROFILE_CALLS calls per reading, fewer for a long call."""
+    from benchmarks.host import _host_us, count_host_work   # benchmarks.host imports us
+    cuda = device == "cuda"
+    calls = max(1, min(PROFILE_CALLS, int(PROFILE_BUDGET_MS / max(wall_ms, 1e-3))))
+    with count_host_work(cuda=cuda) as work:
+        fn()
+    into["syncs"] = len(work.syncs)
+    into["host_us"] = _host_us(fn, calls, cuda) if cuda else wall_ms * 1e3
+    if cuda:
+        into["kernel_ms"] = kernel_ms(fn, calls)
+
+
+def kernel_ms(fn: Callable[[], object], calls: int) -> float:
+    """Device milliseconds of the CUDA work one call of ``fn`` runs: torch.profiler's CUDA
+    events over ``calls`` calls, summed and divided by ``calls``. Counted: kernels,
+    memsets and device-to-device copies (a fill or a clone by another API); not copies
+    between host and device, transfers whose cost a call pays as a sync and in host time.
+    Events on several streams are summed, not their span. The calls run back to back
+    without do_bench's cache flush: inputs that fit the L2 cache are read warm.
+
+    Each reading is a profiler session of its own (one left open would tax the wall
+    timings between readings), opened by pad kernels: kineto drops the first kernel
+    records of a session, more with each session in a process (pytorch/pytorch#192021).
+    The pad takes the loss; a session that lost all of it may have lost the call's
+    kernels too, and raises rather than read low."""
+    global _sessions
+    from torch.profiler import ProfilerActivity, profile
+    _sessions += 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(16 + _sessions):
+            torch.cuda._sleep(1)
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    work = [e for e in prof.profiler.kineto_results.events() if device_work(e)]
+    if not any(_PAD_KERNEL in e.name() for e in work):
+        raise RuntimeError("the profiler recorded none of its session's opening kernels "
+                           "(no CUPTI, or pytorch/pytorch#192021): kernel time not read")
+    return sum(e.duration_ns() for e in work if _PAD_KERNEL not in e.name()) / calls / 1e6
+
+
+# kineto's activity types counted as device work (kernel_ms)
+_DEVICE_WORK = frozenset({"kernel", "gpu_memset", "gpu_memcpy"})
+
+
+def device_work(event) -> bool:
+    """Whether a profiler event (``torch._C._autograd._KinetoEvent``) is device work that
+    :func:`kernel_ms` counts: a kernel, a memset or a device-to-device copy on the GPU. A
+    GPU user annotation spans kernels already counted; a host-device copy is a transfer.
+    Torch versions whose events carry no activity type are read by device and name."""
+    if event.device_type() != torch.autograd.DeviceType.CUDA:
+        return False
+    if hasattr(event, "activity_type"):
+        if event.activity_type() not in _DEVICE_WORK:
+            return False
+    elif event.is_user_annotation():
+        return False
+    name = event.name()
+    return not name.startswith("Memcpy") or name.startswith("Memcpy DtoD")
 
 
 def write_results(section: str, rows: list[dict], config: dict, device: str,

@@ -35,10 +35,14 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
         assert timed and all(r["ours_ms"] > 0 for r in timed), op
         assert any(isinstance(r.get("speedup"), (int, float)) for r in rows), op
         assert f"## {op}" in markdown
+        # the profile's fields come with --profile only (tests/test_profile.py)
+        assert not [k for r in rows for k in r
+                    if k.endswith(("_kernel_ms", "_host_us", "_syncs", "kernel_speedup"))], op
         with Image.open(section["plot"]) as png:
             assert png.format == "PNG" and png.width > 100 and png.height > 100
             png.verify()
     assert "static" not in data and "Static kernel report" not in markdown
+    assert data["profile"] is False and "Profile (`--profile`)" not in markdown
 
 
 def test_each_op_runs_in_a_process_of_its_own_and_a_failure_stays_in_its_section():
