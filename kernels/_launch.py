@@ -4,12 +4,20 @@ compiles to (argument types, constexpr values, num_warps). The GPU compile check
 (``kernels._aot``) compiles exactly those recorded specializations for sm_80/sm_90, each
 expanded over the kernel's registered tuning table, so it cannot drift from what the ops
 launch. Inside ``_utils.dry_run`` a launch is observed instead of run.
+
+Which row a launch takes is :func:`pick_tuning`'s answer: the launcher's own rule, unless
+the winners file (``kernels/tuned.json``, written by ``python -m benchmarks.gpu.sweep``)
+names another row of the same table for this device and the workload key the launcher
+passes; ``forced_tuning_row`` overrides both.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,6 +59,11 @@ LAUNCHES: set[Specialization] = set()
 TUNING_TABLES: dict[str, list[dict]] = {}
 # kernel id -> the rows of its table that only the interpreter launches
 INTERPRETER_ROWS: dict[str, list[dict]] = {}
+# kernel id -> the rows of its table that no launcher rule picks: the sweep times them
+# beside the rules' rows, and a launch takes one where the winners file names it
+CANDIDATE_ROWS: dict[str, list[dict]] = {}
+# kernel id -> the names of the workload key its launcher passes to pick_tuning
+KEY_FIELDS: dict[str, tuple[str, ...]] = {}
 # kernel id -> why its sm_90 occupancy below OCCUPANCY_TARGET is the right trade
 OCCUPANCY_NOTES: dict[str, str] = {}
 OCCUPANCY_TARGET = 0.5
@@ -100,22 +113,36 @@ def _triton_type(value: Any) -> str:
 
 
 def register_tuning(kernel, table: list[dict], interpreter: Sequence[dict] = (),
-                    occupancy_note: str | None = None) -> list[dict]:
+                    occupancy_note: str | None = None, candidates: Sequence[dict] = (),
+                    key_fields: Sequence[str] = ()) -> list[dict]:
     """Declare the rows a launcher may pick for ``kernel``; the compile check builds all.
 
     ``interpreter``: rows only the interpreter launches (it pays per op, so bigger tiles
     make the tests faster); they are compiled too, but no GPU runs them, so the sm_90
     occupancy target does not apply to them. ``occupancy_note``: why occupancy below
     ``OCCUPANCY_TARGET`` is the right trade for this kernel (the static report prints it;
-    a GPU row below the target without one fails the compile check).
+    a GPU row below the target without one fails the compile check). ``candidates``: GPU
+    rows no launcher rule picks, which the sweep (``benchmarks.gpu.sweep``) times beside
+    the rules' rows; they are compiled, held to the occupancy target and launched by the
+    memory check as every GPU row is, and a launch takes one only where the winners file
+    names it. ``key_fields``: the names of the workload key the launcher passes to
+    :func:`pick_tuning` (a kernel with candidates needs one).
     """
-    rows = list(table) + list(interpreter)
+    rows = list(table) + list(candidates) + list(interpreter)
     for row in rows:
         if "num_warps" not in row:
             raise ValueError("every tuning row needs num_warps")
     kid = kernel_id(kernel)
+    for i, row in enumerate(rows):
+        if row in rows[:i]:
+            raise ValueError(f"{kid}: tuning row {row} is listed twice")
+    if candidates and not key_fields:
+        raise ValueError(f"{kid}: candidates need key_fields (winners are kept per "
+                         "workload key)")
     TUNING_TABLES[kid] = rows
     INTERPRETER_ROWS[kid] = list(interpreter)
+    CANDIDATE_ROWS[kid] = list(candidates)
+    KEY_FIELDS[kid] = tuple(key_fields)
     if occupancy_note:
         OCCUPANCY_NOTES[kid] = occupancy_note
     return rows
@@ -142,33 +169,205 @@ def register_lanes(kernel, rule: Callable[[dict], dict[str, dict[str, Any]]],
     LANE_NOTES[kid] = dict(notes or {})
 
 
-_forced_row: int | None = None
-
-
 def gpu_rows(kid: str) -> list[dict]:
-    """The rows of a kernel's tuning table that a GPU launches (interpreter-only ones out)."""
+    """The rows of a kernel's tuning table that a GPU launches (interpreter-only ones out):
+    the launcher's rules' rows, then its candidates."""
     return [r for r in TUNING_TABLES[kid] if r not in INTERPRETER_ROWS.get(kid, [])]
 
 
+# ---------------------------------------------------------------------------------------
+# Workload keys and the winners file
+
+# Key parts name dtypes so (the file stays readable, a dict lookup at the launch)
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16",
+               torch.bfloat16: "bfloat16", torch.float64: "float64", torch.uint8: "uint8",
+               torch.bool: "bool"}
+
+
+def size_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (0 and 1 kept): a key part for sizes that vary
+    call to call (instances, boxes), so nearby sizes share a winner."""
+    return 1 << (n - 1).bit_length() if n > 1 else n
+
+
+def key_text(key: Sequence) -> str:
+    """A workload key as the winners file writes it: its parts joined by ``|``. Parts are
+    ints and strings (a string that reads as an int would come back as one: refused)."""
+    parts = []
+    for p in key:
+        if isinstance(p, bool) or not isinstance(p, (int, str)):
+            raise TypeError(f"workload key parts must be int or str, got {p!r} in {key}")
+        if isinstance(p, str) and ("|" in p or p.lstrip("-").isdigit()):
+            raise ValueError(f"workload key string {p!r} would not read back as itself")
+        parts.append(str(p))
+    return "|".join(parts)
+
+
+def parse_key(text: str) -> tuple:
+    """The inverse of :func:`key_text`."""
+    return tuple(int(p) if p.lstrip("-").isdigit() else p for p in text.split("|"))
+
+
+WINNERS_PATH = Path(__file__).with_name("tuned.json")
+WINNERS_FORMAT = 1
+
+
+def read_winners(path: Path | str | None) -> dict[str, dict[str, dict[tuple, dict]]]:
+    """{device name: {kernel id: {workload key: row}}} from a winners file (None or a
+    missing file: none). The file: ``{"format": 1, "devices": {name: {"source": {...},
+    "kernels": {kernel id: {key text: row}}}}}``."""
+    if path is None or not Path(path).exists():
+        return {}
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != WINNERS_FORMAT:
+        raise ValueError(f"{path}: winners file format {data.get('format')!r}, this code "
+                         f"reads format {WINNERS_FORMAT}")
+    return {device: {kid: {parse_key(text): dict(row) for text, row in keyed.items()}
+                     for kid, keyed in entry.get("kernels", {}).items()}
+            for device, entry in data.get("devices", {}).items()}
+
+
+_winners = read_winners(WINNERS_PATH)   # every device's winners, read once at import
+_here: dict[int, dict[tuple, dict]] = {}   # id(kernel) -> this device's winners for it
+_UNREAD = object()
+_device: Any = _UNREAD
+
+
+def tuning_device() -> str | None:
+    """The device whose winners :func:`pick_tuning` applies: the current CUDA device's
+    name, read once per process on the first keyed launch (a process whose GPUs differ
+    takes the first one's winners); None under the interpreter."""
+    global _device
+    if _device is _UNREAD:
+        _device = (None if INTERPRET or not torch.cuda.is_available()
+                   else torch.cuda.get_device_name())
+    return _device
+
+
+def _winners_here(kernel) -> dict[tuple, dict]:
+    """This device's winners for ``kernel``, each the registered row itself; a row its
+    table no longer lists (a winners file older than the table) is left out."""
+    kid = kernel_id(kernel)
+    rows = gpu_rows(kid) if kid in TUNING_TABLES else []
+    table = {}
+    for key, row in _winners.get(tuning_device(), {}).get(kid, {}).items():
+        match = next((r for r in rows if r == row), None)
+        if match is None:
+            warnings.warn(f"{WINNERS_PATH.name}: {kid} {key}: row {row} is not in the "
+                          "kernel's tuning table; the launcher's own pick is used")
+        else:
+            table[key] = match
+    _here[id(kernel)] = table
+    return table
+
+
 @contextlib.contextmanager
-def forced_tuning_row(index: int):
-    """Inside the block every launcher takes row ``index`` of its kernel's GPU rows (the
-    last row when the table is shorter) instead of its own pick. Any row computes the same
-    result; one pass per index launches every row (the GPU kit's memory check does this)."""
-    global _forced_row
-    previous, _forced_row = _forced_row, index
+def winners_file(path: Path | str | None):
+    """Inside the block :func:`pick_tuning` reads the winners in ``path`` (None: none)
+    instead of the committed file (the sweep times the launchers' own rules so)."""
+    global _winners
+    previous, _winners = _winners, read_winners(path)
+    _here.clear()
     try:
         yield
     finally:
-        _forced_row = previous
+        _winners = previous
+        _here.clear()
 
 
-def pick_tuning(kernel, row: dict) -> dict:
-    """The row a launcher launches: its own pick ``row``, unless ``forced_tuning_row`` is on."""
-    if _forced_row is None:
+@contextlib.contextmanager
+def simulated_device(name: str | None):
+    """Inside the block :func:`pick_tuning` takes ``name``'s winners, whatever the device
+    (tests, on a machine without that GPU)."""
+    global _device
+    previous, _device = _device, name
+    _here.clear()
+    try:
+        yield
+    finally:
+        _device = previous
+        _here.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# Picking a row
+
+# (kernel, launcher's row, key) -> the row to take, or None to leave the pick alone:
+# forced_tuning_row and watched_tuning, innermost first
+_steer: Callable[[Any, dict, Any], dict | None] | None = None
+
+
+@contextlib.contextmanager
+def _steering(fn: Callable[[Any, dict, Any], dict | None]):
+    global _steer
+    previous = _steer
+
+    def steer(kernel, row, key):
+        taken = fn(kernel, row, key)
+        return taken if taken is not None or previous is None else previous(kernel, row, key)
+
+    _steer = steer
+    try:
+        yield
+    finally:
+        _steer = previous
+
+
+@contextlib.contextmanager
+def forced_tuning_row(index: int | dict, kernel=None, key: tuple | None = None):
+    """Inside the block every launcher takes row ``index`` of its kernel's GPU rows (the
+    last row when the table is shorter) instead of its own pick or the winners file's.
+    Any row computes the same result; one pass per index launches every row (the GPU kit's
+    memory check does this). With ``kernel``, only that kernel's launches are forced — with
+    ``key`` too, only those for that workload key — and ``index`` may be the row itself
+    (the sweep times each row so)."""
+    kid = kernel if kernel is None or isinstance(kernel, str) else kernel_id(kernel)
+    if isinstance(index, dict) and (kid is None or index not in gpu_rows(kid)):
+        raise ValueError(f"forced row {index} is not a GPU row of "
+                         f"{kid or 'a named kernel'}")
+
+    def forced(k, row, k_key):
+        k_id = kernel_id(k)
+        if (kid is not None and k_id != kid) or (key is not None and k_key != key):
+            return None
+        if isinstance(index, dict):
+            return index
+        rows = gpu_rows(k_id)
+        return rows[min(index, len(rows) - 1)]
+
+    with _steering(forced):
+        yield
+
+
+@contextlib.contextmanager
+def watched_tuning():
+    """Inside the block every :func:`pick_tuning` call is listed as (kernel id, workload
+    key, the launcher's own row): the sweep reads which keys an op's launches pass."""
+    seen: list[tuple[str, Any, dict]] = []
+
+    def watch(kernel, row, key):
+        seen.append((kernel_id(kernel), key, row))
+        return None
+
+    with _steering(watch):
+        yield seen
+
+
+def pick_tuning(kernel, row: dict, key: tuple | None = None) -> dict:
+    """The row a launcher launches: the winners file's row for this device and workload
+    ``key`` (a tuple of ints and strings, the fields its ``register_tuning`` names) where
+    it has one, else the launcher's own pick ``row``; ``forced_tuning_row`` overrides both.
+    With no winner for this device this costs a dict lookup or two."""
+    if _steer is not None:
+        taken = _steer(kernel, row, key)
+        if taken is not None:
+            return taken
+    if key is None or not _winners:
         return row
-    rows = gpu_rows(kernel_id(kernel))
-    return rows[min(_forced_row, len(rows) - 1)]
+    table = _here.get(id(kernel))
+    if table is None:
+        table = _winners_here(kernel)
+    return table.get(key, row)
 
 
 # Launch records cost host time, so they are kept only while recording is on: always under

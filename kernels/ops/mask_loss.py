@@ -28,7 +28,7 @@ from .._sampling import decode_roi, sample_index, sample_plan, sample_rows
 from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_ranges,
                       check_same_device, check_tensor, compute_dtype, cpu_path, eager,
                       is_channels_last, needs_grad, pick_path, record_path, values_checked)
-from .._launch import launch, pick_tuning, register_tuning
+from .._launch import DTYPE_NAMES, launch, pick_tuning, register_tuning, size_bucket
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,9 +223,18 @@ _TUNING_DENSE = [
     {"BLOCK": 1024, "num_warps": 4},
     {"BLOCK": 4096, "num_warps": 8},
 ]
-register_tuning(_mask_loss_fwd_kernel, _TUNING_PIXELS)
-register_tuning(_maskrcnn_loss_fwd_kernel, _TUNING_SAMPLED)
-register_tuning(_mask_loss_bwd_kernel, _TUNING_DENSE)
+# The sweep's candidates (sm_90 at most 42 registers, 62% and up): pixel blocks between
+# and below the rules' (1024 pixels over 4 warps took 72 registers, 44%), one pixel per
+# thread for the sampled loss, dense blocks at 8 elements per thread.
+register_tuning(_mask_loss_fwd_kernel, _TUNING_PIXELS, candidates=[
+    {"BLOCK_P": 512, "num_warps": 4}, {"BLOCK_P": 128, "num_warps": 1},
+], key_fields=("M", "N", "dtype"))
+register_tuning(_maskrcnn_loss_fwd_kernel, _TUNING_SAMPLED, candidates=[
+    {"BLOCK_P": 128, "num_warps": 4}, {"BLOCK_P": 512, "num_warps": 16},
+], key_fields=("M", "N", "dtype"))
+register_tuning(_mask_loss_bwd_kernel, _TUNING_DENSE, candidates=[
+    {"BLOCK": 2048, "num_warps": 8}, {"BLOCK": 8192, "num_warps": 16},
+], key_fields=("K", "M", "N", "dtype", "layout"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +253,8 @@ def mask_loss_forward(logits: Tensor, targets: Tensor, labels: Tensor,
                       compute_grad: bool) -> tuple[Tensor, Tensor]:
     n, k, m, _ = logits.shape
     targets = kernel_targets(targets)
-    tuning = pick_tuning(_mask_loss_fwd_kernel, _TUNING_PIXELS[0 if m * m <= 256 else 1])
+    tuning = pick_tuning(_mask_loss_fwd_kernel, _TUNING_PIXELS[0 if m * m <= 256 else 1],
+                         key=(m, size_bucket(n), DTYPE_NAMES[logits.dtype]))
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     partial = torch.empty(n, blocks, dtype=torch.float32, device=logits.device)
     grad = torch.empty(n if compute_grad else 0, m, m, dtype=torch.float32,
@@ -262,7 +272,8 @@ def maskrcnn_loss_forward(logits: Tensor, proposals: list[Tensor], gt_masks: lis
     image's proposals, matched indices and gt labels as they are: (loss, d loss / d
     selected logit, each row's label) — no RoI or label tensor is built on the host."""
     n, k, m, _ = logits.shape
-    tuning = pick_tuning(_maskrcnn_loss_fwd_kernel, _TUNING_SAMPLED[0])
+    tuning = pick_tuning(_maskrcnn_loss_fwd_kernel, _TUNING_SAMPLED[0],
+                         key=(m, size_bucket(n), DTYPE_NAMES[logits.dtype]))
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     rows = n if compute_grad else 0
     partial = torch.empty(n, blocks, dtype=torch.float32, device=logits.device)
@@ -289,7 +300,9 @@ def mask_loss_backward(grad: Tensor, grad_sel: Tensor, labels: Tensor, classes: 
     out = torch.empty(n, classes, m, m, dtype=dtype, device=grad.device,
                       memory_format=fmt)
     tuning = pick_tuning(_mask_loss_bwd_kernel,
-                         _TUNING_DENSE[0] if classes * m * m <= 8192 else _TUNING_DENSE[1])
+                         _TUNING_DENSE[0] if classes * m * m <= 8192 else _TUNING_DENSE[1],
+                         key=(classes, m, size_bucket(n), DTYPE_NAMES[dtype],
+                              "channels_last" if channels_last else "NCHW"))
     launch(_mask_loss_bwd_kernel, (n, cdiv(classes * m * m, tuning["BLOCK"])), grad,
            grad_sel, labels, out, classes, m * m,
            tuning=tuning, CHANNELS_LAST=bool(channels_last))

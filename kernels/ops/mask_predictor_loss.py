@@ -26,7 +26,8 @@ from .._sampling import along_c, along_p, p_major
 from .._utils import (cdiv, check_float_dtype, check_ranges, check_same_device, check_tensor,
                       compute_dtype, eager, memory_format, needs_grad, pick_path,
                       values_checked)
-from .._launch import launch, pick_tuning, register_lanes, register_tuning
+from .._launch import (DTYPE_NAMES, launch, pick_tuning, register_lanes,
+                       register_tuning, size_bucket)
 from .mask_loss import (SAMPLED_ARGS, bce_with_logits, check_images, check_labels,
                         check_targets, kernel_targets, loss_dtype, loss_examples, no_grads,
                         pixel_block, roi_target, sampled_row)
@@ -188,7 +189,11 @@ register_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR,
                 occupancy_note="the 128-pixel row runs for NCHW features only: below the "
                                "target it is the channels_last variant, which the launcher "
                                "gives the 64-pixel row")
-register_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD)
+# The sweep's backward candidates, 4 elements per thread: half the channels, or half the
+# pixels (sm_90 32-48 registers, 62% and up).
+register_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD, candidates=[
+    {"BLOCK_C": 8, "BLOCK_P": 64, "num_warps": 4}, {"BLOCK_C": 16, "BLOCK_P": 32, "num_warps": 4},
+], key_fields=("C", "M", "N", "dtype", "layout"))
 
 
 def _lanes(constexprs: dict) -> dict:
@@ -275,10 +280,13 @@ def mask_predictor_loss_backward(grad: Tensor, features: Tensor, weight: Tensor,
     grad_features = torch.empty(features.shape, dtype=features.dtype, device=features.device,
                                 memory_format=memory_format(features))
     rows = torch.empty(n, c + 1, dtype=torch.float32, device=features.device)
-    tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0])
+    p_maj = p_major([features])
+    tuning = pick_tuning(_mask_predictor_loss_bwd_kernel, _TUNING_PREDICTOR_BWD[0], key=(
+        c, m, size_bucket(n), DTYPE_NAMES[features.dtype],
+        "NCHW" if p_maj else "channels_last"))
     launch(_mask_predictor_loss_bwd_kernel, (n, cdiv(c, tuning["BLOCK_C"])), grad, features,
            weight, labels, grad_sel, grad_features, rows, c, m, *features.stride(),
-           *grad_features.stride(), tuning=tuning, P_MAJOR=p_major([features]),
+           *grad_features.stride(), tuning=tuning, P_MAJOR=p_maj,
            FLAT_PIXELS=flat_pixels(features) and flat_pixels(grad_features))
     # Instances of one class add into the same weight row: one index_add of the (N, C + 1)
     # per-instance weight and bias rows (exact float32; atomic on CUDA unless deterministic

@@ -49,7 +49,7 @@ from .._boxes import Segments, coordinate_rows, float32_threshold
 from .._utils import (INTERPRET, NMS_ERRORS, cdiv, check_float, check_float_dtype,
                       check_same_device, check_tensor, cpu_path, eager, is_tracing, op_body,
                       record_path, use_triton, values_checked)
-from .._launch import launch, pick_tuning, register_lanes, register_tuning
+from .._launch import launch, pick_tuning, register_lanes, register_tuning, size_bucket
 
 # Memory budget for batched_nms_mask's band of mask words (it never syncs, so it cannot
 # size the band from the longest class): 16 MiB covers 20 words (1280 boxes) per row at
@@ -244,11 +244,16 @@ register_tuning(_nms_mask_kernel, [_MASK_GPU], interpreter=[_MASK_INTERPRETER])
 _GREEDY_GPU = {"BLOCK_T": 16, "BLOCK_K": 4, "num_warps": 8}
 _GREEDY_WIDE = {"BLOCK_T": 128, "BLOCK_K": 4, "num_warps": 16}
 _GREEDY_INTERPRETER = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8}
+# The sweep's candidates: 32 words over 16 warps (64 registers, 50%) and 64 (115, 25%).
 register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
-                interpreter=[_GREEDY_INTERPRETER],
+                interpreter=[_GREEDY_INTERPRETER], candidates=[
+                    {"BLOCK_T": 32, "BLOCK_K": 4, "num_warps": 16},
+                    {"BLOCK_T": 64, "BLOCK_K": 4, "num_warps": 16}],
+                key_fields=("boxes", "programs", "plan"),
                 occupancy_note="the 128-word row runs only for at most 128 segments, one "
                                "program each, about one per SM: its serial steps bind, "
-                               "not occupancy")
+                               "not occupancy (the 64-word candidate too, where the sweep "
+                               "measured it faster)")
 # Mask words are (N, wcap) row-major: the greedy pass's [rows, words] tiles want lanes
 # along words (axis 1), the mask kernel's [words, rows] store along words (axis 0). With
 # one word per row (wcap == 1, which the JIT compiles as a constant: at most 64 boxes)
@@ -328,7 +333,8 @@ def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None,
            threshold, tuning=tm, SEGMENTED=p.segmented)
     for row, programs, which in _greedy_plan(n, segments if p.segmented else 1):
         launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
-               n, wcap, threshold, tuning=pick_tuning(_nms_greedy_kernel, row),
+               n, wcap, threshold, tuning=pick_tuning(
+                   _nms_greedy_kernel, row, key=(size_bucket(n), size_bucket(programs), which)),
                SEGMENTED=p.segmented, SEGMENTS=which)
     return keep
 

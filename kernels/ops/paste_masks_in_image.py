@@ -23,7 +23,7 @@ from .. import reference
 from .._boxes import COORD_LIMIT, expand_scale, expanded_int_boxes, float32, threshold_in
 from .._utils import (FLOAT_DTYPES, cdiv, check_float, check_float_dtype, check_same_device,
                       check_tensor, eager, needs_grad, pair, pick_path, values_checked)
-from .._launch import launch, pick_tuning, register_tuning
+from .._launch import DTYPE_NAMES, launch, pick_tuning, register_tuning, size_bucket
 
 _COORD_LIMIT_K = tl.constexpr(COORD_LIMIT)
 
@@ -161,7 +161,12 @@ _TUNING = [
     {"BLOCK_H": 16, "BLOCK_W": 256, "num_warps": 4},   # float output
     {"BLOCK_H": 16, "BLOCK_W": 512, "num_warps": 8},   # uint8/bool output
 ]
-register_tuning(_paste_masks_in_image_kernel, _TUNING)
+# The sweep's candidates, 2 pixels per thread per row too: taller tiles (the x setup
+# shared by more rows) and smaller ones (fewer pixels outside the box in a tile it meets).
+register_tuning(_paste_masks_in_image_kernel, _TUNING, candidates=[
+    {"BLOCK_H": 32, "BLOCK_W": 256, "num_warps": 4},
+    {"BLOCK_H": 8, "BLOCK_W": 128, "num_warps": 2},
+], key_fields=("output", "N", "image"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,7 +186,9 @@ def paste_masks_in_image_forward(masks: Tensor, boxes: Tensor, img_h: int, img_w
         box_arg = boxes.contiguous() if expand else expanded_int_boxes(boxes, scale)
         thr = threshold_in(masks.dtype, threshold) if thresholding else 0.0
         tuning = pick_tuning(_paste_masks_in_image_kernel,
-                             _TUNING[1] if thresholding else _TUNING[0])
+                             _TUNING[1] if thresholding else _TUNING[0],
+                             key=("uint8" if thresholding else DTYPE_NAMES[out_dtype],
+                                  size_bucket(n), size_bucket(max(img_h, img_w))))
         grid = (n, cdiv(img_h, tuning["BLOCK_H"]), cdiv(img_w, tuning["BLOCK_W"]))
         scale32 = float32(scale)   # as torch's scalar multiply rounds it
         launch(_paste_masks_in_image_kernel, grid, masks, box_arg, out, img_h, img_w, mh, mw,

@@ -39,7 +39,7 @@ from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, che
                       check_same_device, check_tensor, deterministic_algorithms, eager,
                       fx_leaf, is_channels_last, needs_grad, pair, pick_path, row_chunks,
                       values_checked, ValueIndexError)
-from .._launch import launch, pick_tuning, register_lanes, register_tuning
+from .._launch import DTYPE_NAMES, launch, pick_tuning, register_lanes, register_tuning
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,7 +214,11 @@ _TUNING = [
     {"BLOCK_P": 8, "BLOCK_C": 32, "num_warps": 4},    # outputs of <= 8 bins
     {"BLOCK_P": 256, "BLOCK_C": 1, "num_warps": 4},   # fewer than 8 channels (masks: C = 1)
 ]
-register_tuning(_roi_align_kernel, _TUNING)
+# The sweep's candidates, two elements per thread too: longer runs of bins (NCHW) or of
+# channels (channels_last: 256 B a corner in float32).
+register_tuning(_roi_align_kernel, _TUNING, candidates=[
+    {"BLOCK_P": 32, "BLOCK_C": 16, "num_warps": 8}, {"BLOCK_P": 8, "BLOCK_C": 64, "num_warps": 8},
+], key_fields=("channels", "bins", "dtype", "layout", "direction", "levels"))
 
 
 
@@ -308,12 +312,15 @@ def _launch(pooled: Tensor, rois: Tensor, maps: list[Tensor], pyramid: Pyramid,
             sampling_ratio: int, aligned: bool, backward: bool) -> None:
     """Launch the kernel over ``pooled`` (K, C, PH, PW), one launch per 65,535 RoIs."""
     k, c, pooled_h, pooled_w = pooled.shape
-    tuning = pick_tuning(_roi_align_kernel, _tuning_row(c, pooled_h * pooled_w))
-    blocks = (cdiv(pooled_h * pooled_w, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
+    bins = pooled_h * pooled_w
+    p_maj = p_major(maps)
+    tuning = pick_tuning(_roi_align_kernel, _tuning_row(c, bins), key=(
+        c, bins, DTYPE_NAMES[pooled.dtype], "NCHW" if p_maj else "channels_last",
+        "backward" if backward else "forward", len(maps)))
+    blocks = (cdiv(bins, tuning["BLOCK_P"]), cdiv(c, tuning["BLOCK_C"]))
     strides = pooled.stride() if backward else (None,) * 4
     mapper = pyramid.mapper_constexprs() if len(maps) > 1 else _NO_MAPPER
     levels = level_args(maps, pyramid.scales)
-    p_maj = p_major(maps)
     for start, end in row_chunks(k):
         whole = end - start == k          # (no slice views for the usual single launch)
         launch(_roi_align_kernel, (*blocks, end - start),
