@@ -1,5 +1,5 @@
 # Two entry points (see README): `make run` (main job) and `make test` (the test suite);
-# `make gpu` on a GPU machine.
+# `make gpu` (and `make gpu-profile`, `make gpu-sweep`) on a GPU machine.
 # run and test create .venv and install the package with its dev extra on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test gpu
+.PHONY: install run test gpu gpu-profile gpu-sweep
 install: $(VENV)/.installed
 
 # The report of a run goes to out/report (ignored by git): the committed reports in
@@ -36,6 +36,15 @@ test: $(VENV)/.installed
 	rm -rf $(LAUNCHES_DIR)
 
 # On a GPU machine, with that machine's own python3 and packages (no venv, nothing
-# installed): the GPU kit. `make gpu GPU_ARGS=--dry-run` rehearses it on a CPU.
+# installed): the GPU kit. `make gpu GPU_ARGS=--dry-run` rehearses it on a CPU. gpu runs the
+# full plan (540 s); gpu-profile (300 s: environment, smoke, profiled benchmarks, ncu) and
+# gpu-sweep (240 s: environment, tuning sweep) fit a second and a third call in the same
+# fifteen device minutes.
 gpu:
 	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu $(GPU_ARGS)
+
+gpu-profile:
+	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu --plan profile $(GPU_ARGS)
+
+gpu-sweep:
+	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu --plan sweep $(GPU_ARGS)
