@@ -4,23 +4,29 @@ torchvision's Mask R-CNN selects with data-dependent sizes everywhere (``torch.w
 ``boxes[keep]``, ``keep[:n]``): each is a graph break under ``torch.compile``, a guard
 ``torch.export`` cannot satisfy, and a host sync on CUDA. Here every selection also has a
 fixed-size form: a mask of the valid rows travels beside tensors whose sizes depend on
-shapes only. The model takes that form in its static mode and whenever ``torch.compile`` or
-``torch.export`` traces it (:func:`fixed_sizes`); eager calls keep torchvision's
-data-dependent selections, which do less work when few rows survive. Both forms select the
-same rows in the same order (tests/test_compile_model.py).
+shapes only. The model takes that form in training, in its static mode, for inference on a
+GPU and whenever ``torch.compile`` or ``torch.export`` traces it (:func:`fixed_sizes`);
+eager inference on CPU tensors keeps torchvision's data-dependent selections, which do less
+work when few rows survive (a CPU has no sync to save). Both forms select the same rows in
+the same order (tests/test_compile_model.py).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torchvision.models.detection import _utils as det_utils
 
+from kernels._utils import gpu_path
 
-def fixed_sizes(static: bool) -> bool:
-    """Whether sizes stay fixed: in the static mode, and while torch.compile/export trace."""
-    return static or torch.compiler.is_compiling()
+
+def fixed_sizes(static: bool, training: bool = False, images: Sequence[Tensor] = ()) -> bool:
+    """Whether sizes stay fixed: in the static mode, in training, while torch.compile or
+    torch.export trace, and for inference on the GPU path (where the default mode then
+    reads one value per call, each image's detection count, at the end)."""
+    return (static or training or torch.compiler.is_compiling()
+            or (len(images) > 0 and gpu_path(images[0])))
 
 
 def large_enough(boxes: Tensor, min_size: float) -> Tensor:
@@ -86,8 +92,24 @@ class BoxCoder(det_utils.BoxCoder):
 
 
 class Matcher(det_utils.Matcher):
-    """torchvision's Matcher; its low-quality matches found with a mask, not ``torch.where``
-    (the same matches, no data-dependent size)."""
+    """torchvision's Matcher written without a boolean-mask assignment or ``torch.where``'s
+    indices (each a host sync on CUDA): the same matches, no data-dependent size."""
+
+    def __call__(self, match_quality_matrix: Tensor) -> Tensor:
+        if match_quality_matrix.numel() == 0:      # torchvision's errors
+            if match_quality_matrix.shape[0] == 0:
+                raise ValueError("No ground-truth boxes available for one of the images "
+                                 "during training")
+            raise ValueError("No proposal boxes available for one of the images during "
+                             "training")
+        matched_vals, matches = match_quality_matrix.max(dim=0)
+        all_matches = matches.clone() if self.allow_low_quality_matches else None
+        matches = torch.where(matched_vals < self.low_threshold, self.BELOW_LOW_THRESHOLD,
+                              torch.where(matched_vals < self.high_threshold,
+                                          self.BETWEEN_THRESHOLDS, matches))
+        if all_matches is not None:
+            self.set_low_quality_matches_(matches, all_matches, match_quality_matrix)
+        return matches
 
     def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor,
                                  match_quality_matrix: Tensor) -> None:

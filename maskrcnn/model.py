@@ -21,6 +21,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
 import kernels
+from kernels._utils import values_checked
 
 from .fixed_size import (BalancedSampler, BoxCoder, Matcher, fixed_sizes, large_enough, leading,
                          leading_rows, select_top)
@@ -39,6 +40,11 @@ class MaskRCNN(nn.Module):
     image's row count as ``num_detections`` (an int64 scalar tensor); padding rows are
     zero. Nothing in it reads a tensor's values on the host, so on CUDA it never syncs and
     replays as a CUDA graph (see maskrcnn.fixed_size).
+
+    Training reads no tensor value on the host either, in every mode (on CUDA: no sync;
+    one graph under ``torch.compile(fullgraph=True)``), and inference on a GPU reads one:
+    each image's detection count, at the end. On CPU tensors, eager inference selects with
+    data-dependent sizes, as torchvision (less work where few candidates survive).
     """
 
     def __init__(self, *, transform: nn.Module, backbone: nn.Module, rpn: nn.Module,
@@ -53,31 +59,31 @@ class MaskRCNN(nn.Module):
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
         if self.training and targets is None:
             raise ValueError("targets must be given in training mode")
+        fixed = fixed_sizes(self.static_shapes, self.training, images)
         if self.static_shapes and not torch.compiler.is_compiling():
             with kernels.skip_data_checks():   # the static mode reads no tensor value
-                return self._finish(*self._run(images, targets))
-        out, image_sizes, original_sizes = self._run(images, targets)
-        if torch.compiler.is_compiling() and not (self.training or self.static_shapes):
-            # Traced: cut each image's padded detections to its valid rows. Done here, in
-            # forward's own frame, this is the model's one graph break (a break inside a
-            # nested call would break each caller's frame too).
+                return self._finish(*self._run(images, targets, fixed))
+        out, image_sizes, original_sizes = self._run(images, targets, fixed)
+        if fixed and not (self.training or self.static_shapes):
+            # Cut each image's padded detections to its valid rows: the default mode's one
+            # host sync. Done here, in forward's own frame, this is also the one graph break
+            # when traced (a break inside a nested call would break each caller's frame).
             counts = torch.stack([d["valid"].sum() for d in out])
             rows = leading_rows([d[k] for d in out for k in _FIELDS], counts)
             n = len(_FIELDS)
             out = [dict(zip(_FIELDS, rows[i * n:(i + 1) * n])) for i in range(len(out))]
         return self._finish(out, image_sizes, original_sizes)
 
-    def _run(self, images, targets):
+    def _run(self, images, targets, fixed: bool):
         """transform, backbone, RPN, heads: losses (training) or the detections before
         postprocessing, with each image's ``valid`` rows; plus the sizes postprocess needs."""
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         images, targets = self.transform(images, targets)
         if targets is not None:
-            _check_boxes(targets)
+            _check_targets(targets, self.roi_heads.box_predictor)
         features = self.backbone(images.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
-        fixed = fixed_sizes(self.static_shapes)
         proposals, valid, proposal_losses = self.rpn(images, features, targets, fixed=fixed)
         detections, detector_losses = self.roi_heads(features, proposals, valid,
                                                      images.image_sizes, targets, fixed=fixed)
@@ -99,17 +105,37 @@ class MaskRCNN(nn.Module):
 _FIELDS = ("boxes", "labels", "scores", "masks")
 
 
-def _check_boxes(targets: list[dict[str, Tensor]]) -> None:
+def _check_targets(targets: list[dict[str, Tensor]], box_predictor: nn.Module) -> None:
+    """Shapes always; values (a box of non-positive size, as torchvision checks, and labels
+    outside the predictor's classes) where the ops check values: CPU tensors always, CUDA
+    tensors inside ``kernels.check_values()`` (one host sync for the batch), never while
+    traced. The losses then run with the ops' own checks off (their padding rows are
+    invalid by design)."""
     for i, t in enumerate(targets):
         boxes = t["boxes"]
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"targets[{i}]['boxes'] must be (L, 4), got {tuple(boxes.shape)}")
-        if torch.compiler.is_compiling():
-            continue                # a value check: it would break the graph
-        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-        if bad.any():
-            raise ValueError(f"targets[{i}]['boxes'] has a box of non-positive size: "
-                             f"{boxes[bad][0].tolist()}")
+        if t["labels"].shape != boxes.shape[:1]:
+            raise ValueError(f"targets[{i}]['labels'] must be ({boxes.shape[0]},) as its boxes, "
+                             f"got {tuple(t['labels'].shape)}")
+    if not targets or not values_checked(targets[0]["boxes"]):
+        return
+    classes = getattr(getattr(box_predictor, "cls_score", None), "out_features", None)
+    flags = []
+    for t in targets:
+        boxes, labels = t["boxes"], t["labels"]
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any()
+        outside = (((labels < 0) | (labels >= classes)).any() if classes is not None
+                   else torch.zeros((), dtype=torch.bool, device=labels.device))
+        flags.append(torch.stack([degenerate, outside.to(degenerate.device)]))
+    for i, (degenerate, outside) in enumerate(torch.stack(flags).tolist()):   # one read
+        boxes = targets[i]["boxes"]
+        if degenerate:
+            first = boxes[(boxes[:, 2:] <= boxes[:, :2]).any(dim=1)][0].tolist()
+            raise ValueError(f"targets[{i}]['boxes'] has a box of non-positive size: {first}")
+        if outside:
+            raise ValueError(f"targets[{i}]['labels'] must be in [0, {classes}) (the box "
+                             f"predictor's classes)")
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
@@ -227,6 +253,26 @@ class RPN(RegionProposalNetwork):
         _fixed_size_parts(self, fg_iou_thresh, bg_iou_thresh, True, batch_size_per_image,
                           positive_fraction, nms, nms_mask)
 
+    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+                                  ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's, its labels set with ``torch.where`` instead of boolean-mask
+        assignments (each a host sync on CUDA): 1 matched, 0 background, -1 discarded."""
+        labels, matched_gt_boxes = [], []
+        for anchors_per_image, t in zip(anchors, targets):
+            gt_boxes = t["boxes"]
+            if gt_boxes.numel() == 0:      # an image with no object: every anchor background
+                matched_gt_boxes.append(torch.zeros(anchors_per_image.shape, dtype=torch.float32,
+                                                    device=anchors_per_image.device))
+                labels.append(torch.zeros(anchors_per_image.shape[0], dtype=torch.float32,
+                                          device=anchors_per_image.device))
+                continue
+            matched = self.proposal_matcher(self.box_similarity(gt_boxes, anchors_per_image))
+            matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
+            labels.append(torch.where(
+                matched >= 0, 1.0,
+                torch.where(matched == self.proposal_matcher.BETWEEN_THRESHOLDS, -1.0, 0.0)))
+        return labels, matched_gt_boxes
+
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         """torchvision's RPN losses over the sampled anchors, as masked sums."""
         positive, negative = (torch.cat(m) for m in self.fg_bg_sampler(labels))
@@ -331,7 +377,8 @@ class RoIHeads(_TVRoIHeads):
     ``mask_loss(features, weight, bias, proposals, gt_masks, gt_labels, matched_idxs)``:
     torchvision's ``maskrcnn_loss`` with the predictor's 1x1 conv folded in and the targets
     sampled from the uint8 gt masks, so training never builds N x K x M x M logits, float
-    copies of the masks or N x M x M targets.
+    copies of the masks or N x M x M targets; rows whose matched index is -1 are padding,
+    left out of the loss and its mean (``maskrcnn.ops``).
     """
 
     def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module,
@@ -418,16 +465,16 @@ class RoIHeads(_TVRoIHeads):
             class_logits, box_regression, torch.cat(s["labels"]), torch.cat(s["sampled"]),
             torch.cat(s["targets"]))
 
-        # The mask branch trains on the positive rows: cut to their count (a data-dependent
-        # size: the training graph's break) and pooled.
+        # The mask branch trains on each image's positive rows (the sampler draws at most
+        # `cap`): the positives lead, in index order as torchvision's torch.where, in
+        # min(cap, rows) rows; the others are padding (matched index -1), ignored by the
+        # loss. Fixed sizes: no host sync, no graph break.
         cap = int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction)
-        fields, counts = [], []
+        mask_proposals, pos_matched = [], []
         for p, m, lab in zip(s["proposals"], s["matched"], s["labels"]):
             rows, pos = leading(lab > 0, cap)
-            fields += [p[rows], m[rows]]
-            counts.append(pos.sum())
-        cut = leading_rows(fields, torch.stack(counts))
-        mask_proposals, pos_matched = cut[0::2], cut[1::2]
+            mask_proposals.append(p[rows])
+            pos_matched.append(torch.where(pos, m[rows], -1))
         mask_features = self.mask_predictor.features(
             self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
         predictor = self.mask_predictor.mask_fcn_logits

@@ -18,14 +18,37 @@ from torchvision.models.detection import roi_heads as _tv_roi_heads
 import kernels
 
 
+def maskrcnn_predictor_loss_padded(features: Tensor, weight: Tensor, bias: Tensor,
+                                   proposals: list[Tensor], gt_masks: list[Tensor],
+                                   gt_labels: list[Tensor],
+                                   mask_matched_idxs: list[Tensor]) -> Tensor:
+    """``kernels.maskrcnn_predictor_loss`` over the rows whose matched index is not -1 (the
+    model's padding rows): the kernels leave such a row out of the sum when its values go
+    unchecked, and the mean is rescaled from all N rows to the valid ones, on the device
+    (no host sync). The model checks the targets' values itself (``model._check_targets``)."""
+    valid = torch.stack([(m >= 0).sum() for m in mask_matched_idxs]).sum()
+    args = (features, weight, bias, proposals, gt_masks, gt_labels, mask_matched_idxs)
+    if torch.compiler.is_compiling():      # no value is read while traced
+        loss = kernels.maskrcnn_predictor_loss(*args)
+    else:
+        with kernels.skip_data_checks():
+            loss = kernels.maskrcnn_predictor_loss(*args)
+    return loss * (features.shape[0] / valid.clamp(min=1))
+
+
 def maskrcnn_predictor_loss_torchvision(features: Tensor, weight: Tensor, bias: Tensor,
                                         proposals: list[Tensor], gt_masks: list[Tensor],
                                         gt_labels: list[Tensor],
                                         mask_matched_idxs: list[Tensor]) -> Tensor:
     """torchvision's computation: the full (N, K, M, M) 1x1-conv logits, then its
-    ``maskrcnn_loss`` (float copies of the gt masks, roi_align targets, gather, BCE)."""
-    return _tv_roi_heads.maskrcnn_loss(F.conv2d(features, weight, bias), proposals, gt_masks,
-                                       gt_labels, mask_matched_idxs)
+    ``maskrcnn_loss`` (float copies of the gt masks, roi_align targets, gather, BCE) over
+    the rows whose matched index is not -1 (selected with boolean masks: host syncs, as
+    torchvision's own model makes)."""
+    keep = [m >= 0 for m in mask_matched_idxs]
+    logits = F.conv2d(features, weight, bias)[torch.cat(keep)]
+    return _tv_roi_heads.maskrcnn_loss(logits, [p[k] for p, k in zip(proposals, keep)],
+                                       gt_masks, gt_labels,
+                                       [m[k] for m, k in zip(mask_matched_idxs, keep)])
 
 
 def paste_masks_torchvision(masks: Tensor, boxes: Tensor, img_shape, padding: int = 1, *,
@@ -57,7 +80,8 @@ class Ops:
     # (masks (N,1,M,M), boxes, (H, W), padding=1, *, threshold=None) -> (N,1,H,W) float or bool
     paste_masks_in_image: Callable[..., Tensor]
     # (features (N,C,M,M), weight (K,C,1,1), bias (K,), proposals, gt_masks, gt_labels,
-    # mask_matched_idxs: per-image lists as torchvision's maskrcnn_loss) -> loss
+    # mask_matched_idxs: per-image lists as torchvision's maskrcnn_loss) -> loss; a row
+    # whose matched index is -1 is padding: no loss, and not counted in the mean
     maskrcnn_predictor_loss: Callable[..., Tensor]
 
 
@@ -67,7 +91,7 @@ KERNELS = Ops(
     batched_nms=kernels.batched_nms,
     batched_nms_mask=kernels.batched_nms_mask,
     paste_masks_in_image=kernels.paste_masks_in_image,
-    maskrcnn_predictor_loss=kernels.maskrcnn_predictor_loss,
+    maskrcnn_predictor_loss=maskrcnn_predictor_loss_padded,
 )
 
 TORCHVISION = Ops(

@@ -1,0 +1,171 @@
+"""The training step without host syncs: counted on the CPU (every read of tensor data and
+every operation that syncs on CUDA, on the Triton path with its launches dry), on the meta
+device (no values at all), as one graph under ``torch.compile(fullgraph=True)`` on CPU
+tensors and on the Triton path, and the fixed-size sampler's draws against torchvision's
+sampler: the same counts every time, each candidate equally likely.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+import maskrcnn
+from benchmarks.graph_breaks import SETTINGS
+from benchmarks.graph_breaks import inputs as batch
+from benchmarks.host import _dry, count_host_work
+from kernels import _utils
+from maskrcnn.fixed_size import BalancedSampler
+from test_compile_model import COVERING, _HostTraffic, graph_breaks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    return maskrcnn.maskrcnn_resnet18_fpn(fpn_channels=16, **{**SETTINGS, **kw})
+
+
+@pytest.fixture
+def quiet_dynamo():
+    torch._dynamo.reset()
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    yield
+    torch._logging.set_logs()
+    torch._dynamo.reset()
+
+
+def test_training_step_syncs_never_and_inference_once():
+    """On CPU tensors standing for CUDA ones, the Triton path with its launches observed,
+    not run (nothing computed: only the host's work is counted): a read of tensor data or
+    an operation that sizes its output from data is a sync."""
+    train, static = model().train(), model(static_shapes=True).eval()
+    images, targets = batch()
+    with _dry():
+        def step():
+            losses = train(images, targets)
+            sum(losses.values()).backward()
+        step()                       # warm-up: the anchor cache
+        with count_host_work() as work:
+            step()
+        assert work.syncs == []
+        with torch.no_grad():
+            train.eval()(images)
+            with count_host_work() as work:
+                train(images)
+            assert work.syncs == ["Tensor.tolist"]     # the detection counts, once
+            static(images)
+            with count_host_work() as work:
+                static(images)
+            assert work.syncs == []
+
+
+def test_training_step_reads_no_value_and_copies_nothing_on_the_meta_device():
+    # the meta device has no values: a read raises, a host <-> device copy is recorded
+    train = model().train()
+    images, targets = batch()
+    with _utils.reference_path():
+        train(images, targets)       # the anchor cache
+    train.to("meta")
+    images = [im.to("meta") for im in images]
+    targets = [{k: v.to("meta") for k, v in t.items()} for t in targets]
+    train(images, targets)           # the cached anchors move to the device once
+    traffic = _HostTraffic()
+    with traffic:
+        losses = train(images, targets)
+        sum(losses.values()).backward()
+    assert traffic.copies == []
+    assert all(v.is_meta and v.shape == () for v in losses.values())
+
+
+def test_training_step_is_one_graph(quiet_dynamo, monkeypatch):
+    images, targets = batch()
+    with _utils.reference_path():
+        assert graph_breaks(model().train(), images, targets) == 0
+    monkeypatch.setattr(_utils, "INTERPRET", False)     # the CPU path
+    assert graph_breaks(model().train(), images, targets) == 0
+
+
+def _eager_and_compiled(net, images, targets):
+    """One step's losses and gradients, eager then compiled whole (aot_eager: the graph
+    as dynamo and AOTAutograd capture it, run by PyTorch's own kernels)."""
+    results = []
+    for fn in (net, torch.compile(net, fullgraph=True, backend="aot_eager")):
+        net.zero_grad()
+        losses = fn(images, targets)
+        sum(losses.values()).backward()
+        results.append(({k: v.detach() for k, v in losses.items()},
+                        [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+    return results
+
+
+@pytest.mark.parametrize("path", ["cpu", "triton"])
+def test_fullgraph_training_step_equals_eager(path, quiet_dynamo, monkeypatch):
+    # budgets above the candidate counts: every candidate is drawn, so the compiled graph's
+    # random draws (ordered as it likes) cannot change the losses
+    if path == "cpu":
+        monkeypatch.setattr(_utils, "INTERPRET", False)
+        net, images, targets = model(**COVERING).train(), *batch()
+    else:
+        if not _utils.INTERPRET:
+            pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1")
+        # the interpreter pays per program: one image, fewer proposals (the image keeps
+        # its size: a resize, decomposed by AOTAutograd, rounds otherwise than eager's)
+        net = model(**{**COVERING, "rpn_post_nms_top_n_train": 6}).train()
+        images, targets = (x[:1] for x in batch())
+    (eager, eager_grads), (compiled, compiled_grads) = _eager_and_compiled(net, images, targets)
+    used = _utils.last_path
+    assert used.get("multiscale_roi_align_backward") == (
+        "triton" if path == "triton" else "torchvision"), used
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        assert_close(compiled[k], eager[k], msg=k)
+    assert len(eager_grads) == len(compiled_grads) > 0
+    for e, c in zip(eager_grads, compiled_grads):
+        assert_close(c, e, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# The sampler: torchvision's counts, uniform draws
+
+LABELS = torch.tensor([1] * 6 + [0] * 20 + [-1] * 4 + [2] * 2)   # 8 positives, 4 ignored
+
+
+@pytest.mark.parametrize("size,fraction", [(8, 0.25), (16, 0.75), (64, 0.5)])
+def test_sampler_draws_torchvisions_counts_every_time(size, fraction):
+    ours = BalancedSampler(size, fraction)
+    theirs = BalancedPositiveNegativeSampler(size, fraction)
+    labels = LABELS[torch.randperm(len(LABELS), generator=torch.Generator().manual_seed(size))]
+    expected = [m[0] for m in theirs([labels])]
+    for seed in range(50):
+        torch.manual_seed(seed)
+        pos, neg = (m[0] for m in ours([labels]))
+        assert int(pos.sum()) == int(expected[0].sum())
+        assert int(neg.sum()) == int(expected[1].sum())
+        assert bool((labels[pos] >= 1).all()) and bool((labels[neg] == 0).all())
+
+
+def test_sampler_draws_each_candidate_equally_often():
+    # 2 of 8 positives and 6 of 20 negatives per draw: over n draws each candidate's count
+    # is Binomial(n, 1/4) or Binomial(n, 3/10); every count within 5 standard deviations,
+    # and the counts together pass a chi-square test of uniformity (p > 1e-4)
+    ours, draws = BalancedSampler(8, 0.25), 3000
+    counts = torch.zeros(len(LABELS))
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        pos, neg = (m[0] for m in ours([LABELS]))
+        counts += pos.float() + neg.float()
+    assert not counts[LABELS == -1].any()
+    for picked, group in ((2, LABELS >= 1), (6, LABELS == 0)):
+        p = picked / int(group.sum())
+        mean, std = draws * p, math.sqrt(draws * p * (1 - p))
+        assert float((counts[group] - mean).abs().max()) < 5 * std, counts[group]
+        chi2 = float(((counts[group] - mean) ** 2 / mean).sum())
+        dof = int(group.sum()) - 1
+        # Wilson-Hilferty: the chi-square quantile for p = 1e-4 (z = 3.72)
+        limit = dof * (1 - 2 / (9 * dof) + 3.72 * math.sqrt(2 / (9 * dof))) ** 3
+        assert chi2 < limit, (chi2, limit)
