@@ -15,8 +15,8 @@ bilinear corners, the backward scatters onto them with relaxed atomics), pools f
 program computes its RoI's level with torchvision's LevelMapper arithmetic and picks that
 level's pointer, shape and scale. RoIAlign is the one-level case (the level pick compiles
 out); :mod:`kernels.ops.multiscale_roi_align` launches the pyramid. A separate single-level
-kernel would buy nothing: the static kernel report shows the same registers and occupancy
-(sm_90 forward 40, backward 40-42). The sampling itself (box decode, bilinear rule, level)
+kernel would buy nothing: the static kernel report (``benchmarks/results/static.json``)
+shows one-level and multi-level launches at the same registers and occupancy. The sampling itself (box decode, bilinear rule, level)
 is :mod:`kernels._sampling`, shared with the mask losses' target sampling.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from .._launch import DTYPE_NAMES, launch, pick_tuning, register_lanes, register
 # channels_last, the launcher's choice), so their strides follow from (C, H, W) and are not
 # passed: with levels past NUM_LEVELS passed as None (constants) a one-level launch has 11
 # runtime arguments (55 when every level's shape, strides and the output strides were
-# passed), and Triton's launch costs about 0.4 us per runtime argument.
+# passed), and Triton's launch pays per runtime argument on the host.
 _SHAPE_ARGS = [f"{a}{i}" for i in range(MAX_LEVELS) for a in ("H", "W")] + ["N"]
 _POOLED_STRIDES = ["p_stride_k", "p_stride_c", "p_stride_h", "p_stride_w"]
 
