@@ -8,6 +8,11 @@ sampling budgets above every candidate count (the samplers then pick the same an
 proposals, whatever their draws). On the CPU (and with --quick) images are 128x192 and
 proposal counts are cut, so the run takes about a minute.
 
+The whole training step with the SGD update (forward, backward, clipping, SGD with
+momentum; each side trains its own copy of the weights) runs eager, compiled (with
+``--compiled``) and on CUDA as one CUDA graph replay (``maskrcnn.graphed``), each against
+torchvision's eager step, with its host syncs per step (``*_step_syncs``) and peak memory.
+
 Our model also runs in its static mode (``static_shapes=True``; on CUDA captured once and
 replayed as a CUDA graph) and, with ``--compiled``, under ``torch.compile`` (inference and
 training step; compile time excluded, one warm-up call). Every row times torchvision's
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 
 import torch
 import torchvision
@@ -90,6 +96,85 @@ def cuda_graph(model, images):
         graph.replay()
         return outputs
     return replay
+
+
+def step_syncs(step, device: str, gpu_code_path: bool = False) -> int:
+    """Host syncs in one call of ``step``: on CUDA what the sync debug mode reports; on the
+    CPU the reads of tensor data that would sync a CUDA host (benchmarks.host), with
+    ``gpu_code_path`` on our CUDA code path, its kernels launched dry (what a CUDA host
+    would run; the CPU path reads values freely, having no sync to save)."""
+    from benchmarks.host import _dry, count_host_work
+    with _dry() if gpu_code_path and device != "cuda" else contextlib.nullcontext():
+        step()
+        with count_host_work(cuda=device == "cuda") as work:
+            step()
+    return len(work.syncs)
+
+
+def sgd_step_modes(tv, ours, images, targets, autocast, amp: bool, device: str,
+                   compiled: bool, same_losses):
+    """The whole training step (forward, backward, gradient clipping, SGD with momentum)
+    as a user's loop runs it: torchvision's eager step, ours eager, compiled (with
+    ``compiled``) and, on CUDA, replayed as one CUDA graph (``maskrcnn.graphed``). Each
+    side trains its own copy of the weights (a step changes them). Returns (mode, ours,
+    torchvision, parity) rows."""
+    from maskrcnn.graphed import GraphedStep
+    lr, clip = 1e-4, 10.0
+
+    def sgd(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return params, torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+
+    def eager(model, forward=None):
+        model = copy.deepcopy(model).train()
+        forward = forward(model) if forward else model
+        params, opt = sgd(model)
+
+        def step():
+            torch.manual_seed(1)
+            with autocast():
+                losses = forward(images, targets)
+            sum(losses.values()).backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return losses
+        return step
+
+    def graphed():
+        model = copy.deepcopy(ours).train()
+        return GraphedStep(model, sgd(model)[1], clip, device, amp=amp)
+
+    def same_graphed_losses():
+        # one step's losses from a fresh graph, budgets covering every candidate (the
+        # graph's draws then cannot matter), against our eager model's
+        step = graphed()
+        with covering_budgets(step.model, ours), ieee_float32():
+            losses = step(images, targets)
+            with autocast():
+                expected = ours.train()(images, targets)
+        same_losses(losses, expected)
+
+    def same_first_step(forward):
+        # one step's losses of a fresh copy, budgets covering every candidate, against
+        # torchvision's eager step's
+        def check():
+            model, theirs = copy.deepcopy(ours).train(), copy.deepcopy(tv).train()
+            run = forward(model) if forward else model
+            with covering_budgets(model, theirs), ieee_float32(), autocast():
+                same_losses(run(images, targets), theirs(images, targets))
+        return parity(check)
+
+    tv_step = eager(tv)
+    modes = [("train step + SGD", eager(ours), tv_step, same_first_step(None))]
+    if compiled:
+        modes.append(("train step + SGD (compiled)", eager(ours, torch.compile), tv_step,
+                      same_first_step(torch.compile)))
+    if device == "cuda":
+        step = graphed()
+        modes.append(("train step + SGD (CUDA graph)", lambda: step(images, targets),
+                      tv_step, parity(same_graphed_losses)))
+    return modes
 
 
 def run(quick: bool = False, device: str | None = None, write: bool = True,
@@ -205,6 +290,8 @@ def _run(quick: bool, device: str, write: bool, amp: bool, tiny: bool,
 
         modes += [("train step (compiled)", train_step(fast), parity(same_compiled_losses)),
                   ("inference (compiled)", infer(fast), parity(same_compiled_scores))]
+    sgd_modes = sgd_step_modes(tv, ours, images, targets, autocast, amp, device, compiled,
+                               same_losses)
     rows = []
     for mode, ours_fn, match in modes:
         row = {"mode": mode, "images": len(images), "size": f"{size[0]}x{size[1]}",
@@ -218,6 +305,20 @@ def _run(quick: bool, device: str, write: bool, amp: bool, tiny: bool,
         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
         if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
             row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]
+        rows.append(row)
+    for mode, ours_fn, tv_fn, match in sgd_modes:
+        row = {"mode": mode, "images": len(images), "size": f"{size[0]}x{size[1]}",
+               "dtype": "bf16 autocast" if amp and device == "cuda" else "float32",
+               "detections": "-", "parity": match}
+        if device == "cpu":
+            row["threads"] = torch.get_num_threads()
+        measure(row, "ours", ours_fn, device, None, reps)
+        measure(row, "torchvision", tv_fn, device, None, reps)
+        row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
+        if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
+            row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]
+        row["ours_step_syncs"] = step_syncs(ours_fn, device, gpu_code_path=True)
+        row["torchvision_step_syncs"] = step_syncs(tv_fn, device)
         rows.append(row)
     if write:
         path = write_results("model", rows, {"size": size, "images": len(images), **{

@@ -75,6 +75,9 @@ def _set_threads(threads, world: int) -> None:
 def cmd_train(args) -> int:
     rank, world, device = engine.distributed_setup(args.device)
     _set_threads(args.threads, world)
+    if args.cuda_graph and (device.type != "cuda" or world > 1):
+        raise data.DataError(f"--cuda-graph needs one process on a CUDA device (this run: "
+                             f"{world} process(es) on {device})")
     train_set = _dataset(args)
     if args.weights and args.resume:
         raise data.DataError("--weights starts a run from weights, --resume continues one: "
@@ -118,7 +121,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, device=device, output=args.output,
         resume=args.resume, amp=not args.no_amp, workers=args.workers, seed=args.seed,
         max_steps=args.max_steps, time_budget=time_budget, save_every=args.save_every,
-        transforms=data.train_transforms())
+        transforms=data.train_transforms(), cuda_graph=args.cuda_graph)
     if result.get("interrupted"):
         if rank == 0:
             print(f"interrupted: checkpoint {args.output}; continue with --resume "
@@ -245,6 +248,11 @@ def parser() -> argparse.ArgumentParser:
                    help="synthetic: held-out images evaluated after training (0: skip)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     t.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA, one process: each step (forward, backward, clipping, SGD) a "
+                        "CUDA graph replay, one graph per batch shape (same-size images "
+                        "replay; instance counts are padded); mixed precision is then "
+                        "bfloat16 autocast")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 

@@ -12,12 +12,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from torchvision.models.detection._utils import overwrite_eps
 
 from . import builders, data
+from .graphed import GraphedStep
 
 # The CPU-trainable default: what `python -m maskrcnn train` builds (see README).
 SMALL_CONFIG = dict(
@@ -320,18 +322,28 @@ def _check_mid_epoch(ckpt: dict, path: str, **now) -> None:
             f"(changed: {', '.join(changed)})")
 
 
+def _to_device(images, targets, device):
+    return ([img.to(device, non_blocking=True) for img in images],
+            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
+
+
+def _read_losses(losses: dict[str, Tensor], step: int) -> dict[str, float]:
+    """The losses as numbers (one host sync reads them all); a non-finite total stops."""
+    values = dict(zip(losses, torch.stack([v.detach().float()
+                                           for v in losses.values()]).tolist()))
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss is {values['loss']} at step {step}: {values}")
+    return values
+
+
 def _step(model, optimizer, scaler, params, images, targets, device, use_amp: bool,
           clip_grad: float, step: int) -> dict[str, float]:
     """One optimizer step on a batch; its losses (one host sync reads them all)."""
-    images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    images, targets = _to_device(images, targets, device)
     with torch.autocast(device.type, enabled=use_amp):
         loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
-    values = dict(zip([*loss_dict, "loss"], torch.stack(
-        [v.detach().float() for v in (*loss_dict.values(), loss)]).tolist()))
-    if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"loss is {values['loss']} at step {step}: {values}")
+    values = _read_losses({**loss_dict, "loss": loss}, step)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     # from-scratch training spikes early on; clipping keeps it from diverging
@@ -347,13 +359,16 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
           workers: int = 0, seed: int = 0, max_steps: Optional[int] = None,
           weight_decay: float = 1e-4, clip_grad: float = 10.0,
           time_budget: Optional[float] = None, transforms: Optional[Callable] = None,
-          save_every: Optional[int] = None, save_minutes: float = 10.0, log=print) -> dict:
+          save_every: Optional[int] = None, save_minutes: float = 10.0,
+          cuda_graph: bool = False, log=print) -> dict:
     """Train; checkpoint ``output`` after every epoch, every ``save_every`` steps (default:
     every ``save_minutes`` of training) and when training stops early (step or time budget,
     Ctrl-C). ``transforms``: the augmentation, seeded per sample (:class:`data.Augmented`).
     A resume continues where the checkpoint was taken, mid-epoch too, and ends with the
     weights an uninterrupted run ends with. Returns the losses averaged over the last
-    epoch, with ``interrupted`` set when Ctrl-C ended it."""
+    epoch, with ``interrupted`` set when Ctrl-C ended it. ``cuda_graph``: each step a
+    CUDA graph replay (:class:`graphed.GraphedStep`: one process, CUDA; ``amp`` is then
+    bfloat16 autocast, with no loss scaler)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(seed)
     model.to(device)
@@ -371,6 +386,13 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
         done, sums = ckpt.get("batch", 0), dict(ckpt.get("epoch_sums", {}))
         _check_mid_epoch(ckpt, resume, seed=seed, batch_size=batch_size, processes=world)
         _set_rng_states(ckpt, rank, device)
+    graphed = None
+    if cuda_graph:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
+        if world > 1:
+            raise ValueError("cuda_graph runs in one process (not under torchrun)")
+        graphed = GraphedStep(model, optimizer, clip_grad, device, amp=use_amp)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                         else None) if world > 1 else model
 
@@ -418,8 +440,13 @@ def train(*, model, config: dict, train_set, epochs: int, batch_size: int, lr: f
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(progress.value, lr, warmup)
-                values = _step(ddp_model, optimizer, scaler, params, images, targets,
-                               device, use_amp, clip_grad, step)
+                if graphed is not None:
+                    graphed.lr = optimizer.param_groups[0]["lr"]
+                    values = _read_losses(graphed(*_to_device(images, targets, device)),
+                                          step)
+                else:
+                    values = _step(ddp_model, optimizer, scaler, params, images, targets,
+                                   device, use_amp, clip_grad, step)
                 step += 1
                 done += 1
                 for k, v in values.items():

@@ -4,10 +4,10 @@ torchvision's Mask R-CNN selects with data-dependent sizes everywhere (``torch.w
 ``boxes[keep]``, ``keep[:n]``): each is a graph break under ``torch.compile``, a guard
 ``torch.export`` cannot satisfy, and a host sync on CUDA. Here every selection also has a
 fixed-size form: a mask of the valid rows travels beside tensors whose sizes depend on
-shapes only. The model takes that form in training, in its static mode, for inference on a
-GPU and whenever ``torch.compile`` or ``torch.export`` traces it (:func:`fixed_sizes`);
-eager inference on CPU tensors keeps torchvision's data-dependent selections, which do less
-work when few rows survive (a CPU has no sync to save). Both forms select the same rows in
+shapes only. The model takes that form on a GPU (training and inference), in its static
+mode and whenever ``torch.compile`` or ``torch.export`` traces it (:func:`fixed_sizes`);
+eager CPU tensors keep torchvision's data-dependent selections, which do less work when
+few rows survive (a CPU has no sync to save). Both forms select the same rows in
 the same order (tests/test_compile_model.py).
 """
 from __future__ import annotations
@@ -21,12 +21,14 @@ from torchvision.models.detection import _utils as det_utils
 from kernels._utils import gpu_path
 
 
-def fixed_sizes(static: bool, training: bool = False, images: Sequence[Tensor] = ()) -> bool:
-    """Whether sizes stay fixed: in the static mode, in training, while torch.compile or
-    torch.export trace, and for inference on the GPU path (where the default mode then
-    reads one value per call, each image's detection count, at the end)."""
-    return (static or training or torch.compiler.is_compiling()
-            or (len(images) > 0 and gpu_path(images[0])))
+def fixed_sizes(static: bool, images: Sequence[Tensor] = ()) -> bool:
+    """Whether sizes stay fixed: in the static mode, while torch.compile or torch.export
+    trace, and on every device but the CPU (the GPU code path: training then reads no
+    value on the host, inference one per call at the end, each image's detection count).
+    Eager CPU tensors take the data-dependent form: a CPU has no sync to save, and the
+    fixed form's padding rows cost it time (measured: a training step 1.6x slower)."""
+    return (static or torch.compiler.is_compiling()
+            or (len(images) > 0 and (gpu_path(images[0]) or images[0].device.type != "cpu")))
 
 
 def large_enough(boxes: Tensor, min_size: float) -> Tensor:
@@ -113,9 +115,56 @@ class Matcher(det_utils.Matcher):
 
     def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor,
                                  match_quality_matrix: Tensor) -> None:
-        highest = match_quality_matrix.max(dim=1).values
-        update = (match_quality_matrix == highest[:, None]).any(dim=0)
+        # a padding gt row (quality -1 everywhere, :func:`gt_quality`) matches nothing; a
+        # real row's quality is an IoU, never negative: torchvision's rule for those
+        highest = match_quality_matrix.max(dim=1).values[:, None]
+        update = ((match_quality_matrix == highest) & (highest >= 0)).any(dim=0)
         matches.copy_(torch.where(update, all_matches, matches))
+
+
+def gt_valid(target: dict[str, Tensor]) -> Tensor:
+    """Which gt rows of a target are real: its ``"valid"`` (bool, one per box), which
+    :func:`pad_targets` writes, or all of them."""
+    valid = target.get("valid")
+    if valid is None:
+        return torch.ones(target["boxes"].shape[:1], dtype=torch.bool,
+                          device=target["boxes"].device)
+    return valid
+
+
+def gt_quality(quality: Tensor, target: dict[str, Tensor]) -> Tensor:
+    """A (gt, candidates) match-quality matrix with the target's padding rows at -1: below
+    every IoU, so no candidate matches them (and :class:`Matcher` gives them no low-quality
+    match)."""
+    valid = target.get("valid")
+    return quality if valid is None else quality.masked_fill(~valid[:, None], -1.0)
+
+
+def pad_targets(targets: list[dict[str, Tensor]], rows: int) -> list[dict[str, Tensor]]:
+    """Each image's boxes, labels and masks padded to ``rows`` gt rows, with ``"valid"``
+    flagging the real ones: the padding rows (box (0, 0, 1, 1), label 0, an empty mask)
+    are matched by no anchor or proposal and never join the proposals, so a padded batch
+    trains as the unpadded one does, with tensor sizes that no longer depend on the
+    instance counts (what a CUDA graph needs). Other keys are kept as they are."""
+    out = []
+    for i, t in enumerate(targets):
+        boxes, labels = t["boxes"], t["labels"]
+        n = boxes.shape[0]
+        if n > rows:
+            raise ValueError(f"targets[{i}] has {n} boxes, more than the {rows} padded rows")
+        extra = rows - n
+        padded = dict(t)
+        # fills, not a host tensor copied over (a host-to-device copy syncs a CUDA stream)
+        padded["boxes"] = torch.cat([boxes, torch.cat([boxes.new_zeros(extra, 2),
+                                                       boxes.new_ones(extra, 2)], dim=1)])
+        padded["labels"] = torch.cat([labels, labels.new_zeros(extra)])
+        if "masks" in t:
+            masks = t["masks"]
+            padded["masks"] = torch.cat([masks, masks.new_zeros(extra, *masks.shape[1:])])
+        padded["valid"] = torch.cat([gt_valid(t), torch.zeros(extra, dtype=torch.bool,
+                                                              device=boxes.device)])
+        out.append(padded)
+    return out
 
 
 class BalancedSampler:
@@ -187,4 +236,4 @@ def _(fields, counts):
 
 
 __all__ = ["fixed_sizes", "large_enough", "select_top", "BoxCoder", "Matcher", "BalancedSampler",
-           "leading", "leading_rows"]
+           "gt_valid", "gt_quality", "pad_targets", "leading", "leading_rows"]

@@ -24,7 +24,7 @@ import kernels
 from kernels._utils import values_checked
 
 from .fixed_size import (BalancedSampler, BoxCoder, Matcher, fixed_sizes, large_enough, leading,
-                         leading_rows, select_top)
+                         leading_rows, select_top, gt_quality, gt_valid)
 
 
 class MaskRCNN(nn.Module):
@@ -59,7 +59,7 @@ class MaskRCNN(nn.Module):
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
         if self.training and targets is None:
             raise ValueError("targets must be given in training mode")
-        fixed = fixed_sizes(self.static_shapes, self.training, images)
+        fixed = fixed_sizes(self.static_shapes, images)
         if self.static_shapes and not torch.compiler.is_compiling():
             with kernels.skip_data_checks():   # the static mode reads no tensor value
                 return self._finish(*self._run(images, targets, fixed))
@@ -118,20 +118,25 @@ def _check_targets(targets: list[dict[str, Tensor]], box_predictor: nn.Module) -
         if t["labels"].shape != boxes.shape[:1]:
             raise ValueError(f"targets[{i}]['labels'] must be ({boxes.shape[0]},) as its boxes, "
                              f"got {tuple(t['labels'].shape)}")
+        valid = t.get("valid")
+        if valid is not None and (valid.shape != boxes.shape[:1] or valid.dtype != torch.bool):
+            raise ValueError(f"targets[{i}]['valid'] must be a bool ({boxes.shape[0]},) as its "
+                             f"boxes, got {valid.dtype} {tuple(valid.shape)}")
     if not targets or not values_checked(targets[0]["boxes"]):
         return
     classes = getattr(getattr(box_predictor, "cls_score", None), "out_features", None)
     flags = []
     for t in targets:
-        boxes, labels = t["boxes"], t["labels"]
-        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any()
-        outside = (((labels < 0) | (labels >= classes)).any() if classes is not None
+        boxes, labels, valid = t["boxes"], t["labels"], gt_valid(t)
+        degenerate = ((boxes[:, 2:] <= boxes[:, :2]).any(dim=1) & valid).any()
+        outside = ((((labels < 0) | (labels >= classes)) & valid).any() if classes is not None
                    else torch.zeros((), dtype=torch.bool, device=labels.device))
         flags.append(torch.stack([degenerate, outside.to(degenerate.device)]))
     for i, (degenerate, outside) in enumerate(torch.stack(flags).tolist()):   # one read
         boxes = targets[i]["boxes"]
         if degenerate:
-            first = boxes[(boxes[:, 2:] <= boxes[:, :2]).any(dim=1)][0].tolist()
+            first = boxes[(boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+                          & gt_valid(targets[i])][0].tolist()
             raise ValueError(f"targets[{i}]['boxes'] has a box of non-positive size: {first}")
         if outside:
             raise ValueError(f"targets[{i}]['labels'] must be in [0, {classes}) (the box "
@@ -266,7 +271,8 @@ class RPN(RegionProposalNetwork):
                 labels.append(torch.zeros(anchors_per_image.shape[0], dtype=torch.float32,
                                           device=anchors_per_image.device))
                 continue
-            matched = self.proposal_matcher(self.box_similarity(gt_boxes, anchors_per_image))
+            matched = self.proposal_matcher(
+                gt_quality(self.box_similarity(gt_boxes, anchors_per_image), t))
             matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
             labels.append(torch.where(
                 matched >= 0, 1.0,
@@ -407,7 +413,7 @@ class RoIHeads(_TVRoIHeads):
             if targets is None:
                 raise ValueError("targets must be given in training mode")
             self._check_target_dtypes(targets)
-            return [], self._losses(features, proposals, valid, image_shapes, targets)
+            return [], self._losses(features, proposals, valid, image_shapes, targets, fixed)
         return self._detect(features, proposals, valid, image_shapes, fixed), {}
 
     @staticmethod
@@ -429,14 +435,13 @@ class RoIHeads(_TVRoIHeads):
         for p, ok, t in zip(proposals, valid, targets):
             gt_boxes = t["boxes"].to(p.dtype)
             p = torch.cat([p, gt_boxes])
-            ok = torch.cat([ok, torch.ones(gt_boxes.shape[0], dtype=torch.bool,
-                                           device=ok.device)])
+            ok = torch.cat([ok, gt_valid(t).to(ok.device)])   # padding gt rows: no proposal
             if gt_boxes.shape[0] == 0:
                 matched = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
                 labels = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
                 gt_boxes = torch.zeros((1, 4), dtype=p.dtype, device=p.device)
             else:
-                matched = self.proposal_matcher(box_ops.box_iou(gt_boxes, p))
+                matched = self.proposal_matcher(gt_quality(box_ops.box_iou(gt_boxes, p), t))
                 labels = t["labels"][matched.clamp(min=0)].to(torch.int64)
                 labels = torch.where(matched == self.proposal_matcher.BELOW_LOW_THRESHOLD,
                                      0, labels)
@@ -457,7 +462,8 @@ class RoIHeads(_TVRoIHeads):
         out["targets"] = self.box_coder.encode(out["targets"], out["proposals"])
         return out
 
-    def _losses(self, features, proposals, valid, image_shapes, targets) -> dict[str, Tensor]:
+    def _losses(self, features, proposals, valid, image_shapes, targets,
+                fixed: bool = True) -> dict[str, Tensor]:
         s = self._sample(proposals, valid, targets)
         box_features = self.box_head(self.box_roi_pool(features, s["proposals"], image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
@@ -466,15 +472,21 @@ class RoIHeads(_TVRoIHeads):
             torch.cat(s["targets"]))
 
         # The mask branch trains on each image's positive rows (the sampler draws at most
-        # `cap`): the positives lead, in index order as torchvision's torch.where, in
-        # min(cap, rows) rows; the others are padding (matched index -1), ignored by the
-        # loss. Fixed sizes: no host sync, no graph break.
+        # `cap`). Fixed sizes (no host sync, no graph break): the positives lead, in index
+        # order as torchvision's torch.where, in min(cap, rows) rows; the others are
+        # padding (matched index -1), ignored by the loss. On the CPU (no sync to save)
+        # the positives alone, as torchvision: the mask head then runs on fewer rows.
         cap = int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction)
         mask_proposals, pos_matched = [], []
         for p, m, lab in zip(s["proposals"], s["matched"], s["labels"]):
-            rows, pos = leading(lab > 0, cap)
-            mask_proposals.append(p[rows])
-            pos_matched.append(torch.where(pos, m[rows], -1))
+            if fixed:
+                rows, pos = leading(lab > 0, cap)
+                mask_proposals.append(p[rows])
+                pos_matched.append(torch.where(pos, m[rows], -1))
+            else:
+                rows = torch.where(lab > 0)[0]
+                mask_proposals.append(p[rows])
+                pos_matched.append(m[rows])
         mask_features = self.mask_predictor.features(
             self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
         predictor = self.mask_predictor.mask_fcn_logits

@@ -332,6 +332,14 @@ def test_unavailable_device(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cuda_graph_needs_a_cuda_device(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert _run(["train", *TINY[:-2], "--device", "cpu", "--cuda-graph",
+                 "--output", str(out)]) == 2
+    assert "--cuda-graph needs one process on a CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_exit_code_2_from_the_real_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "maskrcnn", "predict", "--checkpoint",
                            str(tmp_path / "missing.pt"), str(tmp_path / "missing.png")],

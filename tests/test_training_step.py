@@ -19,7 +19,7 @@ from benchmarks.graph_breaks import SETTINGS
 from benchmarks.graph_breaks import inputs as batch
 from benchmarks.host import _dry, count_host_work
 from kernels import _utils
-from maskrcnn.fixed_size import BalancedSampler
+from maskrcnn.fixed_size import BalancedSampler, pad_targets
 from test_compile_model import COVERING, _HostTraffic, graph_breaks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,3 +169,136 @@ def test_sampler_draws_each_candidate_equally_often():
         # Wilson-Hilferty: the chi-square quantile for p = 1e-4 (z = 3.72)
         limit = dof * (1 - 2 / (9 * dof) + 3.72 * math.sqrt(2 / (9 * dof))) ** 3
         assert chi2 < limit, (chi2, limit)
+
+
+# ---------------------------------------------------------------------------------------
+# Padded targets and the graphed step (its body on the CPU; capture and replay on CUDA)
+
+def _padded_and_plain_steps(targets, rows):
+    """Losses and gradients of one step on ``targets`` and on them padded to ``rows``."""
+    results = []
+    images = batch()[0]
+    for padded in (False, True):
+        net = model(**COVERING).train()
+        ts = pad_targets(targets, rows) if padded else targets
+        losses = net(images, ts)
+        sum(losses.values()).backward()
+        results.append(({k: v.detach() for k, v in losses.items()},
+                        [p.grad for p in net.parameters() if p.grad is not None]))
+    return results
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_padded_targets_train_as_the_unpadded_ones(empty):
+    # with budgets covering every candidate, the same rows are sampled whatever the tensor
+    # sizes: padding rows must be matched by nothing and never join the proposals
+    _, targets = batch()
+    if empty:   # an image without objects: every row of its padded targets is padding
+        targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                      "masks": torch.zeros(0, *targets[1]["masks"].shape[1:], dtype=torch.uint8)}
+    padded = pad_targets(targets, 8)
+    assert padded[0]["boxes"].shape == (8, 4) and int(padded[0]["valid"].sum()) == 1
+    with _utils.reference_path():
+        (plain, plain_grads), (pad, pad_grads) = _padded_and_plain_steps(targets, 8)
+    for k in plain:
+        assert_close(pad[k], plain[k], msg=k)
+    assert len(plain_grads) == len(pad_grads) > 0
+    for p, q in zip(pad_grads, plain_grads):
+        assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_padded_targets_are_checked():
+    _, targets = batch()
+    net = model().train()
+    bad = pad_targets(targets, 8)
+    bad[0]["valid"] = bad[0]["valid"].to(torch.uint8)
+    with pytest.raises(ValueError, match=r"targets\[0\]\['valid'\]"):
+        net(batch()[0], bad)
+    # a degenerate box among the real rows is still refused; the padding rows are not
+    bad = pad_targets(targets, 8)
+    bad[1]["boxes"][0, 2] = bad[1]["boxes"][0, 0]
+    with pytest.raises(ValueError, match="non-positive size"):
+        net(batch()[0], bad)
+    with pytest.raises(ValueError, match="more than the 1 padded rows"):
+        pad_targets([{**targets[0], "boxes": torch.rand(2, 4), "labels": torch.ones(2)}], 1)
+
+
+def test_graphed_steps_body_equals_the_engine_step():
+    """GraphedStep without capture: its padding, clipping and foreach SGD update equal
+    engine._step's (torch.optim.SGD) over three steps."""
+    from maskrcnn import engine
+    from maskrcnn.graphed import GraphedStep
+    images, targets = batch()
+    runs = []
+    with _utils.reference_path():
+        for graphed in (False, True):
+            net = model(**COVERING).train()
+            params = [p for p in net.parameters() if p.requires_grad]
+            opt = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+            step = GraphedStep(net, opt, 1.0, "cpu", capture=False) if graphed else None
+            scaler = torch.amp.GradScaler("cuda", enabled=False)
+            losses = []
+            for i, lr in enumerate((0.02, 0.01, 0.005)):
+                if graphed:
+                    step.lr = lr
+                    losses.append(engine._read_losses(step(images, targets), i))
+                else:
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    losses.append(engine._step(net, opt, scaler, params, images, targets,
+                                               torch.device("cpu"), False, 1.0, i))
+            runs.append((losses, [p.detach().clone() for p in params],
+                         [opt.state[p]["momentum_buffer"] for p in params]))
+    (eager_losses, eager_params, eager_bufs), (g_losses, g_params, g_bufs) = runs
+    # the first step's losses come before any update; after it, the foreach update rounds
+    # otherwise than SGD's fused multiply-add (an ulp per element), which later steps carry
+    # (a wrong update, say an unclipped gradient, moves the losses by tens of percent)
+    for i, (e, g) in enumerate(zip(eager_losses, g_losses)):
+        assert e.keys() == g.keys()
+        for k in e:
+            assert g[k] == pytest.approx(e[k], rel=1e-5 if i == 0 else 1e-3, abs=1e-6), k
+    for e, g in zip(eager_params + eager_bufs, g_params + g_bufs):
+        assert_close(g, e, rtol=1e-3, atol=1e-5)
+    assert any(not torch.equal(p, q) for p, q in zip(g_params, [
+        p.detach() for p in model(**COVERING).parameters() if p.requires_grad]))
+
+
+def test_graphed_step_refuses_what_it_cannot_graph():
+    from maskrcnn.graphed import GraphedStep
+    net = model()
+    with pytest.raises(TypeError, match="optimizer must be torch.optim.SGD"):
+        GraphedStep(net, torch.optim.Adam(net.parameters()), 1.0, "cpu", capture=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        GraphedStep(net, torch.optim.SGD(net.parameters(), lr=0.1), 1.0, "cpu", capture=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_step_never_syncs_and_replays_the_eager_step(monkeypatch):
+    from maskrcnn.graphed import GraphedStep
+    monkeypatch.setattr(_utils, "_force_reference", False)   # the Triton kernels
+    images = [im.cuda() for im in batch()[0]]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in batch()[1]]
+    runs = []
+    for capture in (False, True):
+        net = model(**COVERING).cuda().train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+        step = GraphedStep(net, opt, 1.0, "cuda", capture=capture)
+        losses = [step(images, targets)]          # a capture, then its first replay
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for lr in (0.01, 0.005):
+                step.lr = lr
+                losses.append({k: v.clone() for k, v in step(images, targets).items()})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        runs.append((losses, [p.detach().clone() for p in net.parameters()]))
+        if capture:
+            assert len(step.graphs) == 1 and step.eager_steps == 0
+    (eager, eager_params), (graphed, graphed_params) = runs
+    for e, g in zip(eager, graphed):
+        for k in e:
+            assert_close(g[k], e[k], rtol=1e-4, atol=1e-6, msg=k)
+    for e, g in zip(eager_params, graphed_params):
+        assert_close(g, e, rtol=1e-4, atol=1e-5)
