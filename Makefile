@@ -38,8 +38,8 @@ test: $(VENV)/.installed
 # On a GPU machine, with that machine's own python3 and packages (no venv, nothing
 # installed): the GPU kit. `make gpu GPU_ARGS=--dry-run` rehearses it on a CPU. gpu runs the
 # full plan (540 s); gpu-profile (300 s: environment, smoke, profiled benchmarks, ncu) and
-# gpu-sweep (240 s: environment, tuning sweep) fit a second and a third call in the same
-# fifteen device minutes.
+# gpu-sweep (240 s: environment, tuning sweep) are shorter calls for the device time left
+# after it (docs/gpu.md: which fits where).
 gpu:
 	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu $(GPU_ARGS)
 

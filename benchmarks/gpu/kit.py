@@ -15,8 +15,9 @@ from the plan's budget; a failing step never stops the plan:
 - ``profile`` (300 s, ``make gpu-profile``): environment, smoke, profile, ncu;
 - ``sweep`` (240 s, ``make gpu-sweep``): environment, sweep.
 
-The full plan fills its 10-minute call; the two short ones fit a second and a third call
-in the same fifteen device minutes. The steps:
+The full plan fills its 10-minute call; the two short ones are later calls for the device
+time left (after a machine's start and a full plan, about one of them: docs/gpu.md says
+which fits where). The steps:
 
 - environment: GPU, driver, versions, measured copy bandwidth;
 - smoke: every public op and both model builders once against torchvision;
