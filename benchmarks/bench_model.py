@@ -11,7 +11,7 @@ proposal counts are cut, so the run takes about a minute.
 The whole training step with the SGD update (forward, backward, clipping, SGD with
 momentum; each side trains its own copy of the weights) runs eager, compiled (with
 ``--compiled``) and on CUDA as one CUDA graph replay (``maskrcnn.graphed``), each against
-torchvision's eager step, with its host syncs per step (``*_step_syncs``) and peak memory.
+torchvision's eager step, with its host syncs per step (``*_syncs_per_step``) and peak memory.
 
 Our model also runs in its static mode (``static_shapes=True``; on CUDA captured once and
 replayed as a CUDA graph) and, with ``--compiled``, under ``torch.compile`` (inference and
@@ -317,8 +317,8 @@ def _run(quick: bool, device: str, write: bool, amp: bool, tiny: bool,
         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
         if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
             row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]
-        row["ours_step_syncs"] = step_syncs(ours_fn, device, gpu_code_path=True)
-        row["torchvision_step_syncs"] = step_syncs(tv_fn, device)
+        row["ours_syncs_per_step"] = step_syncs(ours_fn, device, gpu_code_path=True)
+        row["torchvision_syncs_per_step"] = step_syncs(tv_fn, device)
         rows.append(row)
     if write:
         path = write_results("model", rows, {"size": size, "images": len(images), **{
