@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .fixed_size import pad_targets
 
 MIN_ROWS = 8
+TARGET_KEYS = ("boxes", "labels", "masks", "valid")
 
 
 def padded_rows(targets: list[dict[str, Tensor]]) -> int:
@@ -35,6 +36,14 @@ def padded_rows(targets: list[dict[str, Tensor]]) -> int:
     of two, at least ``MIN_ROWS`` (a few graphs cover a dataset's counts)."""
     most = max((t["boxes"].shape[0] for t in targets), default=0)
     return max(MIN_ROWS, 1 << max(most - 1, 0).bit_length())
+
+
+def graph_targets(targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """What the model reads of each target (boxes, labels, masks), padded to
+    :func:`padded_rows`: sizes that depend on the image sizes and the row bucket only
+    (other keys, such as a COCO set's ``area`` and ``iscrowd``, would vary with the count)."""
+    return pad_targets([{k: t[k] for k in TARGET_KEYS if k in t} for t in targets],
+                       padded_rows(targets))
 
 
 def _check_sgd(optimizer: torch.optim.Optimizer) -> None:
@@ -126,7 +135,7 @@ class GraphedStep:
 
     def __call__(self, images: list[Tensor], targets: list[dict[str, Tensor]]
                  ) -> dict[str, Tensor]:
-        targets = pad_targets(targets, padded_rows(targets))
+        targets = graph_targets(targets)
         if not self.capture:
             return self._eager(images, targets)
         key = (tuple(tuple(im.shape) for im in images),
@@ -177,4 +186,4 @@ class GraphedStep:
         return graph, static_images, static_targets, losses
 
 
-__all__ = ["GraphedStep", "padded_rows", "MIN_ROWS"]
+__all__ = ["GraphedStep", "graph_targets", "padded_rows", "MIN_ROWS"]

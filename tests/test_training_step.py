@@ -272,6 +272,25 @@ def test_graphed_steps_body_equals_the_engine_step():
     assert any(not torch.equal(p.detach(), q) for p, q in zip(params, start))
 
 
+def test_graph_targets_have_sizes_fixed_by_the_row_bucket():
+    from maskrcnn.graphed import graph_targets, padded_rows
+
+    def target(n):
+        return {"boxes": torch.rand(n, 4) + torch.tensor([0, 0, 2, 2]),
+                "labels": torch.ones(n, dtype=torch.int64),
+                "masks": torch.zeros(n, 6, 7, dtype=torch.uint8), "area": torch.rand(n),
+                "iscrowd": torch.zeros(n, dtype=torch.int64), "image_id": torch.tensor(3)}
+
+    def shapes(ts):
+        return [{k: tuple(v.shape) for k, v in t.items()} for t in ts]
+
+    assert [padded_rows([target(n)]) for n in (0, 1, 8, 9, 16, 17)] == [8, 8, 8, 16, 16, 32]
+    three, five = graph_targets([target(3), target(1)]), graph_targets([target(5), target(0)])
+    assert shapes(three) == shapes(five) == [{"boxes": (8, 4), "labels": (8,),
+                                             "masks": (8, 6, 7), "valid": (8,)}] * 2
+    assert three[0]["valid"].tolist() == [True] * 3 + [False] * 5
+
+
 def test_graphed_step_refuses_what_it_cannot_graph():
     from maskrcnn.graphed import GraphedStep
     net = model()
