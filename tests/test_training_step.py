@@ -312,7 +312,8 @@ def test_cuda_graph_step_never_syncs_and_replays_the_eager_step(monkeypatch):
         net = model(**COVERING).cuda().train()
         opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
         step = GraphedStep(net, opt, 1.0, "cuda", capture=capture)
-        losses = [step(images, targets)]          # a capture, then its first replay
+        # a capture, then its first replay (a graph's outputs are rewritten by each replay)
+        losses = [{k: v.clone() for k, v in step(images, targets).items()}]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
