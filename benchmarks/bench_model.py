@@ -293,23 +293,14 @@ def _run(quick: bool, device: str, write: bool, amp: bool, tiny: bool,
     sgd_modes = sgd_step_modes(tv, ours, images, targets, autocast, amp, device, compiled,
                                same_losses)
     rows = []
-    for mode, ours_fn, match in modes:
+    detections = sum(len(o["boxes"]) for o in our_out)
+    timed = [(mode, ours_fn, (train_step if mode.startswith("train") else infer)(tv), match,
+              detections) for mode, ours_fn, match in modes]
+    timed += [(mode, ours_fn, tv_fn, match, "-") for mode, ours_fn, tv_fn, match in sgd_modes]
+    for mode, ours_fn, tv_fn, match, found in timed:
         row = {"mode": mode, "images": len(images), "size": f"{size[0]}x{size[1]}",
                "dtype": "bf16 autocast" if amp and device == "cuda" else "float32",
-               "detections": sum(len(o["boxes"]) for o in our_out), "parity": match}
-        if device == "cpu":
-            row["threads"] = torch.get_num_threads()
-        measure(row, "ours", ours_fn, device, None, reps)
-        measure(row, "torchvision", (train_step if mode.startswith("train") else infer)(tv),
-                device, None, reps)
-        row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
-        if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
-            row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]
-        rows.append(row)
-    for mode, ours_fn, tv_fn, match in sgd_modes:
-        row = {"mode": mode, "images": len(images), "size": f"{size[0]}x{size[1]}",
-               "dtype": "bf16 autocast" if amp and device == "cuda" else "float32",
-               "detections": "-", "parity": match}
+               "detections": found, "parity": match}
         if device == "cpu":
             row["threads"] = torch.get_num_threads()
         measure(row, "ours", ours_fn, device, None, reps)
@@ -317,8 +308,9 @@ def _run(quick: bool, device: str, write: bool, amp: bool, tiny: bool,
         row["speedup"] = row["torchvision_ms"] / row["ours_ms"]
         if row["ours_peak_bytes"] and row["torchvision_peak_bytes"]:
             row["memory_ratio"] = row["torchvision_peak_bytes"] / row["ours_peak_bytes"]
-        row["ours_syncs_per_step"] = step_syncs(ours_fn, device, gpu_code_path=True)
-        row["torchvision_syncs_per_step"] = step_syncs(tv_fn, device)
+        if "SGD" in mode:     # the whole step: its host syncs, ours on the CUDA code path
+            row["ours_syncs_per_step"] = step_syncs(ours_fn, device, gpu_code_path=True)
+            row["torchvision_syncs_per_step"] = step_syncs(tv_fn, device)
         rows.append(row)
     if write:
         path = write_results("model", rows, {"size": size, "images": len(images), **{

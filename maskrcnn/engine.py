@@ -59,16 +59,22 @@ def build_model(config: dict, ops="kernels"):
     return model
 
 
+def _load(path: str, missing: str, unreadable: str):
+    """``torch.load(path, weights_only=True)`` onto the CPU; a missing or unreadable file
+    raises DataError with ``missing`` or ``unreadable`` ({path}, {error} filled in)."""
+    if not os.path.isfile(path):
+        raise data.DataError(missing.format(path=path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types on a truncated/foreign file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise data.DataError(unreadable.format(path=path, error=first)) from None
+
+
 def _read_weights(path: str) -> tuple[Optional[dict], dict]:
     """(config, state dict) of a checkpoint of ours, or (None, state dict) of a plain state
     dict (torchvision's Mask R-CNN layout); read with ``weights_only=True``."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"--weights: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types on a truncated/foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise data.DataError(f"--weights: cannot read {path}: {first}") from None
+    obj = _load(path, "--weights: file not found: {path}", "--weights: cannot read {path}: {error}")
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
         return obj["config"], obj["model"]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -137,13 +143,7 @@ def save_checkpoint(path: str, state: dict) -> None:
 def load_checkpoint(path: str) -> dict:
     """A checkpoint this package wrote, loaded with ``weights_only=True``: tensors, numbers,
     strings and containers only, so a pickle from elsewhere cannot run code."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types on a truncated/foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise data.DataError(f"cannot read checkpoint {path}: {first}") from None
+    ckpt = _load(path, "checkpoint not found: {path}", "cannot read checkpoint {path}: {error}")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise data.DataError(f"{path} is not a maskrcnn checkpoint (no model/config)")
     return ckpt
