@@ -161,22 +161,18 @@ class GraphedStep:
         capture. Capturing runs nothing: the first replay is the batch's step."""
         static_images = [im.clone() for im in images]
         static_targets = [{k: v.clone() for k, v in t.items()} for t in targets]
-        buffers = [b.clone() for b in self.model.buffers()]
+        state = [*self.model.buffers(), *self.params,
+                 *(self.optimizer.state[p]["momentum_buffer"] for p in self.params)]
+        saved = [t.detach().clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)
-        params = [p.detach().clone() for p in self.params]
-        bufs = [self.optimizer.state[p]["momentum_buffer"].clone() for p in self.params]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._eager(static_images, static_targets)
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():
-            for b, saved in zip(self.model.buffers(), buffers):
-                b.copy_(saved)
-            for p, saved in zip(self.params, params):
-                p.copy_(saved)
-            for p, saved in zip(self.params, bufs):
-                self.optimizer.state[p]["momentum_buffer"].copy_(saved)
+            for t, before in zip(state, saved):
+                t.copy_(before)
         torch.cuda.set_rng_state(rng, self.device)
         for p in self.params:
             p.grad = None

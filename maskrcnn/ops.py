@@ -26,7 +26,7 @@ def maskrcnn_predictor_loss_padded(features: Tensor, weight: Tensor, bias: Tenso
     model's padding rows): the kernels leave such a row out of the sum when its values go
     unchecked, and the mean is rescaled from all N rows to the valid ones, on the device
     (no host sync). The model checks the targets' values itself (``model._check_targets``)."""
-    valid = torch.stack([(m >= 0).sum() for m in mask_matched_idxs]).sum()
+    valid = (torch.cat(mask_matched_idxs) >= 0).sum()
     args = (features, weight, bias, proposals, gt_masks, gt_labels, mask_matched_idxs)
     if torch.compiler.is_compiling():      # no value is read while traced
         loss = kernels.maskrcnn_predictor_loss(*args)
