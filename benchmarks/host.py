@@ -518,13 +518,17 @@ def _dry(observer: Callable[[str, tuple, int], None] | None = None) -> Iterator[
     its outputs, and host code that indexes with one (``mask_predictor_loss``'s backward
     index_adds by the labels its forward kernel wrote) must find valid values, not garbage
     that fails one run in many (float garbage indexes nothing). The fill is hidden from the
-    counter; the wrapper costs ours' µs under a microsecond per allocation."""
+    counter; the wrapper costs ours' µs about 0.3 µs per integer allocation on this CPU."""
     def zeroed(allocate: Callable, _name: str) -> Callable:
         def allocate_zeroed(*args, **kwargs):
             t = allocate(*args, **kwargs)
-            if not t.is_floating_point():
-                with torch._C._DisableTorchDispatch(), torch.no_grad():
+            if t.is_floating_point():
+                return t
+            if torch._C._len_torch_dispatch_stack():    # the counter is on: hide the fill
+                with torch._C._DisableTorchDispatch():
                     t.zero_()
+            else:
+                t.zero_()
             return t
         return allocate_zeroed
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from benchmarks._common import RESULTS_DIR, format_table
 from kernels import _aot
 from kernels._launch import OCCUPANCY_TARGET
+from kernels._utils import cdiv
 
 
 # Constexprs that select a different program within one kernel (RoI Align's forward and
@@ -87,16 +88,53 @@ NMS_COLUMNS = ["op", "boxes", "classes", "segments", "band_words", "fly_words",
 NMS_SERIAL_CEILING = {100_000: 12_500, 20_000: 950}
 
 
+def nms_work_model(segment_sizes: list[int], segmented: bool = True,
+               longest_known: bool = True) -> dict:
+    """Step counts of NMS's Triton path for segments of these sizes (in sorted order), from
+    the band and tuning rules its launcher uses (``kernels.ops.nms``): ``band_words`` the mask kernel
+    computes (one per row), ``fly_words`` the greedy pass computes on the fly (64 rows x 64
+    columns of IoU each; an upper bound: every 64-box block assumed to keep a box),
+    ``serial_steps`` of the longest-running greedy program of each launch, added (per
+    64-box block: the fixed point, its band steps and its on-the-fly words)."""
+    from kernels.ops import nms
+    n = sum(segment_sizes)
+    longest = max(segment_sizes) if longest_known else None
+    wcap = nms._band_words(n, longest if segmented else n)
+    band = fly = serial = 0
+    rows_used = []
+    for row, programs, which in nms._greedy_plan(n, segmented, interpreter=False):
+        width, long_min = cdiv(n, programs), cdiv(n, nms._WIDE_SEGMENTS)
+        per_program = [0] * programs
+        lo = 0
+        for size in segment_sizes:
+            hi = lo + size
+            if which == 0 or (size >= long_min) == (which == 1):
+                first, nb = lo // 64, (hi - 1) // 64 - lo // 64 + 1
+                steps = 0
+                for bb in range(nb):
+                    band_end = min(nb - bb, wcap)
+                    past = nb - bb - band_end
+                    rows = min(hi, (first + bb + 1) * 64) - max(lo, (first + bb) * 64)
+                    band += band_end * rows
+                    fly += past
+                    steps += 1 + cdiv(band_end - 1, row["BLOCK_T"]) + past
+                per_program[lo // width] += steps
+                rows_used.append(row["BLOCK_T"])
+            lo = hi
+        serial += max(per_program)    # the launches run one after the other
+    return {"boxes": n, "segments": len(segment_sizes), "band_words": band,
+            "fly_words": fly, "serial_steps": serial, "mask_MB": n * wcap * 8 / 1e6,
+            "greedy_row": "+".join(f"BLOCK_T={t}" for t in sorted(set(rows_used),
+                                                                   reverse=True))}
+
+
 def nms_work() -> list[dict]:
-    """The NMS step-count model (``kernels.ops.nms.work_model``) on the benchmark's own boxes:
+    """The NMS step-count model (:func:`nms_work_model`) on the benchmark's own boxes:
     1k-100k boxes in 1, 5 and 80 classes, for batched_nms (and nms: one class) and for
     batched_nms_mask, whose band has no sync to size it."""
-    import importlib
-
     import torch
 
     from benchmarks.bench_nms import make_inputs
-    nms = importlib.import_module("kernels.ops.nms")
     rows = []
     for n in (1000, 5000, 20000, 100_000):
         for classes in (1, 5, 80):
@@ -104,7 +142,7 @@ def nms_work() -> list[dict]:
             sizes = [int(c) for c in torch.bincount(idxs) if c]
             for op, known in (("batched_nms", True), ("batched_nms_mask", False)):
                 rows.append({"op": op, "classes": classes}
-                            | nms.work_model(sizes, longest_known=known))
+                            | nms_work_model(sizes, longest_known=known))
     return rows
 
 
@@ -171,8 +209,8 @@ def markdown(rows: list[dict], failures: list[dict], lanes: list[dict] | None = 
         out += ("\n\nWarp lanes along the stride-1 dimension (hot-loop 2-D accesses, sm_90 "
                 "TTGIR):\n\n" + format_table(lanes, LANE_COLUMNS))
     if nms_rows:
-        out += ("\n\nNMS work at the benchmark's shapes (kernels.ops.nms.work_model; nms is "
-                "batched_nms with one class):\n\n" + format_table(nms_rows, NMS_COLUMNS))
+        out += ("\n\nNMS work at the benchmark's shapes (nms_work_model; nms is batched_nms "
+                "with one class):\n\n" + format_table(nms_rows, NMS_COLUMNS))
     for r in failures:
         out += f"\n\nFAILED {r['spec']['kernel']} sm_{r['arch']}: {r['error']}"
     return out

@@ -3,7 +3,9 @@
 NMS: boxes sorted into per-class segments (:class:`Segments`), the float32 threshold that
 compares as torchvision's double does, the coordinate rows with torchvision's area. Mask
 pasting: torchvision's box expansion and integer truncation, and the threshold as a
-tensor of the masks' dtype compares it.
+tensor of the masks' dtype compares it. Mask targets: the sampled RoIs, their labels and
+their grouping by image, as the CPU and reference paths of the mask losses take them.
+RoI Align: the (K, 5) RoIs from either form torchvision takes (:func:`boxes_to_rois`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import struct
 import torch
 from torch import Tensor
 
+from ._utils import (ROI_BOXES_ERRORS, ValueIndexError, check_float, check_same_device,
+                     check_tensor)
+
 # Expanded box coordinates are clamped to this magnitude before the cast to int64 (a no-op
 # for any input that passes the host check); keeps every index finite for unchecked input.
 COORD_LIMIT = 2.0**31
@@ -20,35 +25,54 @@ COORD_LIMIT = 2.0**31
 
 class Segments:
     """Boxes sorted into contiguous segments by (class, score desc, index). Without classes
-    (``idxs`` None) there is one segment, the whole sorted order, and no segment tensors
-    (``bounds``, ``nseg``, ``seg_lo``, ``seg_hi`` are None: the kernels take all N)."""
+    (``idxs`` None) there is one segment, the whole sorted order.
+
+    What the kernels take, from two sorts and two gathers: the ``given`` boxes,
+    ``score_order`` (input indices
+    by decreasing score, ties lower index first, as torchvision's stable sort), ``perm``
+    (input indices in sorted order), and with classes ``cls`` (the sorted classes) and
+    ``rank`` (each sorted position's place in ``score_order``; None without classes). What
+    the reference reads (computed on first use): ``boxes`` in sorted order and each
+    position's segment ``seg_lo``/``seg_hi`` (first and one past the last position; a NaN
+    class is a segment of its own, as ``!=`` says)."""
 
     def __init__(self, boxes: Tensor, scores: Tensor, idxs: Tensor | None):
-        n = boxes.shape[0]
-        dev = boxes.device
-        self.n = n
+        self.n = boxes.shape[0]
         self.segmented = idxs is not None
-        # Stable sorts: equal scores keep the lower index first, as torchvision's sort does.
+        self.given = boxes
         self.score_order = torch.argsort(scores, descending=True, stable=True)
         if idxs is None:
-            self.perm = self.score_order
-            self.bounds = self.nseg = self.seg_lo = self.seg_hi = None
+            self.perm, self.cls, self.rank = self.score_order, None, None
         else:
-            by_class = torch.argsort(idxs[self.score_order], stable=True)
-            self.perm = self.score_order[by_class]
-            cls = idxs[self.perm]
-            start = torch.ones(n, dtype=torch.bool, device=dev)
-            start[1:] = cls[1:] != cls[:-1]
-            seg = torch.cumsum(start, 0) - 1
-            # bounds[g] = first position of segment g; bounds[nseg] = n; slot n + 1 is a
-            # dump for the non-start positions.
-            self.bounds = torch.full((n + 2,), n, dtype=torch.int32, device=dev)
-            self.bounds.scatter_(0, torch.where(start, seg, n + 1),
-                                 torch.arange(n, dtype=torch.int32, device=dev))
-            self.nseg = (seg[-1:] + 1).to(torch.int32)
-            self.seg_lo = self.bounds[seg]
-            self.seg_hi = self.bounds[seg + 1]
-        self.boxes = boxes[self.perm]
+            self.cls, self.rank = torch.sort(idxs[self.score_order], stable=True)
+            self.perm = self.score_order[self.rank]
+
+    @functools.cached_property
+    def boxes(self) -> Tensor:
+        return self.given[self.perm]
+
+    @functools.cached_property
+    def _bounds(self) -> tuple[Tensor, Tensor]:
+        n, dev = self.n, self.given.device
+        if not self.segmented:
+            return (torch.zeros(n, dtype=torch.int64, device=dev),
+                    torch.full((n,), n, dtype=torch.int64, device=dev))
+        start = torch.ones(n, dtype=torch.bool, device=dev)
+        start[1:] = self.cls[1:] != self.cls[:-1]
+        seg = torch.cumsum(start, 0) - 1
+        # bounds[g] = first position of segment g; bounds[nseg] = n; slot n + 1 is a dump
+        # for the non-start positions
+        bounds = torch.full((n + 2,), n, dtype=torch.int64, device=dev)
+        bounds.scatter_(0, torch.where(start, seg, n + 1), torch.arange(n, device=dev))
+        return bounds[seg], bounds[seg + 1]
+
+    @property
+    def seg_lo(self) -> Tensor:
+        return self._bounds[0]
+
+    @property
+    def seg_hi(self) -> Tensor:
+        return self._bounds[1]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -59,7 +83,7 @@ def _float32_threshold(iou_threshold: float, cuda: bool) -> float:
     return float(t)
 
 
-def float32_threshold(iou_threshold: float, device: torch.device) -> float:
+def float32_threshold(iou_threshold: float, device: torch.device | str) -> float:
     """The float32 threshold torchvision's kernel for ``device`` compares its float32 IoU with.
 
     CUDA: torchvision's kernel takes the threshold as a float, rounded to nearest. CPU: it
@@ -68,7 +92,8 @@ def float32_threshold(iou_threshold: float, device: torch.device) -> float:
     whose IoU sits right there). Measured on an H200: the two differ at thresholds such as
     0.3 for boxes whose IoU is exactly float32(0.3).
     """
-    return _float32_threshold(float(iou_threshold), torch.device(device).type == "cuda")
+    cuda = (torch.device(device) if isinstance(device, str) else device).type == "cuda"
+    return _float32_threshold(float(iou_threshold), cuda)
 
 
 def coordinate_rows(boxes: Tensor) -> Tensor:
@@ -171,3 +196,67 @@ def threshold_in(dtype: torch.dtype, threshold: float) -> float:
 def float32(value: float) -> float:
     """``value`` rounded to the nearest float32, as a Python float (no tensor)."""
     return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def sampled_rois(proposals: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
+    """(N, 5) float32 RoIs over the gt masks: matched gt index, then the proposal box (the
+    CPU and reference paths' form of the mask targets; the kernels read the lists)."""
+    return torch.cat([torch.cat([i.long() for i in mask_matched_idxs]).to(torch.float32)[:, None],
+                      torch.cat([p.to(torch.float32) for p in proposals])], 1)
+
+
+def sampled_labels(proposals: list[Tensor], gt_labels: list[Tensor],
+                   mask_matched_idxs: list[Tensor]) -> Tensor:
+    """(N,) int64 label of each row, ``gt_labels[i][matched]`` per image, and -1 (an
+    ignored row: no loss, no gradient) where the matched index is outside the image's gt
+    masks or the proposal is not finite: the kernels' rule for unchecked values."""
+    out = []
+    for boxes, labels, idxs in zip(proposals, gt_labels, mask_matched_idxs):
+        idxs = idxs.long()
+        ok = (idxs >= 0) & (idxs < labels.shape[0]) & torch.isfinite(boxes).all(1)
+        picked = (labels.long()[idxs.clamp(0, labels.shape[0] - 1)] if labels.shape[0]
+                  else torch.zeros_like(idxs))
+        out.append(torch.where(ok, picked, torch.full_like(picked, -1)))
+    return torch.cat(out)
+
+
+def image_rows(gt_masks: list[Tensor], rows: list[int]):
+    """(slice of the image's rows, its gt masks) for each image with rows: the mask
+    targets' RoIs are grouped by image, each image with its own masks and size."""
+    start = 0
+    for masks, r in zip(gt_masks, rows):
+        if r:
+            yield slice(start, start + r), masks
+        start += r
+
+
+def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> Tensor:
+    """Validate ``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` and return the (K, 5) form.
+    Errors are also torchvision's classes (its ``check_roi_boxes_shape`` asserts)."""
+    e = ROI_BOXES_ERRORS
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            # torchvision reads boxes.size(1) first: an IndexError for a 1-D tensor
+            error = ValueIndexError if boxes.dim() < 2 else e.value
+            raise error(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
+                        f"got shape {tuple(boxes.shape)}")
+        check_float(name, boxes, e)
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise e.missing(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
+                        f"got {type(boxes).__name__}")
+    if batch_size is not None and len(boxes) != batch_size:
+        raise ValueError(f"{name} has {len(boxes)} entries but input has batch size "
+                         f"{batch_size}; pass one Tensor[L, 4] per image")
+    if not boxes:
+        raise ValueError(f"{name} must not be an empty list")
+    for i, b in enumerate(boxes):
+        check_tensor(f"{name}[{i}]", b, errors=e)
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise e.value(f"{name}[{i}] must be Tensor[L, 4], got shape {tuple(b.shape)}")
+        check_float(f"{name}[{i}]", b, e)
+        check_same_device(**{f"{name}[0]": boxes[0], f"{name}[{i}]": b})
+    dtype = boxes[0].dtype
+    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], 1)
+                      for i, b in enumerate(boxes)], 0)
+    return rois

@@ -9,8 +9,7 @@ per-level argument pick (:func:`roi_level`, :func:`pick_level`, both in
 helpers (:func:`along_p`, :func:`along_c`). Host side: the description of the maps pooled
 from (:class:`Pyramid`: scales, torchvision's level mapper, the maps' shapes and layouts),
 the per-level kernel arguments, the lane orientation a layout wants, the int32 extent
-check, the mask targets' grouping of RoIs by image (:func:`image_rows`), and the list of
-sampling entries (output bin, input pixel, weight) that the deterministic backward sorts
+check, and the list of sampling entries (output bin, input pixel, weight) that the deterministic backward sorts
 and the reference path multiplies (:func:`sampling_entries`).
 """
 from __future__ import annotations
@@ -433,38 +432,6 @@ def check_image_extent(shape, strides, name: str) -> None:
     if extent >= 2**31:
         raise ValueError(f"{name}: one image spans {extent} elements; at most 2**31 - 1 "
                          "are supported per image")
-
-
-def sampled_rois(proposals: list[Tensor], mask_matched_idxs: list[Tensor]) -> Tensor:
-    """(N, 5) float32 RoIs over the gt masks: matched gt index, then the proposal box (the
-    CPU and reference paths' form of the mask targets; the kernels read the lists)."""
-    return torch.cat([torch.cat([i.long() for i in mask_matched_idxs]).to(torch.float32)[:, None],
-                      torch.cat([p.to(torch.float32) for p in proposals])], 1)
-
-
-def sampled_labels(proposals: list[Tensor], gt_labels: list[Tensor],
-                   mask_matched_idxs: list[Tensor]) -> Tensor:
-    """(N,) int64 label of each row, ``gt_labels[i][matched]`` per image, and -1 (an
-    ignored row: no loss, no gradient) where the matched index is outside the image's gt
-    masks or the proposal is not finite: the kernels' rule for unchecked values."""
-    out = []
-    for boxes, labels, idxs in zip(proposals, gt_labels, mask_matched_idxs):
-        idxs = idxs.long()
-        ok = (idxs >= 0) & (idxs < labels.shape[0]) & torch.isfinite(boxes).all(1)
-        picked = (labels.long()[idxs.clamp(0, labels.shape[0] - 1)] if labels.shape[0]
-                  else torch.zeros_like(idxs))
-        out.append(torch.where(ok, picked, torch.full_like(picked, -1)))
-    return torch.cat(out)
-
-
-def image_rows(gt_masks: list[Tensor], rows: list[int]):
-    """(slice of the image's rows, its gt masks) for each image with rows: the mask
-    targets' RoIs are grouped by image, each image with its own masks and size."""
-    start = 0
-    for masks, r in zip(gt_masks, rows):
-        if r:
-            yield slice(start, start + r), masks
-        start += r
 
 
 # Sparse entries built per step; bounds the memory of the index/weight tensors.

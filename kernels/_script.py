@@ -41,10 +41,10 @@ def scripted_roi_align(input: Tensor, boxes: Union[Tensor, List[Tensor]],
 
 
 def scripted_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """``kernels.nms`` in TorchScript (nothing read before the op: -1, -1)."""
+    """``kernels.nms`` in TorchScript (nothing read before the op: -1)."""
     if boxes.is_quantized:
         return _TORCHVISION_NMS(boxes, scores, iou_threshold)
-    return torch.ops.maskrcnn_triton.nms(boxes, scores, iou_threshold, -1, -1)
+    return torch.ops.maskrcnn_triton.nms(boxes, scores, iou_threshold, -1)
 
 
 def scripted_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor,
@@ -54,7 +54,7 @@ def scripted_batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor,
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.is_quantized:
         return _TORCHVISION_BATCHED_NMS(boxes, scores, idxs, iou_threshold)
-    return torch.ops.maskrcnn_triton.batched_nms(boxes, scores, idxs, iou_threshold, -1, -1)
+    return torch.ops.maskrcnn_triton.batched_nms(boxes, scores, idxs, iou_threshold, -1)
 
 
 _roi_align_ops.roi_align.__prepare_scriptable__ = lambda: scripted_roi_align

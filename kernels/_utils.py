@@ -22,6 +22,7 @@ CPU tensors down the CUDA code path with launches observed instead of run: what
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import threading
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -68,13 +69,13 @@ def use_triton(t: torch.Tensor) -> bool:
     """True when ``t`` should go through the Triton kernels (see module docstring)."""
     if _force_reference or t.dtype not in KERNEL_DTYPES:
         return False
-    return t.device.type == "cuda" or ((INTERPRET or _dry) and t.device.type == "cpu")
+    return t.is_cuda or ((INTERPRET or _dry) and t.is_cpu)
 
 
 def gpu_path(t: torch.Tensor) -> bool:
     """True when ``t`` takes the CUDA code path: a CUDA tensor, or any tensor inside
     :func:`dry_run` (the host instrument's stand-in for a GPU)."""
-    return _dry or t.device.type == "cuda"
+    return _dry or t.is_cuda
 
 
 # The path each op's last call ran ("triton", "torchvision", "torch" or "reference"), by
@@ -94,7 +95,7 @@ def record_path(launcher: str, path: str) -> None:
 def cpu_path(t: torch.Tensor) -> bool:
     """True when ``t`` takes an op's CPU path (``kernels._cpu``): a CPU tensor of a float
     dtype, outside the interpreter and ``reference_path()``."""
-    return (not _force_reference and t.device.type == "cpu" and not use_triton(t)
+    return (not _force_reference and t.is_cpu and not use_triton(t)
             and not _dry and t.dtype in FLOAT_DTYPES)
 
 
@@ -286,6 +287,103 @@ def check_same_device(**tensors: torch.Tensor) -> None:
                 "all tensors must be on the same device")
 
 
+def check_nms_args(boxes, scores, idxs, iou_threshold, batched: bool) -> float:
+    """nms and batched_nms (``batched``: ``idxs`` too): shapes, dtypes and devices, errors also of
+    torchvision's classes (NMS_ERRORS); returns the threshold as a float (NaN, as in
+    torchvision, suppresses nothing)."""
+    e = NMS_ERRORS
+    check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]", errors=e)
+    if boxes.shape[1] != 4:
+        raise e.value(f"boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    check_float_dtype("boxes", boxes, e)
+    check_tensor("scores", scores, ndim=1, what="Tensor[N]", errors=e)
+    check_float("scores", scores, e)
+    if scores.shape[0] != boxes.shape[0]:
+        raise e.value(f"scores must have one entry per box: got {scores.shape[0]} scores "
+                      f"for {boxes.shape[0]} boxes")
+    check_same_device(boxes=boxes, scores=scores)
+    if batched:
+        check_tensor("idxs", idxs, ndim=1, what="Tensor[N]", errors=e)
+        if idxs.is_complex():      # torchvision takes any real dtype (idxs.to(boxes))
+            raise e.dtype(f"idxs must be a real tensor, got {idxs.dtype}")
+        if idxs.shape[0] != boxes.shape[0]:
+            raise e.value(f"idxs must have one entry per box: got {idxs.shape[0]} idxs "
+                          f"for {boxes.shape[0]} boxes")
+        check_same_device(boxes=boxes, idxs=idxs)
+    if isinstance(iou_threshold, torch.Tensor) and iou_threshold.numel() == 1:
+        iou_threshold = iou_threshold.item()
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
+        raise e.dtype(f"iou_threshold must be a float, got {iou_threshold!r}")
+    return float(iou_threshold)
+
+
+# The mask losses' targets: float masks in [0, 1] or 0/1 uint8/bool masks.
+TARGET_DTYPES = FLOAT_DTYPES + (torch.uint8, torch.bool)
+
+
+def check_labels(name: str, t, n: int) -> None:
+    check_tensor(name, t, ndim=1, what="a 1-D (N,) tensor")  # no f-string: n may be symbolic
+    check_integer(name, t)
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have {n} entries (one per instance), got {t.shape[0]}")
+
+
+def check_targets(name: str, t, shape: tuple[int, ...] | None) -> None:
+    check_tensor(name, t, dtypes=TARGET_DTYPES)
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_list(name: str, value, length: int | None) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors (one per image), "
+                        f"got {type(value).__name__}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must have one entry per image ({length}), got {len(value)}")
+    return list(value)
+
+
+def check_images(lead: dict[str, torch.Tensor], k: int, proposals, gt_masks, gt_labels,
+                 mask_matched_idxs) -> tuple[list, list, list, list]:
+    """Check torchvision's per-image loss arguments against the (N, ...) tensor ``lead``
+    (its name and value) of K classes — shapes, dtypes and devices always; values (labels,
+    matched indices, mask ranges, finite proposals) where :func:`values_checked` says —
+    and return them as lists."""
+    (name, t), = lead.items()
+    proposals = _check_list("proposals", proposals, None)
+    images = len(proposals)
+    gt_masks = _check_list("gt_masks", gt_masks, images)
+    gt_labels = _check_list("gt_labels", gt_labels, images)
+    idxs = _check_list("mask_matched_idxs", mask_matched_idxs, images)
+    for i in range(images):
+        check_tensor(f"proposals[{i}]", proposals[i], ndim=2)
+        if proposals[i].shape[1] != 4 or not proposals[i].is_floating_point():
+            raise ValueError(f"proposals[{i}] must be a float Tensor[L, 4], got "
+                             f"{proposals[i].dtype} of shape {tuple(proposals[i].shape)}")
+        check_tensor(f"gt_masks[{i}]", gt_masks[i], ndim=3, dtypes=TARGET_DTYPES,
+                     what="a 3-D (G, H, W) tensor")
+        check_labels(f"gt_labels[{i}]", gt_labels[i], gt_masks[i].shape[0])
+        check_labels(f"mask_matched_idxs[{i}]", idxs[i], proposals[i].shape[0])
+        check_same_device(**{name: t}, **{
+            f"proposals[{i}]": proposals[i], f"gt_masks[{i}]": gt_masks[i],
+            f"gt_labels[{i}]": gt_labels[i], f"mask_matched_idxs[{i}]": idxs[i]})
+    n = t.shape[0]
+    if torch.compiler.is_compiling():
+        torch._check(sum(p.shape[0] for p in proposals) == n,
+                     lambda: f"{name} has one row per proposal")
+    elif sum(p.shape[0] for p in proposals) != n:
+        raise ValueError(f"{name} has {n} rows but the proposals hold "
+                         f"{sum(p.shape[0] for p in proposals)} boxes")
+    if n and values_checked(t):
+        check_ranges(
+            indices=[(f"gt_labels[{i}]", gt_labels[i], k) for i in range(images)]
+            + [(f"mask_matched_idxs[{i}]", idxs[i], gt_masks[i].shape[0])
+               for i in range(images)],
+            unit=[(f"gt_masks[{i}]", gt_masks[i]) for i in range(images)],
+            finite=[(f"proposals[{i}]", p) for i, p in enumerate(proposals)])
+    return proposals, gt_masks, gt_labels, idxs
+
+
 # ---------------------------------------------------------------------------------------
 # The value-check policy: which calls read tensor data to check it (module docstring).
 
@@ -339,7 +437,7 @@ def values_checked(t: torch.Tensor) -> bool:
     if getattr(_CHECKS, "skip", False) or torch.compiler.is_compiling():
         return False
     if not gpu_path(t):
-        return t.device.type == "cpu"      # (meta and other devices hold no values)
+        return t.is_cpu      # (meta and other devices hold no values)
     on = getattr(_CHECKS, "cuda", None)
     if on is None:
         on = CHECK_CUDA_VALUES
@@ -354,7 +452,7 @@ def is_tracing() -> bool:
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_KERNEL_DEVICES = ("cpu", "cuda")   # the ops' device kernels; meta and others: the op
+# The ops' device kernels: CPU and CUDA (is_cpu, is_cuda); meta and others: the op.
 
 
 def eager(*tensors) -> bool:
@@ -368,7 +466,7 @@ def eager(*tensors) -> bool:
         return False
     for t in tensors:
         if isinstance(t, torch.Tensor) and (type(t) not in _PLAIN_TENSORS
-                                            or t.device.type not in _KERNEL_DEVICES):
+                                            or not (t.is_cuda or t.is_cpu)):
             return False
     return True
 

@@ -11,11 +11,12 @@ import importlib
 
 from torch import Tensor
 
+from ._boxes import boxes_to_rois
 from .ops.mask_loss import maskrcnn_loss
 from .ops.multiscale_roi_align import _pool
 from .ops.nms import batched_nms, nms
 from .ops.paste_masks_in_image import paste_masks_in_image
-from .ops.roi_align import boxes_to_rois, roi_align
+from .ops.roi_align import roi_align
 
 
 def _multiscale_roi_align(x_filtered: list[Tensor], boxes: list[Tensor], output_size,

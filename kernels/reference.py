@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._boxes import Segments, expand_scale, expanded_int_boxes, iou_over, iou_rows, \
-    threshold_in
-from ._sampling import (Pyramid, axis_samples, image_rows, sampled_labels, sampled_rois,
-                        sampling_entries)
+from ._boxes import (Segments, expand_scale, expanded_int_boxes, image_rows, iou_over, iou_rows,
+                     sampled_labels, sampled_rois, threshold_in)
+from ._sampling import Pyramid, axis_samples, sampling_entries
 from ._utils import compute_dtype, memory_format
 
 
@@ -290,11 +289,7 @@ def nms_forward(p: Segments, iou_threshold: float) -> Tensor:
     n = p.n
     boxes, iou_threshold = iou_rows(p.boxes, iou_threshold)
     area = boxes[4]
-    if p.segmented:
-        seg_lo, seg_hi = p.seg_lo.long(), p.seg_hi.long()
-    else:
-        seg_lo = torch.zeros(n, dtype=torch.int64, device=boxes.device)
-        seg_hi = torch.full((n,), n, dtype=torch.int64, device=boxes.device)
+    seg_lo, seg_hi = p.seg_lo, p.seg_hi
     removed = torch.zeros(n, dtype=torch.bool, device=boxes.device)
     keep = torch.zeros(n, dtype=torch.int8, device=boxes.device)
     upper = torch.ones(64, 64, dtype=torch.bool, device=boxes.device).triu_(1)

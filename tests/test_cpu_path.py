@@ -544,7 +544,7 @@ def test_mask_targets_by_chunks_of_masks_are_torchvisions(monkeypatch, two_threa
         proposals.append(torch.cat([xy, xy + wh], 1))
         matched.append(torch.randint(0, masks.shape[0], (n,), generator=g))
     labels = [torch.randint(0, 3, (m.shape[0],), generator=g) for m in gt]
-    rois = kernels._sampling.sampled_rois(proposals, matched)
+    rois = kernels._boxes.sampled_rois(proposals, matched)
     targets = _cpu.losses.mask_targets(rois, gt, [23, 17], 14, torch.float32)
     assert pool_calls == [4 + 1]     # 7 masks of 40x50 two a chunk; 5 of 30x20 fit in one
     expected = torch.cat([torchvision.ops.roi_align(

@@ -18,6 +18,7 @@ import torchvision
 from torchvision.ops.boxes import _batched_nms_vanilla
 
 import kernels
+from benchmarks.static import nms_work_model
 
 from kernels._boxes import float32_threshold
 from kernels.ops import nms as nms_module
@@ -77,6 +78,33 @@ def test_batched_nms_matches_torchvision(backend, poison, n, classes):
         mask = kernels.batched_nms_mask(boxes, scores, idxs, thr)
         assert mask.dtype == torch.bool and mask.shape == (n,)
         torch.testing.assert_close(mask, torch.zeros_like(mask).index_fill_(0, ref, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.float32, torch.bool])
+def test_batched_nms_skewed_classes(backend, poison, dtype):
+    """Long and short classes side by side (the greedy pass's wide launch takes classes of
+    at least N/128 boxes, its narrow one the rest, each program those that start in its
+    window), with class values of every kind batched_nms takes."""
+    sizes = [300, 1, 2, 7, 3, 60, 1, 1, 4, 90, 2, 5] + [2] * 40
+    if dtype == torch.bool:
+        sizes = [400, 150]
+    n = sum(sizes)
+    boxes, scores = random_boxes(n, backend.device)
+    values = torch.arange(len(sizes)) * (-7 if dtype == torch.float32 else 1)
+    order = torch.randperm(n)
+    idxs = torch.empty(n, dtype=torch.int64)
+    idxs[order] = values.repeat_interleave(torch.tensor(sizes))   # class c: order[its run]
+    idxs = idxs.to(backend.device, dtype)
+    # each short class is one box repeated: exactly one of its boxes is kept
+    first = 0
+    for size in sizes:
+        if size < 10:
+            boxes[order[first:first + size]] = boxes[order[first]].clone()
+        first += size
+    for thr in (0.3, 0.6):
+        ref = _batched_nms_vanilla(boxes, scores, idxs, thr)
+        assert_same(kernels.batched_nms(boxes, scores, idxs, thr), ref, scores)
+        _mask_keeps(kernels.batched_nms_mask(boxes, scores, idxs, thr), ref, scores)
 
 
 def test_batched_nms_public_torchvision_integer_coordinates(backend):
@@ -191,9 +219,9 @@ def test_band_overflow_computes_on_the_fly(backend, poison, monkeypatch):
 def test_band_covers_the_longest_segment():
     """nms and batched_nms size the band from the longest segment: no word on the fly."""
     for sizes in ([100_000], [1250] * 80, [7, 64, 65, 130]):
-        assert nms_module.work_model(sizes)["fly_words"] == 0
+        assert nms_work_model(sizes)["fly_words"] == 0
     # without the sync (batched_nms_mask), one class of 100k boxes passes the budget
-    assert nms_module.work_model([100_000], longest_known=False)["fly_words"] > 0
+    assert nms_work_model([100_000], longest_known=False)["fly_words"] > 0
 
 
 @pytest.mark.parametrize("greedy", ["_GREEDY_GPU", "_GREEDY_WIDE"])

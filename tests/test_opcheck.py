@@ -63,13 +63,13 @@ SAMPLES = {
                  [True, True]),
     ],
     "nms": [
-        lambda: (_boxes(), torch.rand(20), 0.5, -1, -1),
-        lambda: (_boxes().half(), torch.rand(20).half(), 0.3, 20, 1),
-        lambda: (_boxes()[:0], torch.rand(0), 0.5, -1, -1),
+        lambda: (_boxes(), torch.rand(20), 0.5, -1),
+        lambda: (_boxes().half(), torch.rand(20).half(), 0.3, 20),
+        lambda: (_boxes()[:0], torch.rand(0), 0.5, -1),
     ],
     "batched_nms": [
-        lambda: (_boxes(), torch.rand(20), torch.randint(0, 3, (20,)), 0.5, -1, -1),
-        lambda: (_boxes().bfloat16(), torch.rand(20), torch.randint(0, 3, (20,)), 0.5, -1, -1),
+        lambda: (_boxes(), torch.rand(20), torch.randint(0, 3, (20,)), 0.5, -1),
+        lambda: (_boxes().bfloat16(), torch.rand(20), torch.randint(0, 3, (20,)), 0.5, -1),
     ],
     "batched_nms_mask": [
         lambda: (_boxes(), torch.rand(20), torch.randint(0, 3, (20,)), 0.5),

@@ -112,6 +112,7 @@ def _paste(device: str) -> None:
 CALLS = {
     "kernels.ops.roi_align:_roi_align_kernel": _roi_align,
     "kernels.ops.roi_align:_roi_align_bwd_deterministic_kernel": _roi_align_deterministic,
+    "kernels.ops.nms:_nms_prep_kernel": _nms,
     "kernels.ops.nms:_nms_mask_kernel": _nms,
     "kernels.ops.nms:_nms_greedy_kernel": _nms,
     "kernels.ops.mask_loss:_mask_loss_fwd_kernel": _mask_loss,

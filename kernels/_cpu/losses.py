@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import reference
-from .._sampling import image_rows, sampled_labels, sampled_rois
+from .._boxes import image_rows, sampled_labels, sampled_rois
 from .._utils import compute_dtype, is_channels_last, memory_format
 from .pool import in_pool
 from .roi_align import _safe_rois, _wide

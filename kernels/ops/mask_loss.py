@@ -25,9 +25,10 @@ from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
 from .._sampling import decode_roi, sample_index, sample_plan, sample_rows
-from .._utils import (FLOAT_DTYPES, cdiv, check_float_dtype, check_integer, check_ranges,
-                      check_same_device, check_tensor, compute_dtype, cpu_path, eager,
-                      is_channels_last, needs_grad, pick_path, record_path, values_checked)
+from .._utils import (cdiv, check_float_dtype, check_images, check_labels, check_ranges,
+                      check_same_device, check_targets, check_tensor, compute_dtype, cpu_path,
+                      eager, is_channels_last, needs_grad, pick_path, record_path,
+                      values_checked)
 from .._launch import DTYPE_NAMES, launch, pick_tuning, register_tuning, size_bucket
 
 
@@ -431,9 +432,6 @@ class _EagerLoss(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 # Public API: validation, then the ops
 
-TARGET_DTYPES = FLOAT_DTYPES + (torch.uint8, torch.bool)
-
-
 def _check_logits(name: str, t) -> tuple[int, int, int]:
     check_tensor(name, t, ndim=4, what="a 4-D (N, K, M, M) tensor")
     check_float_dtype(name, t)
@@ -441,19 +439,6 @@ def _check_logits(name: str, t) -> tuple[int, int, int]:
     if mh != mw:
         raise ValueError(f"{name} must hold square M x M masks, got shape {tuple(t.shape)}")
     return n, k, mh
-
-
-def check_labels(name: str, t, n: int) -> None:
-    check_tensor(name, t, ndim=1, what="a 1-D (N,) tensor")  # no f-string: n may be symbolic
-    check_integer(name, t)
-    if t.shape[0] != n:
-        raise ValueError(f"{name} must have {n} entries (one per instance), got {t.shape[0]}")
-
-
-def check_targets(name: str, t, shape: tuple[int, ...] | None) -> None:
-    check_tensor(name, t, dtypes=TARGET_DTYPES)
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
 def loss_dtype(input_dtype: torch.dtype, *target_dtypes: torch.dtype) -> torch.dtype:
@@ -495,56 +480,6 @@ def mask_loss(mask_logits: Tensor, gt_masks: Tensor, gt_labels: Tensor) -> Tenso
     else:
         loss, _ = _mask_loss_kernel(mask_logits)(mask_logits, gt_masks, gt_labels, False)
     return loss.to(loss_dtype(mask_logits.dtype, gt_masks.dtype))
-
-
-def _check_list(name: str, value, length: int | None) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list of tensors (one per image), "
-                        f"got {type(value).__name__}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{name} must have one entry per image ({length}), got {len(value)}")
-    return list(value)
-
-
-def check_images(lead: dict[str, Tensor], k: int, proposals, gt_masks, gt_labels,
-                 mask_matched_idxs) -> tuple[list, list, list, list]:
-    """Check torchvision's per-image loss arguments against the (N, ...) tensor ``lead``
-    (its name and value) of K classes — shapes, dtypes and devices always; values (labels,
-    matched indices, mask ranges, finite proposals) where :func:`values_checked` says —
-    and return them as lists."""
-    (name, t), = lead.items()
-    proposals = _check_list("proposals", proposals, None)
-    images = len(proposals)
-    gt_masks = _check_list("gt_masks", gt_masks, images)
-    gt_labels = _check_list("gt_labels", gt_labels, images)
-    idxs = _check_list("mask_matched_idxs", mask_matched_idxs, images)
-    for i in range(images):
-        check_tensor(f"proposals[{i}]", proposals[i], ndim=2)
-        if proposals[i].shape[1] != 4 or not proposals[i].is_floating_point():
-            raise ValueError(f"proposals[{i}] must be a float Tensor[L, 4], got "
-                             f"{proposals[i].dtype} of shape {tuple(proposals[i].shape)}")
-        check_tensor(f"gt_masks[{i}]", gt_masks[i], ndim=3, dtypes=TARGET_DTYPES,
-                     what="a 3-D (G, H, W) tensor")
-        check_labels(f"gt_labels[{i}]", gt_labels[i], gt_masks[i].shape[0])
-        check_labels(f"mask_matched_idxs[{i}]", idxs[i], proposals[i].shape[0])
-        check_same_device(**{name: t}, **{
-            f"proposals[{i}]": proposals[i], f"gt_masks[{i}]": gt_masks[i],
-            f"gt_labels[{i}]": gt_labels[i], f"mask_matched_idxs[{i}]": idxs[i]})
-    n = t.shape[0]
-    if torch.compiler.is_compiling():
-        torch._check(sum(p.shape[0] for p in proposals) == n,
-                     lambda: f"{name} has one row per proposal")
-    elif sum(p.shape[0] for p in proposals) != n:
-        raise ValueError(f"{name} has {n} rows but the proposals hold "
-                         f"{sum(p.shape[0] for p in proposals)} boxes")
-    if n and values_checked(t):
-        check_ranges(
-            indices=[(f"gt_labels[{i}]", gt_labels[i], k) for i in range(images)]
-            + [(f"mask_matched_idxs[{i}]", idxs[i], gt_masks[i].shape[0])
-               for i in range(images)],
-            unit=[(f"gt_masks[{i}]", gt_masks[i]) for i in range(images)],
-            finite=[(f"proposals[{i}]", p) for i, p in enumerate(proposals)])
-    return proposals, gt_masks, gt_labels, idxs
 
 
 def maskrcnn_loss(mask_logits: Tensor, proposals: list[Tensor], gt_masks: list[Tensor],

@@ -23,14 +23,13 @@ from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
 from .._sampling import along_c, along_p, p_major
-from .._utils import (cdiv, check_float_dtype, check_ranges, check_same_device, check_tensor,
-                      compute_dtype, eager, memory_format, needs_grad, pick_path,
-                      values_checked)
+from .._utils import (cdiv, check_float_dtype, check_images, check_labels, check_ranges,
+                      check_same_device, check_targets, check_tensor, compute_dtype, eager,
+                      memory_format, needs_grad, pick_path, values_checked)
 from .._launch import (DTYPE_NAMES, launch, pick_tuning, register_lanes,
                        register_tuning, size_bucket)
-from .mask_loss import (SAMPLED_ARGS, bce_with_logits, check_images, check_labels,
-                        check_targets, kernel_targets, loss_dtype, loss_examples, no_grads,
-                        pixel_block, roi_target, sampled_row)
+from .mask_loss import (SAMPLED_ARGS, bce_with_logits, kernel_targets, loss_dtype,
+                        loss_examples, no_grads, pixel_block, roi_target, sampled_row)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,21 +252,21 @@ def _forward(features, weight, bias, compute_grad: bool, launches):
     """Launch the forward over ``launches``: (first row, rows, their targets or gt masks,
     their labels or gt labels, and for sampled targets the proposals and matched indices,
     else None). Returns the loss, d loss / d logit and each row's label (no rows unless
-    ``compute_grad``)."""
+    ``compute_grad``: None, and the op's outputs are empty tensors)."""
     n, c, m, _ = features.shape
     p_maj = p_major([features])
     tuning = pick_tuning(_mask_predictor_loss_fwd_kernel, _TUNING_PREDICTOR[0 if p_maj else 1])
     blocks = cdiv(m * m, tuning["BLOCK_P"])
     partial = torch.empty(n, blocks, dtype=torch.float32, device=features.device)
-    rows = n if compute_grad else 0
-    grad = torch.empty(rows, m * m, dtype=torch.float32, device=features.device)
-    labels_out = torch.empty(rows, dtype=torch.int64, device=features.device)
+    grad = labels_out = None
+    if compute_grad:
+        grad = torch.empty(n, m * m, dtype=torch.float32, device=features.device)
+        labels_out = torch.empty(n, dtype=torch.int64, device=features.device)
     for row0, count, masks, labels, boxes, idxs in launches:
         sampled = boxes is not None
         g, h, w = masks.shape if sampled else (0, m, m)
         launch(_mask_predictor_loss_fwd_kernel, (count, blocks), features, weight, bias, masks,
-               labels, boxes, idxs, partial, grad if compute_grad else None,
-               labels_out if compute_grad else None, row0, g, weight.shape[0], c, m, h, w,
+               labels, boxes, idxs, partial, grad, labels_out, row0, g, weight.shape[0], c, m, h, w,
                *features.stride(), *masks.stride(), 1.0 / (n * m * m), tuning=tuning,
                SAMPLED=sampled, WRITE_GRAD=bool(compute_grad), P_MAJOR=p_maj,
                FLAT_PIXELS=flat_pixels(features))
@@ -321,7 +320,18 @@ def _backward_kernel(features: Tensor):
 @torch.library.custom_op("maskrcnn_triton::mask_predictor_loss", mutates_args=())
 def _mask_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor, targets: Tensor,
                             labels: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _predictor_kernel(features)(features, weight, bias, targets, labels, compute_grad)
+    return _op_outputs(features, _predictor_kernel(features)(features, weight, bias, targets,
+                                                             labels, compute_grad))
+
+
+def _op_outputs(features: Tensor, out: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """A kernel's (loss, grad, labels) as the op returns them: empty tensors where the
+    kernel had no rows to return (None)."""
+    loss, grad, labels = out
+    if grad is None:
+        grad = loss.new_empty(0, features.shape[2] ** 2)
+        labels = loss.new_empty(0, dtype=torch.int64)
+    return loss, grad, labels
 
 
 @_mask_predictor_loss_op.register_fake
@@ -342,8 +352,8 @@ def _maskrcnn_predictor_loss_op(features: Tensor, weight: Tensor, bias: Tensor,
                                 proposals: list[Tensor], gt_masks: list[Tensor],
                                 gt_labels: list[Tensor], matched: list[Tensor],
                                 compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _sampled_kernel(features)(features, weight, bias, proposals, gt_masks, gt_labels,
-                                     matched, compute_grad)
+    return _op_outputs(features, _sampled_kernel(features)(
+        features, weight, bias, proposals, gt_masks, gt_labels, matched, compute_grad))
 
 
 @_maskrcnn_predictor_loss_op.register_fake
@@ -445,7 +455,10 @@ def _parameters(features: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor,
     """The predictor's weight as (K, C, 1, 1) and its bias, in the features' dtype (as
     conv2d under autocast) and contiguous: the kernels read weight row ``label`` at
     ``label * C``. No copy where they already are."""
-    return weight.to(features.dtype).contiguous(), bias.to(features.dtype).contiguous()
+    dtype = features.dtype
+    if weight.dtype != dtype or bias.dtype != dtype:
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    return weight.contiguous(), bias.contiguous()
 
 
 def _zero_loss(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

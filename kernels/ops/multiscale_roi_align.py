@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
+from .._boxes import boxes_to_rois
 from .._sampling import MAX_LEVELS, Pyramid
 from .._utils import (check_float_dtype, check_same_device, check_tensor,
                       deterministic_algorithms, eager, needs_grad, pair, pick_path,
                       TypeAttributeError)
-from .roi_align import (boxes_to_rois, gradient_buffers, pool_backward, pool_forward,
+from .roi_align import (gradient_buffers, pool_backward, pool_forward,
                         roi_align_backward_deterministic)
 
 

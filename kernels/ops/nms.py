@@ -5,38 +5,39 @@ Both ops reduce to one problem: a greedy pass over boxes sorted so that each "se
 decreasing score (ties: lower index first). Boxes only suppress later boxes of their own
 segment, so batched NMS never compares boxes of different classes.
 
-1. ``_nms_mask_kernel`` (the parallel part) computes an IoU bitmask: word ``t`` of sorted
+1. ``_nms_prep_kernel`` gathers the sorted boxes into float32 coordinate rows with their
+   areas, finds each position's segment end (a binary search over the sorted classes) and
+   zeroes the greedy pass's words: one launch for what took about ten tensor operations.
+2. ``_nms_mask_kernel`` (the parallel part) computes an IoU bitmask: word ``t`` of sorted
    row ``i`` holds, in bit ``k``, whether box ``i`` suppresses box ``64 * (i // 64 + t) + k``
    (IoU > threshold, later in the same segment). A program owns a 64-row block, whose rows
    share their columns, and computes only the words its rows' segments reach, and only the
-   first ``wcap`` words per row (the "band"). ``nms`` and ``batched_nms`` size the band from
-   the longest segment, read in their first host sync: every word a segment needs is
-   stored (one segment: torchvision's N x N/64 mask; 100k boxes in 80 classes: 17 MB, not
-   1.25 GB). ``batched_nms_mask`` never syncs: it sizes the band from N alone under a
-   memory budget.
-2. ``_nms_greedy_kernel`` (one program per segment, segments in parallel) walks its
-   segment 64 boxes at a time: it resolves which of the 64 survive with a fixed-point
-   iteration on the diagonal mask words (exact: bit ``k`` depends only on bits < k, so the
-   iteration settles on the greedy answer in at most 64 steps, usually 2 or 3), then ORs
-   the kept rows' band words into the segment's "removed" words, and computes the words
-   beyond the band on the fly (only ``batched_nms_mask``'s segments longer than its band
-   need that). With few segments each program gets wide steps (:func:`work_model` counts
-   the steps at given segment sizes).
-3. The host compacts the kept flags into indices sorted by score. Two host syncs: before
-   any launch, the NaN/inf check of the inputs with the longest segment and the segment
-   count; after the kernels, the result size.
+   first ``wcap`` words per row (the "band"). ``nms`` sizes the band from N, and
+   ``batched_nms`` past 25,000 boxes from the longest class, read in a host sync: every
+   word a segment needs is stored (one segment: torchvision's N x N/64 mask; 100k boxes in
+   80 classes: 17 MB, not 1.25 GB). ``batched_nms_mask`` never syncs: it sizes the band
+   from N alone under a memory budget.
+3. ``_nms_greedy_kernel`` (segments in parallel: each program takes the segments that
+   start in its window of sorted positions) walks a segment 64 boxes at a time: it
+   resolves which of the 64 survive with a fixed-point iteration on the diagonal mask
+   words (exact: bit ``k`` depends only on bits < k, so the iteration settles on the
+   greedy answer in at most 64 steps, usually 2 or 3), then ORs the kept rows' band words
+   into the segment's "removed" words, and computes the words beyond the band on the fly
+   (only ``batched_nms_mask``'s segments longer than its band need that). Long segments
+   get wide steps in a launch of their own (``benchmarks.static.nms_work_model`` counts
+   the steps at given segment sizes). The keep flags land in score order.
+4. The host picks the kept ones from the score order (``masked_select``: the one sync,
+   the result size).
 
 IoU uses torchvision's arithmetic in float32 (float64 inputs: the reference in float64):
-areas ``(x2 - x1) * (y2 - y1)`` (computed by torch), ``inter / (area_i + area_j - inter)``
-with an IEEE division (``div_rn``), suppression when ``> iou_threshold``, the threshold
-rounded as torchvision's kernel for the boxes' device rounds it (:func:`float32_threshold`:
-a float on CUDA, the double itself on the CPU). No
+areas ``(x2 - x1) * (y2 - y1)`` (stored by the prep kernel), ``inter / (area_i + area_j -
+inter)`` with an IEEE division (``div_rn``), suppression when ``> iou_threshold``, the
+threshold rounded as torchvision's kernel for the boxes' device rounds it
+(:func:`float32_threshold`: a float on CUDA, the double itself on the CPU). No
 fused multiply-add touches the IoU (checked in sm_90 SASS): one could flip a box whose IoU
 equals the threshold.
 """
 from __future__ import annotations
-
-import numbers
 
 import torch
 import torchvision
@@ -45,9 +46,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _cpu, reference
-from .._boxes import Segments, coordinate_rows, float32_threshold
-from .._utils import (INTERPRET, NMS_ERRORS, cdiv, check_float, check_float_dtype,
-                      check_same_device, check_tensor, cpu_path, eager, is_tracing, op_body,
+from .._boxes import Segments, float32_threshold
+from .._utils import (INTERPRET, cdiv, check_nms_args, cpu_path, eager, is_tracing, op_body,
                       record_path, use_triton, values_checked)
 from .._launch import launch, pick_tuning, register_lanes, register_tuning, size_bucket
 
@@ -60,10 +60,10 @@ MASK_BUDGET_BYTES = 16 * 2**20
 # result size): every row gets every mask word its segment could need, the N x N/64 mask
 # torchvision's CUDA batched_nms itself allocates up to this size (one nms over the
 # class-offset boxes). Past it torchvision loops over the classes, one sync each; ours reads
-# the longest class and the class count first (a second sync) to size the band.
+# the longest class first (a second sync) to size the band.
 SINGLE_PASS_BOXES = 25_000
-# At most this many segments the greedy pass takes the wide tiles (about one program per
-# SM); the kernel compares it with the segment count it reads when the host has not.
+# The wide greedy launch's programs (about one per SM); it takes the segments of at least
+# N / _WIDE_SEGMENTS boxes (at most one of which starts in each program's window).
 _WIDE_SEGMENTS = 128
 WIDE_SEGMENTS = tl.constexpr(_WIDE_SEGMENTS)
 
@@ -83,6 +83,52 @@ def _load_boxes(ptr, n, offs, mask):
     return (tl.load(p, mask=mask, other=0.0), tl.load(p + n, mask=mask, other=0.0),
             tl.load(p + 2 * n, mask=mask, other=1.0), tl.load(p + 3 * n, mask=mask, other=1.0),
             tl.load(p + 4 * n, mask=mask, other=1.0))
+
+
+@triton.jit(do_not_specialize=["n", "stride_b"])  # compiled once, whatever the sizes
+def _nms_prep_kernel(
+    boxes_ptr,  # (N, 4) float boxes as given (any float dtype the kernels take)
+    perm_ptr,  # (N,) int64: input index of each sorted position
+    cls_ptr,  # (N,) the sorted classes (SEGMENTED only)
+    rows_ptr,  # (5, N) float32 out: x1, y1, x2, y2, area of the sorted boxes
+    seg_hi_ptr,  # (N,) int32 out (SEGMENTED only): one past the end of each one's segment
+    removed_ptr,  # (2N + 2,) int64 out: zeroed for the greedy pass
+    n, stride_b, stride_c,
+    SEGMENTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The greedy pass's inputs in one launch: the sorted boxes' float32 coordinate rows
+    with torchvision's area ``(x2 - x1) * (y2 - y1)`` (a product stored, never fused into
+    a later sum), each position's segment end by binary search over the sorted classes (a
+    NaN class is a segment of its own, as ``!=`` says), and the removed words zeroed."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    src = tl.load(perm_ptr + i, mask=ok, other=0)
+    p = boxes_ptr + src * stride_b
+    x1 = tl.load(p, mask=ok, other=0.0).to(tl.float32)
+    y1 = tl.load(p + stride_c, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(p + 2 * stride_c, mask=ok, other=0.0).to(tl.float32)
+    y2 = tl.load(p + 3 * stride_c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(rows_ptr + i, x1, mask=ok)
+    tl.store(rows_ptr + n + i, y1, mask=ok)
+    tl.store(rows_ptr + 2 * n + i, x2, mask=ok)
+    tl.store(rows_ptr + 3 * n + i, y2, mask=ok)
+    tl.store(rows_ptr + 4 * n + i, (x2 - x1) * (y2 - y1), mask=ok)
+    zero = tl.zeros([BLOCK], dtype=tl.int64)
+    tl.store(removed_ptr + 2 * i, zero, mask=i <= n)
+    tl.store(removed_ptr + 2 * i + 1, zero, mask=i <= n)
+    if SEGMENTED:
+        c = tl.load(cls_ptr + i, mask=ok, other=0)
+        # cls[lo] == c and hi is n or a position past the run: halve [lo, hi) to the run's end
+        lo = i
+        hi = tl.where(ok & (c == c), n, i + 1)
+        while tl.max(hi - lo, axis=0) > 1:
+            active = hi - lo > 1
+            mid = (lo + hi) // 2
+            same = tl.load(cls_ptr + mid, mask=active, other=0) == c
+            lo = tl.where(active & same, mid, lo)
+            hi = tl.where(active & ~same, mid, hi)
+        tl.store(seg_hi_ptr + i, hi, mask=ok)
 
 
 @triton.jit
@@ -151,81 +197,101 @@ def _nms_mask_kernel(
                  mask=t[:, None] < row_words[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # a serial pass: n's alignment buys it nothing
 def _nms_greedy_kernel(
     boxes_ptr,  # (5, N) float32: x1, y1, x2, y2, area rows of the sorted boxes
     mask_ptr,  # (N, wcap) int64: suppression words from _nms_mask_kernel
-    bounds_ptr,  # (>= nseg + 1,) int32: segment g is sorted positions [bounds[g], bounds[g+1])
-    nseg_ptr,  # (1,) int32: number of segments
-    removed_ptr,  # (2N + 2,) int64, zeroed: segment g's removed words live at bounds[g] + g
-    keep_ptr,  # (N,) int8: out, 1 where the sorted box is kept
+    seg_hi_ptr,  # (N,) int32: one past the end of each sorted position's segment
+    rank_ptr,  # (N,) int64: each sorted position's place in the score order
+    removed_ptr,  # (2N + 2,) int64, zeroed: the segment at [lo, hi) keeps its words at 2 lo
+    keep_ptr,  # (N,) bool: out, whether the box of that score rank is kept
     n, wcap, iou_threshold,
-    SEGMENTED: tl.constexpr,  # else one segment, all N boxes (bounds and nseg None)
-    SEGMENTS: tl.constexpr,  # 0: run; 1: only at most WIDE_SEGMENTS segments; 2: only more
+    SEGMENTED: tl.constexpr,  # else one segment, all N boxes (seg_hi, rank None)
+    SEGMENTS: tl.constexpr,  # 0: all; 1: only segments of >= N / WIDE_SEGMENTS; 2: shorter
     BLOCK_T: tl.constexpr,  # band words per step
     BLOCK_K: tl.constexpr,  # columns per inner step of the words computed on the fly
 ):
     j = tl.arange(0, 64)
     bit = tl.full([64], 1, tl.int64) << j.to(tl.int64)
     if SEGMENTED:
-        nseg = tl.load(nseg_ptr)
-        # the segment count unread on the host (no sync): one launch per tile width, each
-        # runs only where the count is its own
-        if SEGMENTS == 1:
-            nseg = tl.where(nseg <= WIDE_SEGMENTS, nseg, 0)
-        if SEGMENTS == 2:
-            nseg = tl.where(nseg > WIDE_SEGMENTS, nseg, 0)
+        # Program p takes the segments that start in its window of sorted positions (each
+        # segment once), walking from segment end to segment end. The wide tiles take the
+        # long segments (at most one of them starts in a window of WIDE_SEGMENTS programs),
+        # the narrow ones the rest.
+        width = tl.cdiv(n, tl.num_programs(0))
+        s = tl.program_id(0) * width
+        stop = tl.minimum(s + width, n)
+        if (s > 0) & (s < n):
+            if tl.load(seg_hi_ptr + s - 1) != s:   # s is inside a segment begun before
+                s = tl.load(seg_hi_ptr + s)
+        long_min = tl.cdiv(n, WIDE_SEGMENTS)
+        while s < stop:
+            lo = s
+            s = tl.load(seg_hi_ptr + lo)
+            run = True
+            if SEGMENTS == 1:
+                run = s - lo >= long_min
+            if SEGMENTS == 2:
+                run = s - lo < long_min
+            if run:
+                _greedy_segment(boxes_ptr, mask_ptr, rank_ptr, removed_ptr + 2 * lo, keep_ptr,
+                                n, wcap, iou_threshold, lo, s, j, bit, True, BLOCK_T, BLOCK_K)
     else:
-        nseg = 1
-    for g in range(tl.program_id(0), nseg, tl.num_programs(0)):
-        if SEGMENTED:
-            lo = tl.load(bounds_ptr + g)
-            hi = tl.load(bounds_ptr + g + 1)
-        else:
-            lo = 0
-            hi = n
-        first = lo // 64
-        nb = (hi - 1) // 64 - first + 1  # 64-box blocks the segment touches
-        removed_seg = removed_ptr + lo + g  # nb <= hi - lo + 1 words: regions never overlap
-        for bb in range(0, nb):
-            rows = (first + bb) * 64 + j
-            row_ok = (rows >= lo) & (rows < hi)
-            row_off = rows.to(tl.int64) * wcap
-            # .cg: removed words change through atomics in L2; never read a stale L1 line.
-            removed = tl.load(removed_seg + bb, cache_modifier=".cg")
-            cand = tl.sum(tl.where(row_ok, bit, 0), axis=0) & ~removed
-            diag = tl.load(mask_ptr + row_off, mask=((cand >> j) & 1) != 0, other=0)
-            # Fixed point of keep = cand & ~OR{diag[r] : r kept}: bit k depends on bits < k
-            # only, so it settles on the greedy answer in at most 64 rounds (usually 2 or 3).
-            keep = cand
-            prev = ~cand
-            while keep != prev:
-                prev = keep
-                kept = ((keep >> j) & 1) != 0
-                keep = cand & ~tl.reduce(tl.where(kept, diag, 0), 0, _or)
+        _greedy_segment(boxes_ptr, mask_ptr, rank_ptr, removed_ptr, keep_ptr, n, wcap,
+                        iou_threshold, 0, n, j, bit, False, BLOCK_T, BLOCK_K)
+
+
+@triton.jit
+def _greedy_segment(boxes_ptr, mask_ptr, rank_ptr, removed_seg, keep_ptr, n, wcap,
+                    iou_threshold, lo, hi, j, bit, SEGMENTED: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The greedy pass over the segment [lo, hi), 64 sorted boxes at a time; its removed
+    words at ``removed_seg`` (at most hi - lo + 1 of them)."""
+    first = lo // 64
+    nb = (hi - 1) // 64 - first + 1  # 64-box blocks the segment touches
+    for bb in range(0, nb):
+        rows = (first + bb) * 64 + j
+        row_ok = (rows >= lo) & (rows < hi)
+        row_off = rows.to(tl.int64) * wcap
+        # .cg: removed words change through atomics in L2; never read a stale L1 line.
+        removed = tl.load(removed_seg + bb, cache_modifier=".cg")
+        cand = tl.sum(tl.where(row_ok, bit, 0), axis=0) & ~removed
+        diag = tl.load(mask_ptr + row_off, mask=((cand >> j) & 1) != 0, other=0)
+        # Fixed point of keep = cand & ~OR{diag[r] : r kept}: bit k depends on bits < k
+        # only, so it settles on the greedy answer in at most 64 rounds (usually 2 or 3).
+        keep = cand
+        prev = ~cand
+        while keep != prev:
+            prev = keep
             kept = ((keep >> j) & 1) != 0
-            tl.store(keep_ptr + rows, kept.to(tl.int8), mask=row_ok)
-            if keep != 0:
-                band_end = tl.minimum(nb - bb, wcap)
-                for t0 in range(1, band_end, BLOCK_T):
-                    t = t0 + tl.arange(0, BLOCK_T)
-                    m = kept[:, None] & (t < band_end)[None, :]
-                    words = tl.load(mask_ptr + row_off[:, None] + t[None, :], mask=m, other=0)
-                    tl.atomic_or(removed_seg + bb + t[None, :] + 0 * j[:, None], words,
-                                 mask=m & (words != 0), sem="relaxed")
-                # Blocks past the band (segments longer than the band): IoU on the fly.
-                ax1, ay1, ax2, ay2, area_a = _load_boxes(boxes_ptr, n, rows, row_ok)
-                hi_rows = tl.where(row_ok, hi, 0)
-                for t in range(band_end, nb - bb):
-                    old = tl.load(removed_seg + bb + t, cache_modifier=".cg")
-                    if ~old != 0:
-                        words = _suppression_words(boxes_ptr, n, iou_threshold, ax1, ay1, ax2,
-                                                   ay2, area_a, rows, hi_rows, first + bb + t,
-                                                   1, BLOCK_K)
-                        hit = tl.reduce(tl.where(kept, tl.sum(words, axis=0), 0), 0, _or)
-                        tl.atomic_or(removed_seg + bb + t, hit & ~old, sem="relaxed")
-            # The next block reads removed words other threads just updated.
-            tl.debug_barrier()
+            keep = cand & ~tl.reduce(tl.where(kept, diag, 0), 0, _or)
+        kept = ((keep >> j) & 1) != 0
+        if SEGMENTED:
+            dst = tl.load(rank_ptr + rows, mask=row_ok, other=0)
+        else:
+            dst = rows
+        tl.store(keep_ptr + dst, kept, mask=row_ok)
+        if keep != 0:
+            band_end = tl.minimum(nb - bb, wcap)
+            for t0 in range(1, band_end, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                m = kept[:, None] & (t < band_end)[None, :]
+                words = tl.load(mask_ptr + row_off[:, None] + t[None, :], mask=m, other=0)
+                tl.atomic_or(removed_seg + bb + t[None, :] + 0 * j[:, None], words,
+                             mask=m & (words != 0), sem="relaxed")
+            # Blocks past the band (segments longer than the band): IoU on the fly.
+            ax1, ay1, ax2, ay2, area_a = _load_boxes(boxes_ptr, n, rows, row_ok)
+            hi_rows = tl.where(row_ok, hi, 0)
+            for t in range(band_end, nb - bb):
+                old = tl.load(removed_seg + bb + t, cache_modifier=".cg")
+                if ~old != 0:
+                    words = _suppression_words(boxes_ptr, n, iou_threshold, ax1, ay1, ax2,
+                                               ay2, area_a, rows, hi_rows, first + bb + t,
+                                               1, BLOCK_K)
+                    hit = tl.reduce(tl.where(kept, tl.sum(words, axis=0), 0), 0, _or)
+                    tl.atomic_or(removed_seg + bb + t, hit & ~old, sem="relaxed")
+        # The next block reads removed words other threads just updated.
+        tl.debug_barrier()
 
 
 # Mask tiles: on the GPU one word per step, 4 columns per inner step: each thread owns a
@@ -235,11 +301,11 @@ def _nms_greedy_kernel(
 _MASK_GPU = {"BLOCK_T": 1, "BLOCK_K": 4, "num_warps": 2}
 _MASK_INTERPRETER = {"BLOCK_T": 4, "BLOCK_K": 64, "num_warps": 8}
 register_tuning(_nms_mask_kernel, [_MASK_GPU], interpreter=[_MASK_INTERPRETER])
-# Greedy pass, one program per segment. Many segments (batched NMS over many classes):
-# 16 band words per step over 8 warps (59 registers, 50% occupancy: many programs per SM).
-# Few segments (nms, few classes): the pass is a serial chain of band steps, so 128 words
-# per step over 16 warps (118 registers, 25%: each program has an SM to itself), which cuts
-# the steps of one class of 100k boxes from 77k to 11k. Words past the band (only
+# Greedy pass. Short segments (batched NMS over many classes): 16 band words per step
+# over 8 warps (59 registers, 50% occupancy: many programs per SM). Long segments (nms,
+# few classes): the pass is a serial chain of band steps, so 128 words per step over 16
+# warps (118 registers, 25%: each program has an SM to itself), which cuts the steps of
+# one class of 100k boxes from 77k to 11k. Words past the band (only
 # batched_nms_mask has any) are computed 4 columns per inner step, as in the mask kernel.
 _GREEDY_GPU = {"BLOCK_T": 16, "BLOCK_K": 4, "num_warps": 8}
 _GREEDY_WIDE = {"BLOCK_T": 128, "BLOCK_K": 4, "num_warps": 16}
@@ -250,10 +316,10 @@ register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
                     {"BLOCK_T": 32, "BLOCK_K": 4, "num_warps": 16},
                     {"BLOCK_T": 64, "BLOCK_K": 4, "num_warps": 16}],
                 key_fields=("boxes", "programs", "plan"),
-                occupancy_note="the 128-word row runs only for at most 128 segments, one "
-                               "program each, about one per SM: its serial steps bind, "
-                               "not occupancy (the 64-word candidate too, where the sweep "
-                               "measured it faster)")
+                occupancy_note="the 128-word row runs only over segments of at least N/128 "
+                               "boxes, one program each, about one per SM: its serial steps "
+                               "bind, not occupancy (the 64-word candidate too, where the "
+                               "sweep measured it faster)")
 # Mask words are (N, wcap) row-major: the greedy pass's [rows, words] tiles want lanes
 # along words (axis 1), the mask kernel's [words, rows] store along words (axis 0). With
 # one word per row (wcap == 1, which the JIT compiles as a constant: at most 64 boxes)
@@ -276,12 +342,15 @@ register_lanes(_nms_greedy_kernel, _lanes_greedy,
                {_ONE_WORD: "at most 64 boxes: one valid word column per tile, a launch of "
                            "microseconds whichever way the lanes run"})
 register_lanes(_nms_mask_kernel, _lanes_mask)
-# Greedy programs for batched_nms: each loops over segments pid, pid + G, ...
-_GREEDY_PROGRAMS = 1024
+# Greedy programs for batched_nms's short segments (each takes those starting in its window
+# of N / 1024 sorted positions); the prep kernel's sorted positions per program.
+_GREEDY_PROGRAMS, _PREP_BLOCK = 1024, 256
+_PREP = {"num_warps": 4}
+register_tuning(_nms_prep_kernel, [_PREP])
 
 
 # ---------------------------------------------------------------------------------------
-# Host side: the launcher, its step model, the sorting and result around both paths.
+# Host side: the launcher, the sorting and result around both paths.
 
 def _band_words(n: int, longest: int | None) -> int:
     """Mask words per row. ``longest`` (the longest segment, where the host read it):
@@ -298,81 +367,47 @@ def _band_words(n: int, longest: int | None) -> int:
     return max(1, min(words, MASK_BUDGET_BYTES // (8 * n)))
 
 
-def _greedy_plan(n: int, segments: int | None,
+def _greedy_plan(n: int, segmented: bool,
                  interpreter: bool = INTERPRET) -> list[tuple[dict, int, int]]:
-    """The greedy pass's launches for ``segments`` (None: not read on the host): (tuning
-    row, program count, SEGMENTS constexpr) each. Unread, one launch per row, each of
-    which runs only where the count it reads on the device is its own."""
+    """The greedy pass's launches: (tuning row, program count, SEGMENTS constexpr) each.
+    One segment: one program. Classes: the wide tiles over the long segments, then the
+    narrow ones over the rest, each launch's programs taking the segments that start in
+    their windows (the interpreter, which pays per program, gets 4 and its own row)."""
+    if not segmented:
+        return [(_GREEDY_INTERPRETER if interpreter else _GREEDY_WIDE, 1, 0)]
     if interpreter:
-        return [(_GREEDY_INTERPRETER, min(n, 4), 0)]
-    if segments is None:
-        return [(_GREEDY_WIDE, min(n, _WIDE_SEGMENTS), 1),
-                (_GREEDY_GPU, min(n, _GREEDY_PROGRAMS), 2)]
-    if segments <= _WIDE_SEGMENTS:
-        return [(_GREEDY_WIDE, segments, 0)]
-    return [(_GREEDY_GPU, min(n, _GREEDY_PROGRAMS), 0)]
+        return [(_GREEDY_INTERPRETER, min(n, 4), 1), (_GREEDY_INTERPRETER, min(n, 4), 2)]
+    return [(_GREEDY_WIDE, min(n, _WIDE_SEGMENTS), 1),
+            (_GREEDY_GPU, min(n, _GREEDY_PROGRAMS), 2)]
 
 
-def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None,
-                segments: int | None = None) -> Tensor:
-    """Triton path: int8 keep flags of the sorted boxes (1 = kept). ``longest`` and
-    ``segments``, when the caller read them, size the band and pick the greedy row."""
-    n = p.n
-    boxes = coordinate_rows(p.boxes.to(torch.float32))
+def nms_forward(p: Segments, iou_threshold: float, longest: int | None = None) -> Tensor:
+    """Triton path: keep flags by score rank. ``longest``, where the caller read it,
+    sizes the band."""
+    n, boxes, dev = p.n, p.given, p.given.device
     wcap = _band_words(n, longest if p.segmented else n)
-    mask = torch.empty(n, wcap, dtype=torch.int64, device=boxes.device)
-    removed = torch.zeros(2 * n + 2, dtype=torch.int64, device=boxes.device)
-    keep = torch.empty(n, dtype=torch.int8, device=boxes.device)
+    rows = torch.empty(5, n, dtype=torch.float32, device=dev)
+    seg_hi = torch.empty(n, dtype=torch.int32, device=dev) if p.segmented else None
+    removed = torch.empty(2 * n + 2, dtype=torch.int64, device=dev)
+    cls = p.cls.view(torch.uint8) if p.segmented and p.cls.dtype == torch.bool else p.cls
+    launch(_nms_prep_kernel, (cdiv(n + 1, _PREP_BLOCK),), boxes, p.perm, cls, rows, seg_hi,
+           removed, n, *boxes.stride(), tuning=_PREP, SEGMENTED=p.segmented, BLOCK=_PREP_BLOCK)
+    mask = torch.empty(n, wcap, dtype=torch.int64, device=dev)
+    keep = torch.empty(n, dtype=torch.bool, device=dev)
     tm = pick_tuning(_nms_mask_kernel, _MASK_INTERPRETER if INTERPRET else _MASK_GPU)
     # Programs per row block stride over its words: enough to fill the GPU without
     # launching the empty lower triangle (a row block needs fewer words the later it is).
     # Grid sizes are not specializations: the interpreter, which pays per program, gets 1.
     t_programs = 1 if INTERPRET else min(cdiv(wcap, tm["BLOCK_T"]), 32)
-    threshold = float32_threshold(iou_threshold, boxes.device)
-    launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), boxes, p.seg_hi, mask, n, wcap,
+    threshold = float32_threshold(iou_threshold, dev)
+    launch(_nms_mask_kernel, (cdiv(n, 64), t_programs), rows, seg_hi, mask, n, wcap,
            threshold, tuning=tm, SEGMENTED=p.segmented)
-    for row, programs, which in _greedy_plan(n, segments if p.segmented else 1):
-        launch(_nms_greedy_kernel, (programs,), boxes, mask, p.bounds, p.nseg, removed, keep,
+    for row, programs, which in _greedy_plan(n, p.segmented):
+        launch(_nms_greedy_kernel, (programs,), rows, mask, seg_hi, p.rank, removed, keep,
                n, wcap, threshold, tuning=pick_tuning(
                    _nms_greedy_kernel, row, key=(size_bucket(n), size_bucket(programs), which)),
                SEGMENTED=p.segmented, SEGMENTS=which)
     return keep
-
-
-def work_model(segment_sizes: list[int], segmented: bool = True,
-               longest_known: bool = True) -> dict:
-    """Step counts of the Triton path for segments of these sizes (in sorted order), from
-    the same band and tuning rules the launcher uses: ``band_words`` the mask kernel
-    computes (one per row), ``fly_words`` the greedy pass computes on the fly (64 rows x 64
-    columns of IoU each; an upper bound: every 64-box block assumed to keep a box),
-    ``serial_steps`` of the longest-running greedy
-    program (per 64-box block: the fixed point, its band steps and its on-the-fly words)."""
-    n = sum(segment_sizes)
-    longest = max(segment_sizes) if longest_known else None
-    wcap = _band_words(n, longest if segmented else n)
-    # unread on the host, the segment count is read by the greedy launches on the device:
-    # the one that runs is the one the count picks
-    segments = len(segment_sizes) if segmented else 1
-    (row, programs, _), = _greedy_plan(n, segments, interpreter=False)   # the GPU launch
-    band = fly = 0
-    per_program = [0] * programs
-    lo = 0
-    for g, size in enumerate(segment_sizes):
-        hi = lo + size
-        first, nb = lo // 64, (hi - 1) // 64 - lo // 64 + 1
-        steps = 0
-        for bb in range(nb):
-            band_end = min(nb - bb, wcap)
-            past = nb - bb - band_end
-            rows = min(hi, (first + bb + 1) * 64) - max(lo, (first + bb) * 64)
-            band += band_end * rows
-            fly += past
-            steps += 1 + cdiv(band_end - 1, row["BLOCK_T"]) + past
-        per_program[g % programs] += steps
-        lo = hi
-    return {"boxes": n, "segments": len(segment_sizes), "band_words": band,
-            "fly_words": fly, "serial_steps": max(per_program), "mask_MB": n * wcap * 8 / 1e6,
-            "greedy_row": f"BLOCK_T={row['BLOCK_T']}"}
 
 
 _NOT_FINITE = "boxes must have finite coordinates and scores must not be NaN"
@@ -386,53 +421,46 @@ def _check_finite(boxes: Tensor, scores: Tensor) -> None:
         raise ValueError(_NOT_FINITE)
 
 
-def _plan(boxes: Tensor, idxs: Tensor | None) -> tuple[int, int]:
-    """(longest segment, segment count) the launches are sized by, -1 where not read: nms
-    has one segment of N; batched_nms on the CUDA path reads nothing up to
-    SINGLE_PASS_BOXES boxes (the kernels read the count on the device) and past that the
-    longest class and the class count, in one sync, to size the mask band (torchvision's
-    batched_nms loops over the classes there, a sync each). The CPU path needs neither."""
+def _longest(boxes: Tensor, idxs: Tensor | None) -> int:
+    """The longest segment the mask band is sized by, -1 where not read: nms has one
+    segment of N; batched_nms on the CUDA path reads nothing up to SINGLE_PASS_BOXES boxes
+    and past that the longest class, in one sync (torchvision's batched_nms loops over the
+    classes there, a sync each). The CPU path needs nothing."""
     n = boxes.shape[0]
     if idxs is None:
-        return n, 1
+        return n
     if cpu_path(boxes) or n <= SINGLE_PASS_BOXES or is_tracing():
-        return -1, -1
-    counts = torch.unique(idxs, return_counts=True)[1]
-    longest, segments = torch.stack([counts.max(), counts.new_tensor(counts.numel())]).tolist()
-    return longest, segments
-
-
-def _kept_indices(p: Segments, keep_sorted: Tensor, boxes: Tensor) -> Tensor:
-    """Kept input indices by decreasing score (ties: lower index): the op's one host sync
-    reads the result size (``nonzero``)."""
-    if not p.segmented:           # the sorted order is the score order
-        return p.perm[keep_sorted.nonzero().view(-1)]
-    keep_in = torch.empty(p.n, dtype=torch.int8, device=boxes.device)
-    keep_in[p.perm] = keep_sorted
-    return p.score_order[keep_in[p.score_order].nonzero().view(-1)]
+        return -1
+    return int(torch.unique(idxs, return_counts=True)[1].max())
 
 
 def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float,
-          longest: int, segments: int) -> Tensor:
-    """The nms/batched_nms device kernel: kept input indices (``idxs`` None: one class).
-    ``longest``, ``segments``: what the host read (-1: nothing)."""
+          longest: int) -> Tensor:
+    """The nms/batched_nms device kernel: kept input indices by decreasing score (ties:
+    lower index; ``idxs`` None: one class). ``longest``: what the host read (-1: nothing).
+    The op's one host sync reads the result size (``masked_select``)."""
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if cpu_path(boxes) and _cpu.nms_wins(boxes, scores):
         record_path("nms_forward", "torchvision")
         return _cpu.nms(boxes, scores, idxs, iou_threshold)
     p = Segments(boxes, scores, idxs)
-    return _kept_indices(p, _keep_sorted(p, boxes, iou_threshold, longest, segments), boxes)
+    return torch.masked_select(p.score_order, _keep_ranked(p, boxes, iou_threshold, longest))
 
 
-def _keep_sorted(p: Segments, boxes: Tensor, iou_threshold: float, longest: int = -1,
-                 segments: int = -1) -> Tensor:
+def _keep_ranked(p: Segments, boxes: Tensor, iou_threshold: float,
+                 longest: int = -1) -> Tensor:
+    """Keep flags (bool) by score rank."""
     if use_triton(boxes):
         record_path("nms_forward", "triton")
-        return nms_forward(p, iou_threshold, None if longest < 0 else longest,
-                           None if segments < 0 else segments)
+        return nms_forward(p, iou_threshold, None if longest < 0 else longest)
     record_path("nms_forward", "reference")
-    return reference.nms_forward(p, iou_threshold)
+    keep = reference.nms_forward(p, iou_threshold).bool()
+    if not p.segmented:
+        return keep
+    ranked = torch.empty_like(keep)
+    ranked[p.rank] = keep
+    return ranked
 
 
 def _nms_call(op, boxes: Tensor, scores: Tensor, idxs: Tensor | None,
@@ -441,36 +469,35 @@ def _nms_call(op, boxes: Tensor, scores: Tensor, idxs: Tensor | None,
     directly (no dispatcher), while tracing the custom op."""
     if values_checked(boxes):
         _check_finite(boxes, scores)
-    longest, segments = _plan(boxes, idxs)
+    longest = _longest(boxes, idxs)
     args = (boxes, scores) if idxs is None else (boxes, scores, idxs)
     if not eager(*args):
-        return op(*args, threshold, longest, segments)
-    return op_body(_kept)(boxes, scores, idxs, threshold, longest, segments)
+        return op(*args, threshold, longest)
+    return op_body(_kept)(boxes, scores, idxs, threshold, longest)
 
 
 # ---------------------------------------------------------------------------------------
-# torch.library registration. longest/segments: what the wrapper's sync read (-1: unknown).
-# The op syncs once itself, for the size of its result.
+# torch.library registration. longest: what the wrapper's sync read (-1: unknown). The op
+# syncs once itself, for the size of its result.
 
 @torch.library.custom_op("maskrcnn_triton::nms", mutates_args=())
-def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, longest: int,
-            segments: int) -> Tensor:
-    return _kept(boxes, scores, None, iou_threshold, longest, segments)
+def _nms_op(boxes: Tensor, scores: Tensor, iou_threshold: float, longest: int) -> Tensor:
+    return _kept(boxes, scores, None, iou_threshold, longest)
 
 
 @_nms_op.register_fake
-def _(boxes, scores, iou_threshold, longest, segments):
+def _(boxes, scores, iou_threshold, longest):
     return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
 @torch.library.custom_op("maskrcnn_triton::batched_nms", mutates_args=())
 def _batched_nms_op(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
-                    longest: int, segments: int) -> Tensor:
-    return _kept(boxes, scores, idxs, iou_threshold, longest, segments)
+                    longest: int) -> Tensor:
+    return _kept(boxes, scores, idxs, iou_threshold, longest)
 
 
 @_batched_nms_op.register_fake
-def _(boxes, scores, idxs, iou_threshold, longest, segments):
+def _(boxes, scores, idxs, iou_threshold, longest):
     return boxes.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
@@ -479,11 +506,10 @@ def _keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float
     keep_in = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     if boxes.shape[0] and cpu_path(boxes):
         # batched_nms's body (the box count bounds the longest class)
-        keep_in[_kept(boxes, scores, idxs, iou_threshold, boxes.shape[0], -1)] = True
-        return keep_in
-    if boxes.shape[0]:
+        keep_in[_kept(boxes, scores, idxs, iou_threshold, boxes.shape[0])] = True
+    elif boxes.shape[0]:
         p = Segments(boxes, scores, idxs)
-        keep_in[p.perm] = _keep_sorted(p, boxes, iou_threshold).bool()
+        keep_in[p.score_order] = _keep_ranked(p, boxes, iou_threshold)
     return keep_in
 
 
@@ -500,39 +526,6 @@ def _(boxes, scores, idxs, iou_threshold):
 
 # ---------------------------------------------------------------------------------------
 # Public API
-
-def _check(boxes, scores, idxs, iou_threshold, batched: bool) -> float:
-    """Shapes, dtypes and devices (``idxs`` when ``batched``); errors are also torchvision's
-    classes (NMS_ERRORS)."""
-    e = NMS_ERRORS
-    check_tensor("boxes", boxes, ndim=2, what="Tensor[N, 4]", errors=e)
-    if boxes.shape[1] != 4:
-        raise e.value(f"boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
-    check_float_dtype("boxes", boxes, e)
-    check_tensor("scores", scores, ndim=1, what="Tensor[N]", errors=e)
-    check_float("scores", scores, e)
-    if scores.shape[0] != boxes.shape[0]:
-        raise e.value(f"scores must have one entry per box: got {scores.shape[0]} scores "
-                      f"for {boxes.shape[0]} boxes")
-    check_same_device(boxes=boxes, scores=scores)
-    if batched:
-        check_tensor("idxs", idxs, ndim=1, what="Tensor[N]", errors=e)
-        if idxs.is_complex():      # torchvision takes any real dtype (idxs.to(boxes))
-            raise e.dtype(f"idxs must be a real tensor, got {idxs.dtype}")
-        if idxs.shape[0] != boxes.shape[0]:
-            raise e.value(f"idxs must have one entry per box: got {idxs.shape[0]} idxs "
-                          f"for {boxes.shape[0]} boxes")
-        check_same_device(boxes=boxes, idxs=idxs)
-    if isinstance(iou_threshold, torch.Tensor) and iou_threshold.numel() == 1:
-        iou_threshold = iou_threshold.item()
-    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, numbers.Real):
-        raise e.dtype(f"iou_threshold must be a float, got {iou_threshold!r}")
-    return float(iou_threshold)   # NaN, as in torchvision, suppresses nothing
-
-
-def _quantized(*tensors) -> bool:
-    return any(isinstance(t, Tensor) and t.is_quantized for t in tensors)
-
 
 # torchvision's own nms and batched_nms, as imported (patch_torchvision replaces the
 # attributes, not these functions): quantized tensors go to them, never back through an
@@ -553,9 +546,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     boxes and scores runs for CPU tensors, and for CUDA tensors inside
     ``kernels.check_values()`` (a second sync).
     """
-    if _quantized(boxes, scores):
+    if isinstance(boxes, Tensor) and boxes.is_quantized:
         return _TORCHVISION_NMS(boxes, scores, iou_threshold)
-    threshold = _check(boxes, scores, None, iou_threshold, batched=False)
+    threshold = check_nms_args(boxes, scores, None, iou_threshold, False)
     return _nms_call(_nms_op, boxes, scores, None, threshold)
 
 
@@ -565,14 +558,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Work and memory follow the per-class counts (no N x N mask, no loop over classes).
     Empty boxes (any shape) return an empty int64 tensor before anything else is looked
     at, as torchvision's. One host sync up to 25,000 boxes: the size of the result; past
-    that a second one first reads the longest class and the class count (torchvision loops
-    over the classes there, a sync each). The NaN/inf check as :func:`nms`'s.
+    that a second one first reads the longest class (torchvision loops over the classes
+    there, a sync each). The NaN/inf check as :func:`nms`'s.
     """
     if isinstance(boxes, Tensor) and boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if _quantized(boxes, scores):
+    if isinstance(boxes, Tensor) and boxes.is_quantized:
         return _TORCHVISION_BATCHED_NMS(boxes, scores, idxs, iou_threshold)
-    threshold = _check(boxes, scores, idxs, iou_threshold, batched=True)
+    threshold = check_nms_args(boxes, scores, idxs, iou_threshold, True)
     return _nms_call(_batched_nms_op, boxes, scores, idxs, threshold)
 
 
@@ -584,8 +577,8 @@ def batched_nms_mask(boxes: Tensor, scores: Tensor, idxs: Tensor,
     the inputs are checked for NaN or infinite values only on the CPU; a NaN box keeps no
     other from being kept. Fits CUDA graphs and ``torch.compile`` without a graph break.
     """
-    threshold = _check(boxes, scores, idxs, iou_threshold, batched=True)
-    if boxes.device.type == "cpu" and values_checked(boxes):
+    threshold = check_nms_args(boxes, scores, idxs, iou_threshold, True)
+    if boxes.is_cpu and values_checked(boxes):
         _check_finite(boxes, scores)
     if not eager(boxes, scores, idxs):
         return _batched_nms_mask_op(boxes, scores, idxs, threshold)

@@ -31,14 +31,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import _cpu, reference
+from .._boxes import boxes_to_rois
 from .._sampling import (MAX_LEVELS, bins_by_channels, check_image_extent, dense, level_args,
                          p_major, Pyramid, roi_on_level, roi_tile, sample_index, sample_plan,
-                         sample_rows,
-                         sampling_entries)
-from .._utils import (ROI_BOXES_ERRORS, ROI_INPUT_ERRORS, cdiv, check_float, check_float_dtype,
-                      check_same_device, check_tensor, deterministic_algorithms, eager,
-                      fx_leaf, is_channels_last, needs_grad, pair, pick_path, row_chunks,
-                      values_checked, ValueIndexError)
+                         sample_rows, sampling_entries)
+from .._utils import (ROI_INPUT_ERRORS, cdiv, check_float_dtype, check_same_device,
+                      check_tensor, deterministic_algorithms, eager, fx_leaf, is_channels_last,
+                      needs_grad, pair, pick_path, row_chunks, values_checked)
 from .._launch import DTYPE_NAMES, launch, pick_tuning, register_lanes, register_tuning
 
 
@@ -500,38 +499,6 @@ def pool(input: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, poole
 
 # ---------------------------------------------------------------------------------------
 # Public API
-
-def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> Tensor:
-    """Validate ``Tensor[K, 5]`` or ``list[Tensor[L, 4]]`` and return the (K, 5) form.
-    Errors are also torchvision's classes (its ``check_roi_boxes_shape`` asserts)."""
-    e = ROI_BOXES_ERRORS
-    if isinstance(boxes, torch.Tensor):
-        if boxes.dim() != 2 or boxes.shape[1] != 5:
-            # torchvision reads boxes.size(1) first: an IndexError for a 1-D tensor
-            error = ValueIndexError if boxes.dim() < 2 else e.value
-            raise error(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
-                        f"got shape {tuple(boxes.shape)}")
-        check_float(name, boxes, e)
-        return boxes
-    if not isinstance(boxes, (list, tuple)):
-        raise e.missing(f"{name} must be Tensor[K, 5] or list[Tensor[L, 4]], "
-                        f"got {type(boxes).__name__}")
-    if batch_size is not None and len(boxes) != batch_size:
-        raise ValueError(f"{name} has {len(boxes)} entries but input has batch size "
-                         f"{batch_size}; pass one Tensor[L, 4] per image")
-    if not boxes:
-        raise ValueError(f"{name} must not be an empty list")
-    for i, b in enumerate(boxes):
-        check_tensor(f"{name}[{i}]", b, errors=e)
-        if b.dim() != 2 or b.shape[1] != 4:
-            raise e.value(f"{name}[{i}] must be Tensor[L, 4], got shape {tuple(b.shape)}")
-        check_float(f"{name}[{i}]", b, e)
-        check_same_device(**{f"{name}[0]": boxes[0], f"{name}[{i}]": b})
-    dtype = boxes[0].dtype
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], 1)
-                      for i, b in enumerate(boxes)], 0)
-    return rois
-
 
 @fx_leaf
 def roi_align(input: Tensor, boxes, output_size, spatial_scale: float = 1.0,
