@@ -250,13 +250,16 @@ def boxes_to_rois(boxes, batch_size: int | None = None, name: str = "boxes") -> 
                          f"{batch_size}; pass one Tensor[L, 4] per image")
     if not boxes:
         raise ValueError(f"{name} must not be an empty list")
+    first = boxes[0]
     for i, b in enumerate(boxes):
-        check_tensor(f"{name}[{i}]", b, errors=e)
-        if b.dim() != 2 or b.shape[1] != 4:
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            check_tensor(f"{name}[{i}]", b, errors=e)
             raise e.value(f"{name}[{i}] must be Tensor[L, 4], got shape {tuple(b.shape)}")
-        check_float(f"{name}[{i}]", b, e)
-        check_same_device(**{f"{name}[0]": boxes[0], f"{name}[{i}]": b})
-    dtype = boxes[0].dtype
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], 1)
+        if not b.is_floating_point():
+            check_float(f"{name}[{i}]", b, e)
+        if b.device != first.device:
+            check_same_device(**{f"{name}[0]": first, f"{name}[{i}]": b})
+    dtype = first.dtype
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i, dtype=dtype),
+                                 b if b.dtype == dtype else b.to(dtype)], 1)
                       for i, b in enumerate(boxes)], 0)
-    return rois

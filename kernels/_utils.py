@@ -511,6 +511,8 @@ def check_ranges(indices=(), unit=(), finite=()) -> None:
 
 def pair(name: str, value: Any, errors: Errors = PLAIN, least: int = 1) -> tuple[int, int]:
     """An int or a pair of ints >= ``least``, as torchvision's ``output_size``."""
+    if type(value) is int and value >= least:
+        return value, value
     if isinstance(value, torch.Size):
         value = tuple(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -535,10 +537,10 @@ def fx_leaf(fn: Callable) -> Callable:
         for a in args:
             if isinstance(a, Proxy):
                 return a
-            if isinstance(a, (list, tuple)):
-                found = proxy_in(a)
-                if found is not None:
-                    return found
+            if isinstance(a, (list, tuple)):      # (a list of boxes: one level deep)
+                for x in a:
+                    if isinstance(x, Proxy):
+                        return x
         return None
 
     @functools.wraps(fn)

@@ -302,15 +302,15 @@ _MASK_GPU = {"BLOCK_T": 1, "BLOCK_K": 4, "num_warps": 2}
 _MASK_INTERPRETER = {"BLOCK_T": 4, "BLOCK_K": 64, "num_warps": 8}
 register_tuning(_nms_mask_kernel, [_MASK_GPU], interpreter=[_MASK_INTERPRETER])
 # Greedy pass. Short segments (batched NMS over many classes): 16 band words per step
-# over 8 warps (59 registers, 50% occupancy: many programs per SM). Long segments (nms,
+# over 8 warps (62 registers, 50% occupancy: many programs per SM). Long segments (nms,
 # few classes): the pass is a serial chain of band steps, so 128 words per step over 16
-# warps (118 registers, 25%: each program has an SM to itself), which cuts the steps of
+# warps (128 registers, 25%: each program has an SM to itself), which cuts the steps of
 # one class of 100k boxes from 77k to 11k. Words past the band (only
 # batched_nms_mask has any) are computed 4 columns per inner step, as in the mask kernel.
 _GREEDY_GPU = {"BLOCK_T": 16, "BLOCK_K": 4, "num_warps": 8}
 _GREEDY_WIDE = {"BLOCK_T": 128, "BLOCK_K": 4, "num_warps": 16}
 _GREEDY_INTERPRETER = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8}
-# The sweep's candidates: 32 words over 16 warps (64 registers, 50%) and 64 (115, 25%).
+# The sweep's candidates: 32 words over 16 warps (93 registers, 25%) and 64 (110, 25%).
 register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
                 interpreter=[_GREEDY_INTERPRETER], candidates=[
                     {"BLOCK_T": 32, "BLOCK_K": 4, "num_warps": 16},
@@ -318,8 +318,8 @@ register_tuning(_nms_greedy_kernel, [_GREEDY_GPU, _GREEDY_WIDE],
                 key_fields=("boxes", "programs", "plan"),
                 occupancy_note="the 128-word row runs only over segments of at least N/128 "
                                "boxes, one program each, about one per SM: its serial steps "
-                               "bind, not occupancy (the 64-word candidate too, where the "
-                               "sweep measured it faster)")
+                               "bind, not occupancy (the 32- and 64-word candidates too, "
+                               "where the sweep measured them faster)")
 # Mask words are (N, wcap) row-major: the greedy pass's [rows, words] tiles want lanes
 # along words (axis 1), the mask kernel's [words, rows] store along words (axis 0). With
 # one word per row (wcap == 1, which the JIT compiles as a constant: at most 64 boxes)

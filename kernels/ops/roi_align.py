@@ -270,9 +270,15 @@ def pool_forward(features: list[Tensor], rois: Tensor, pyramid: Pyramid, pooled_
     channels_last = not p_major(features)
     maps = [dense(f, channels_last) for f in features]
     _check_extents(maps)
-    _launch(out, rois.to(torch.float32).contiguous(), maps, pyramid, sampling_ratio, aligned,
-            backward=False)
+    _launch(out, _float_rois(rois), maps, pyramid, sampling_ratio, aligned, backward=False)
     return out
+
+
+def _float_rois(rois: Tensor) -> Tensor:
+    """The (K, 5) RoIs as the kernel reads them: contiguous float32 (no call where they are)."""
+    if rois.dtype != torch.float32:
+        rois = rois.to(torch.float32)
+    return rois if rois.is_contiguous() else rois.contiguous()
 
 
 def _check_extents(maps: list[Tensor]) -> None:
@@ -292,8 +298,7 @@ def pool_backward(grad: Tensor, rois: Tensor, grads: list[Tensor], pyramid: Pyra
     if k == 0 or c == 0 or grads[0].shape[0] == 0 or pooled_h * pooled_w == 0:
         return
     _check_extents(grads)
-    _launch(grad, rois.to(torch.float32).contiguous(), grads, pyramid, sampling_ratio,
-            aligned, backward=True)
+    _launch(grad, _float_rois(rois), grads, pyramid, sampling_ratio, aligned, backward=True)
 
 
 def gradient_buffers(pyramid: Pyramid, device: torch.device) -> tuple[Tensor, list[Tensor]]:
