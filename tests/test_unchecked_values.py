@@ -191,6 +191,28 @@ def test_nms_with_nan_boxes_is_torchvisions(path):
                        _per_class_nms(boxes, scores, idxs, 0.4))
 
 
+def test_batched_nms_with_nan_classes_keeps_each_nan_box(path):
+    """A NaN class equals no class, not even itself: each NaN-class box is a class of its
+    own (kept, suppressing nothing), the other classes as torchvision's nms within each."""
+    g = torch.Generator().manual_seed(2)
+    xy = torch.rand(60, 2, generator=g) * 20
+    boxes = torch.cat([xy, xy + 12], 1)
+    scores = torch.rand(60, generator=g)
+    idxs = torch.randint(0, 3, (60,), generator=g).float()
+    nan = torch.zeros(60, dtype=torch.bool)
+    nan[[2, 9, 10, 33, 59]] = True
+    idxs[nan] = float("nan")
+    finite = torch.where(~nan)[0]
+    keep = torch.cat([finite[_per_class_nms(boxes[~nan], scores[~nan], idxs[~nan], 0.3)],
+                      torch.where(nan)[0]])
+    keep = keep[scores[keep].sort(descending=True, stable=True)[1]]
+    d = path
+    assert torch.equal(kernels.batched_nms(boxes.to(d), scores.to(d), idxs.to(d), 0.3).cpu(),
+                       keep)
+    mask = kernels.batched_nms_mask(boxes.to(d), scores.to(d), idxs.to(d), 0.3).cpu()
+    assert torch.equal(torch.where(mask)[0], keep.sort()[0])
+
+
 def test_paste_of_non_finite_and_huge_boxes_stays_in_the_image(path):
     masks = torch.rand(3, 1, 5, 5, device=path)
     boxes = torch.tensor([[1.0, 2.0, 9.0, 8.0], [float("nan"), 0.0, 4.0, 4.0],
