@@ -91,11 +91,11 @@ NMS_SERIAL_CEILING = {100_000: 12_500, 20_000: 950}
 def nms_work_model(segment_sizes: list[int], segmented: bool = True,
                longest_known: bool = True) -> dict:
     """Step counts of NMS's Triton path for segments of these sizes (in sorted order), from
-    the band and tuning rules its launcher uses (``kernels.ops.nms``): ``band_words`` the mask kernel
-    computes (one per row), ``fly_words`` the greedy pass computes on the fly (64 rows x 64
-    columns of IoU each; an upper bound: every 64-box block assumed to keep a box),
-    ``serial_steps`` of the longest-running greedy program of each launch, added (per
-    64-box block: the fixed point, its band steps and its on-the-fly words)."""
+    the band and tuning rules its launcher uses (``kernels.ops.nms``): ``band_words`` the
+    mask kernel computes (one per row), ``fly_words`` the greedy pass computes on the fly
+    (64 rows x 64 columns of IoU each; an upper bound: every 64-box block assumed to keep a
+    box), ``serial_steps`` of the longest-running greedy program of each launch, added
+    (per 64-box block: the fixed point, its band steps and its on-the-fly words)."""
     from kernels.ops import nms
     n = sum(segment_sizes)
     longest = max(segment_sizes) if longest_known else None
@@ -124,8 +124,8 @@ def nms_work_model(segment_sizes: list[int], segmented: bool = True,
         serial += max(per_program)    # the launches run one after the other
     return {"boxes": n, "segments": len(segment_sizes), "band_words": band,
             "fly_words": fly, "serial_steps": serial, "mask_MB": n * wcap * 8 / 1e6,
-            "greedy_row": "+".join(f"BLOCK_T={t}" for t in sorted(set(rows_used),
-                                                                   reverse=True))}
+            "greedy_row": "+".join(f"BLOCK_T={t}"
+                                   for t in sorted(set(rows_used), reverse=True))}
 
 
 def nms_work() -> list[dict]:

@@ -28,13 +28,13 @@ class Segments:
     (``idxs`` None) there is one segment, the whole sorted order.
 
     What the kernels take, from two sorts and two gathers: the ``given`` boxes,
-    ``score_order`` (input indices
-    by decreasing score, ties lower index first, as torchvision's stable sort), ``perm``
-    (input indices in sorted order), and with classes ``cls`` (the sorted classes) and
-    ``rank`` (each sorted position's place in ``score_order``; None without classes). What
-    the reference reads (computed on first use): ``boxes`` in sorted order and each
-    position's segment ``seg_lo``/``seg_hi`` (first and one past the last position; a NaN
-    class is a segment of its own, as ``!=`` says)."""
+    ``score_order`` (input indices by decreasing score, ties lower index first, as
+    torchvision's stable sort), ``perm`` (input indices in sorted order), and with classes
+    ``cls`` (the sorted classes) and ``rank`` (each sorted position's place in
+    ``score_order``; None without classes). What the reference reads (computed on first
+    use): ``boxes`` in sorted order and each position's segment ``seg_lo``/``seg_hi``
+    (first and one past the last position; a NaN class is a segment of its own, as ``!=``
+    says)."""
 
     def __init__(self, boxes: Tensor, scores: Tensor, idxs: Tensor | None):
         self.n = boxes.shape[0]

@@ -266,7 +266,8 @@ def _forward(features, weight, bias, compute_grad: bool, launches):
         sampled = boxes is not None
         g, h, w = masks.shape if sampled else (0, m, m)
         launch(_mask_predictor_loss_fwd_kernel, (count, blocks), features, weight, bias, masks,
-               labels, boxes, idxs, partial, grad, labels_out, row0, g, weight.shape[0], c, m, h, w,
+               labels, boxes, idxs, partial, grad, labels_out, row0, g, weight.shape[0], c, m,
+               h, w,
                *features.stride(), *masks.stride(), 1.0 / (n * m * m), tuning=tuning,
                SAMPLED=sampled, WRITE_GRAD=bool(compute_grad), P_MAJOR=p_maj,
                FLAT_PIXELS=flat_pixels(features))
