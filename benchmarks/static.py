@@ -101,7 +101,7 @@ def nms_work_model(segment_sizes: list[int], segmented: bool = True,
     longest = max(segment_sizes) if longest_known else None
     wcap = nms._band_words(n, longest if segmented else n)
     band = fly = serial = 0
-    rows_used = []
+    rows_used = set()
     for row, programs, which in nms._greedy_plan(n, segmented, interpreter=False):
         width, long_min = cdiv(n, programs), cdiv(n, nms._WIDE_SEGMENTS)
         per_program = [0] * programs
@@ -119,13 +119,12 @@ def nms_work_model(segment_sizes: list[int], segmented: bool = True,
                     fly += past
                     steps += 1 + cdiv(band_end - 1, row["BLOCK_T"]) + past
                 per_program[lo // width] += steps
-                rows_used.append(row["BLOCK_T"])
+                rows_used.add(row["BLOCK_T"])
             lo = hi
         serial += max(per_program)    # the launches run one after the other
     return {"boxes": n, "segments": len(segment_sizes), "band_words": band,
             "fly_words": fly, "serial_steps": serial, "mask_MB": n * wcap * 8 / 1e6,
-            "greedy_row": "+".join(f"BLOCK_T={t}"
-                                   for t in sorted(set(rows_used), reverse=True))}
+            "greedy_row": "+".join(f"BLOCK_T={t}" for t in sorted(rows_used, reverse=True))}
 
 
 def nms_work() -> list[dict]:

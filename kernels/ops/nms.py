@@ -445,13 +445,12 @@ def _kept(boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: flo
         record_path("nms_forward", "torchvision")
         return _cpu.nms(boxes, scores, idxs, iou_threshold)
     p = Segments(boxes, scores, idxs)
-    return torch.masked_select(p.score_order, _keep_ranked(p, boxes, iou_threshold, longest))
+    return torch.masked_select(p.score_order, _keep_ranked(p, iou_threshold, longest))
 
 
-def _keep_ranked(p: Segments, boxes: Tensor, iou_threshold: float,
-                 longest: int = -1) -> Tensor:
+def _keep_ranked(p: Segments, iou_threshold: float, longest: int = -1) -> Tensor:
     """Keep flags (bool) by score rank."""
-    if use_triton(boxes):
+    if use_triton(p.given):
         record_path("nms_forward", "triton")
         return nms_forward(p, iou_threshold, None if longest < 0 else longest)
     record_path("nms_forward", "reference")
@@ -509,7 +508,7 @@ def _keep_mask(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float
         keep_in[_kept(boxes, scores, idxs, iou_threshold, boxes.shape[0])] = True
     elif boxes.shape[0]:
         p = Segments(boxes, scores, idxs)
-        keep_in[p.score_order] = _keep_ranked(p, boxes, iou_threshold)
+        keep_in[p.score_order] = _keep_ranked(p, iou_threshold)
     return keep_in
 
 
